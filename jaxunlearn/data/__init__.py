@@ -1,0 +1,45 @@
+"""Data: the synthetic fictitious-facts benchmark, TOFU-format files, tokeniser, batches.
+
+- ``synthetic``: ``generate_benchmark`` (TOFU-shaped splits of invented people's facts);
+- ``tokenizer``: ``train_tokenizer`` (small deterministic BPE), ``benchmark_texts``;
+- ``io``: ``save_benchmark`` / ``load_benchmark`` (atomic, with the tokenizer), ``load_tofu``;
+- ``batching``: ``encode_qa`` / ``encode_prompts`` / ``encode_split`` (masks of the batch
+  convention in ``jaxunlearn.losses``, plus ``fact_mask``), ``batch_iterator``.
+"""
+
+from jaxunlearn.data.batching import batch_iterator, encode_prompts, encode_qa, encode_split, num_batches
+from jaxunlearn.data.io import TOFU_EVAL_COLUMNS, load_benchmark, load_tofu, save_benchmark
+from jaxunlearn.data.synthetic import (
+    ATTRIBUTES,
+    BENCHMARK_FEATURES,
+    FORGET_SPLITS,
+    GENERAL_ATTRIBUTES,
+    RETAIN_SPLITS,
+    attribute_values,
+    generate_benchmark,
+    split_sizes,
+)
+from jaxunlearn.data.tokenizer import SPECIAL_TOKENS, benchmark_texts, train_tokenizer
+
+__all__ = [
+    "ATTRIBUTES",
+    "BENCHMARK_FEATURES",
+    "FORGET_SPLITS",
+    "GENERAL_ATTRIBUTES",
+    "RETAIN_SPLITS",
+    "SPECIAL_TOKENS",
+    "TOFU_EVAL_COLUMNS",
+    "attribute_values",
+    "batch_iterator",
+    "benchmark_texts",
+    "encode_prompts",
+    "encode_qa",
+    "encode_split",
+    "generate_benchmark",
+    "load_benchmark",
+    "load_tofu",
+    "num_batches",
+    "save_benchmark",
+    "split_sizes",
+    "train_tokenizer",
+]
