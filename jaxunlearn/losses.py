@@ -22,6 +22,11 @@ __all__ = [
     "token_logprobs",
     "sequence_nll",
     "mean_token_nll",
+    "gradient_ascent",
+    "grad_diff",
+    "npo",
+    "simnpo",
+    "kl_to_reference",
 ]
 
 
@@ -63,3 +68,159 @@ def mean_token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     m = loss_mask[..., 1:].astype(jnp.float32)
     n = jnp.maximum(jnp.sum(m, axis=-1), 1.0)
     return sequence_nll(logits, input_ids, loss_mask) / n
+
+
+# ------------------------------------------------------------ unlearning objectives
+#
+# Convention: every objective below is a scalar to be *minimised*; the total unlearning loss
+# is ``gamma * L_f + alpha * L_r``. Per-example inputs have shape (B,) (any shape is accepted:
+# the mean is over all entries), e.g. ``sequence_nll(...)`` of a forget or retain batch.
+
+
+def _mean_f32(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x).astype(jnp.float32)
+    if x.size == 0:
+        raise ValueError("empty batch: cannot average a loss over 0 examples")
+    return jnp.mean(x)
+
+
+def gradient_ascent(nll_forget: jax.Array) -> jax.Array:
+    """Gradient ascent forget loss ``L_f = -mean_n NLL_f,n`` (minimising it raises the NLL).
+
+    Args:
+      nll_forget: (B,) per-example summed answer NLL on the forget batch.
+
+    Returns:
+      A float32 scalar.
+
+    References:
+      Jang et al., "Knowledge Unlearning for Mitigating Privacy Risks in Language Models", 2023.
+    """
+    return -_mean_f32(nll_forget)
+
+
+def grad_diff(
+    nll_forget: jax.Array, nll_retain: jax.Array, *, gamma: float = 1.0, alpha: float = 1.0
+) -> jax.Array:
+    """GradDiff: ``gamma * (-mean NLL_f) + alpha * mean L_r``.
+
+    Args:
+      nll_forget: (B_f,) per-example forget NLL.
+      nll_retain: (B_r,) per-example retain loss: the NLL, or for the KL variant the
+        per-example (or already averaged) ``kl_to_reference`` on retain data.
+      gamma: weight of the forget term.
+      alpha: weight of the retain term.
+
+    Returns:
+      A float32 scalar.
+
+    References:
+      Liu et al., "Continual Learning and Private Unlearning", 2022; Maini et al., "TOFU", 2024.
+    """
+    return gamma * gradient_ascent(nll_forget) + alpha * _mean_f32(nll_retain)
+
+
+def npo(logp_forget: jax.Array, ref_logp_forget: jax.Array, *, beta: float = 0.1) -> jax.Array:
+    """Negative Preference Optimisation forget loss.
+
+    ``L_NPO = -(2 / beta) mean_n log sigmoid(-beta (log p_theta(y_n|x_n) - log p_ref(y_n|x_n)))``
+
+    with log p the *summed* answer log-probability (``-sequence_nll``). At
+    ``log p_theta = log p_ref`` its value is ``(2 / beta) log 2`` and its gradient with respect
+    to each ``logp_forget[n]`` is ``1 / B``, the gradient-ascent gradient; it vanishes as the
+    model's log-probability drops below the reference, which bounds the divergence of GA.
+
+    Args:
+      logp_forget: (B,) ``log p_theta(y|x)`` on the forget batch.
+      ref_logp_forget: (B,) the same under the frozen reference model (treated as constant).
+      beta: inverse temperature (default 0.1).
+
+    Returns:
+      A float32 scalar.
+
+    References:
+      Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse to Effective
+      Unlearning", 2024.
+    """
+    if jnp.shape(logp_forget) != jnp.shape(ref_logp_forget):
+        raise ValueError(
+            f"logp_forget {jnp.shape(logp_forget)} and ref_logp_forget "
+            f"{jnp.shape(ref_logp_forget)} must have the same shape"
+        )
+    if isinstance(beta, (int, float)) and beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    ref = jax.lax.stop_gradient(jnp.asarray(ref_logp_forget).astype(jnp.float32))
+    ratio = jnp.asarray(logp_forget).astype(jnp.float32) - ref
+    return -(2.0 / beta) * _mean_f32(jax.nn.log_sigmoid(-beta * ratio))
+
+
+def simnpo(
+    nll_sum: jax.Array, lengths: jax.Array, *, beta: float = 4.5, delta: float = 0.0
+) -> jax.Array:
+    """SimNPO forget loss (reference-free, length-normalised NPO).
+
+    ``L = -(2 / beta) mean_n log sigmoid(beta (NLL_n / |y_n| - delta))``
+
+    which is the paper's ``-(2/beta) log sigmoid(-(beta/|y|) log p_theta(y|x) - gamma)`` with
+    ``log p = -NLL`` and margin ``gamma = beta * delta`` (open-unlearning's parametrisation).
+    Its derivative in ``NLL_n`` is ``-(2 / (B |y_n|)) sigmoid(-beta (NLL_n/|y_n| - delta)) < 0``,
+    so minimising it *increases* the forget NLL, with a weight that fades once the mean
+    per-token NLL exceeds ``delta`` by a few ``1/beta``.
+
+    Args:
+      nll_sum: (B,) per-example summed answer NLL (``sequence_nll``).
+      lengths: (B,) number of answer tokens |y| (clamped to >= 1).
+      beta: inverse temperature (default 4.5).
+      delta: margin on the mean per-token NLL (default 0).
+
+    Returns:
+      A float32 scalar.
+
+    References:
+      Fan et al., "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM
+      Unlearning", 2024.
+    """
+    if jnp.shape(nll_sum) != jnp.shape(lengths):
+        raise ValueError(
+            f"nll_sum {jnp.shape(nll_sum)} and lengths {jnp.shape(lengths)} must have the same shape"
+        )
+    if isinstance(beta, (int, float)) and beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    n = jnp.maximum(jnp.asarray(lengths).astype(jnp.float32), 1.0)
+    per_token = jnp.asarray(nll_sum).astype(jnp.float32) / n
+    return -(2.0 / beta) * _mean_f32(jax.nn.log_sigmoid(beta * (per_token - delta)))
+
+
+def kl_to_reference(logits: jax.Array, ref_logits: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean per-token ``KL(p_ref || p_theta)`` over the masked next-token predictions.
+
+    ``KL_t = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))`` for the distribution predicting
+    token t (``logits[..., t-1, :]``), weighted by ``loss_mask[..., t]`` (the batch
+    convention of this module), summed over the batch and divided by ``max(sum m, 1)``. The
+    direction is that of open-unlearning's GradDiff/NPO retain KL
+    (``F.kl_div(log p_theta, log p_ref, log_target=True)``), which however averages over all
+    positions; pass a mask of ones (or the attention mask) to cover every token.
+
+    Args:
+      logits: (..., T, V) logits of the model being unlearned.
+      ref_logits: (..., T, V) logits of the frozen reference model (treated as constant).
+      loss_mask: (..., T).
+
+    Returns:
+      A float32 scalar.
+    """
+    if jnp.shape(logits) != jnp.shape(ref_logits):
+        raise ValueError(
+            f"logits {jnp.shape(logits)} and ref_logits {jnp.shape(ref_logits)} must have the same shape"
+        )
+    if jnp.shape(loss_mask) != jnp.shape(logits)[:-1]:
+        raise ValueError(
+            f"loss_mask {jnp.shape(loss_mask)} must have the shape of logits without the vocab "
+            f"axis {jnp.shape(logits)[:-1]}"
+        )
+    lp = jax.nn.log_softmax(jnp.asarray(logits)[..., :-1, :].astype(jnp.float32), axis=-1)
+    ref = jax.lax.stop_gradient(jnp.asarray(ref_logits)[..., :-1, :].astype(jnp.float32))
+    lq = jax.nn.log_softmax(ref, axis=-1)
+    kl = jnp.sum(jnp.exp(lq) * (lq - lp), axis=-1)
+    m = jnp.asarray(loss_mask)[..., 1:].astype(jnp.float32)
+    return jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
