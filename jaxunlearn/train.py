@@ -182,6 +182,7 @@ def train(
     if cfg.steps <= 0:
         raise ValueError(f"steps must be positive, got {cfg.steps}")
     graphdef, params, rest = split_model(model)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its state: keep the caller's model alive
     tx = make_optimizer(cfg)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     mngr = ckpt.run_manager(checkpoint_dir) if checkpoint_dir else None
