@@ -1,0 +1,252 @@
+"""Throughput of the kernels in jaxunlearn.kernels, with same-run baselines.
+
+Dense-layer Fisher ``F = sum_b (a_b^T g_b)**2``:
+  * ``xla``      : the XLA scan over examples (``impl="xla"``, the CPU default),
+  * ``vmap``     : ``jax.vmap`` of the per-example outer product, squared and summed
+                   (materialises ``(B, d_in, d_out)``),
+  * ``einsum``   : the batched-einsum reference (``impl="reference"``),
+  * ``pallas``   : the Pallas kernel, compiled, only where a TPU/GPU is present,
+  * ``matmul``   : on TPU/GPU, an XLA matmul with the same FLOPs (``(d_in, BT) @ (BT, d_out)``),
+                   to report the kernel's fraction of it.
+Projection of a pytree update on ``k`` retain vectors (``project_tree``):
+  * ``fused``    : ``project_tree`` (one Gram+dots pass per leaf, one subtract pass),
+  * ``naive``    : separate passes, as a plain pytree implementation would do them:
+                   ``k(k+1)/2`` tree dots for the Gram, ``k`` for the dots, ``k`` axpys,
+  * ``ravel``    : ravel the trees to ``(k, P)`` / ``(P,)`` (a global copy), then matmuls.
+The memory-bound references are the measured copy bandwidth (``x * 1.0001`` on a big
+array: read + write) and read bandwidth (``jnp.sum``). Ratios come from the same run.
+Results go to JSON and a table.
+
+Usage: ``python experiments/bench_kernels.py [--batch 16 --seq 32 --d-in 256 ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as pyplatform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxunlearn import tree as jt
+from jaxunlearn.kernels import fisher as kf
+from jaxunlearn.kernels import projection as kp
+
+
+def _times(fn, *args, repeats: int) -> tuple[float, float]:
+    """(best, median) wall seconds of ``fn(*args)`` after one warm-up (compile) call.
+
+    The best of N is the figure used for ratios (as ``timeit`` advises: on a shared
+    machine the slower runs measure the other processes); the median is kept too.
+    """
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.min(ts)), float(np.median(ts))
+
+
+def _time(fn, *args, repeats: int) -> float:
+    return _times(fn, *args, repeats=repeats)[0]
+
+
+def copy_bandwidth(n_bytes: int, repeats: int) -> float:
+    """Bytes/s of an elementwise pass (read n + write n bytes) on a float32 array.
+
+    On XLA:CPU this includes allocating (page-faulting) a fresh output buffer per call.
+    """
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001)
+    return 2 * n_bytes / _time(f, x, repeats=repeats)
+
+
+def read_bandwidth(n_bytes: int, repeats: int) -> float:
+    """Bytes/s of a read-only pass (``jnp.sum``) over a float32 array of ``n_bytes``."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    return n_bytes / _time(jax.jit(jnp.sum), x, repeats=repeats)
+
+
+def bench_fisher(args, accel: bool) -> dict:
+    dtype = jnp.dtype(args.dtype)
+    B, T, di, do = args.batch, args.seq, args.d_in, args.d_out
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((B, T, di)), jnp.float32).astype(dtype)
+    g = jnp.asarray(rng.standard_normal((B, T, do)), jnp.float32).astype(dtype)
+    flops = 2 * B * T * di * do
+    in_bytes = (a.size + g.size) * dtype.itemsize
+
+    def vmap_outer(a, g):
+        s = jax.vmap(lambda x, y: jnp.matmul(x.T, y, preferred_element_type=jnp.float32))(a, g)
+        return jnp.sum(s * s, axis=0)
+
+    fns = {
+        "xla": jax.jit(lambda a, g: kf.dense_fisher(a, g, impl="xla")),
+        "vmap": jax.jit(vmap_outer),
+        "einsum": jax.jit(lambda a, g: kf.dense_fisher(a, g, impl="reference")),
+    }
+    if accel:
+        fns["pallas"] = jax.jit(lambda a, g: kf.dense_fisher(a, g, impl="pallas"))
+        a2 = a.reshape(B * T, di).T
+        g2 = g.reshape(B * T, do)
+        fns["matmul"] = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    ref = np.asarray(fns["einsum"](a, g))
+    rows = {}
+    for name, f in fns.items():
+        args_ = (a2, g2) if name == "matmul" else (a, g)
+        t, t_med = _times(f, *args_, repeats=args.repeats)
+        row = {
+            "seconds": t,
+            "seconds_median": t_med,
+            "gflops": flops / t / 1e9,
+            "input_bytes_per_s": in_bytes / t,
+        }
+        if name != "matmul":
+            out = np.asarray(f(*args_))
+            row["max_rel_err_vs_einsum"] = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+        rows[name] = row
+    for name in rows:
+        rows[name]["speedup_vs_vmap"] = rows["vmap"]["seconds"] / rows[name]["seconds"]
+    if "pallas" in rows:
+        rows["pallas"]["fraction_of_matmul"] = rows["matmul"]["seconds"] / rows["pallas"]["seconds"]
+    shape = {"B": B, "T": T, "d_in": di, "d_out": do, "dtype": str(dtype)}
+    return {"shape": shape, "flops": flops, "paths": rows}
+
+
+def _split_sizes(P: int) -> list[int]:
+    """A model-like pytree: two big matrices, a smaller one, a vector and a scale."""
+    big = int(P * 0.45)
+    mid = int(P * 0.08)
+    vec = max(1, int(P * 0.019))
+    return [big, big, mid, vec, P - 2 * big - mid - vec]
+
+
+def bench_projection(args, accel: bool, copy_bw: float, read_bw: float) -> dict:
+    dtype = jnp.dtype(args.dtype)
+    k, P = args.k, args.p
+    backend = jax.default_backend()
+    rng = np.random.default_rng(1)
+    sizes = _split_sizes(P)
+    def draw(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+    g = {f"leaf{i}": draw(n) for i, n in enumerate(sizes)}
+    r = {f"leaf{i}": draw(k, n) for i, n in enumerate(sizes)}
+    # minimal traffic: Gram+dots reads R and g once, subtract reads R and g and writes g
+    min_bytes = (2 * k + 3) * P * dtype.itemsize
+
+    def naive(g, r):
+        rows = [jax.tree.map(lambda x, i=i: x[i], r) for i in range(k)]
+        G = jnp.stack([jnp.stack([jt.dot(rows[i], rows[j]) for j in range(k)]) for i in range(k)])
+        d = jnp.stack([jt.dot(rows[i], g) for i in range(k)])
+        c = kp.pinv_solve(G, d)
+        out = g
+        for i in range(k):
+            out = jax.tree.map(
+                lambda o, x, i=i: (o.astype(jnp.float32) - c[i] * x.astype(jnp.float32)).astype(o.dtype),
+                out,
+                rows[i],
+            )
+        return out
+
+    def ravel(g, r):
+        gv = jnp.concatenate([x.reshape(-1) for x in jax.tree.leaves(g)]).astype(jnp.float32)
+        R = jnp.concatenate([x.reshape(k, -1) for x in jax.tree.leaves(r)], axis=1).astype(jnp.float32)
+        c = kp.pinv_solve(R @ R.T, R @ gv)
+        out = gv - c @ R
+        return jt.unravel_like(out.astype(dtype), g)
+
+    fns = {
+        "fused": jax.jit(lambda g, r: kp.project_tree(g, r, impl="auto")),
+        "naive": jax.jit(naive),
+        "ravel": jax.jit(ravel),
+    }
+    triton_ok = k >= 16 and k & (k - 1) == 0  # the GPU kernels need a power-of-two k >= 16
+    if backend == "tpu" or (accel and triton_ok):
+        fns["fused_pallas"] = jax.jit(lambda g, r: kp.project_tree(g, r, impl="pallas"))
+    ref = np.concatenate([np.asarray(x, np.float32).reshape(-1) for x in jax.tree.leaves(fns["ravel"](g, r))])
+    rows = {}
+    for name, f in fns.items():
+        t, t_med = _times(f, g, r, repeats=args.repeats)
+        out = np.concatenate([np.asarray(x, np.float32).reshape(-1) for x in jax.tree.leaves(f(g, r))])
+        rows[name] = {
+            "seconds": t,
+            "seconds_median": t_med,
+            "min_bytes_per_s": min_bytes / t,
+            "fraction_of_copy_bandwidth": min_bytes / t / copy_bw,
+            "fraction_of_read_bandwidth": min_bytes / t / read_bw,
+            "max_rel_err_vs_ravel": float(np.max(np.abs(out - ref)) / np.max(np.abs(ref))),
+        }
+    for name in rows:
+        rows[name]["speedup_vs_naive"] = rows["naive"]["seconds"] / rows[name]["seconds"]
+    shape = {"k": k, "P": P, "leaves": sizes, "dtype": str(dtype)}
+    return {"shape": shape, "min_bytes": min_bytes, "paths": rows}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--d-in", type=int, default=256)
+    p.add_argument("--d-out", type=int, default=256)
+    p.add_argument("--k", type=int, default=4, help="retain vectors")
+    p.add_argument("--p", type=int, default=1_000_000, help="parameters in the projected pytree")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--copy-mb", type=int, default=64, help="array size for the copy-bandwidth probe")
+    p.add_argument("--out", default="results/bench/kernels.json")
+    args = p.parse_args(argv)
+
+    backend = jax.default_backend()
+    accel = backend in ("tpu", "gpu", "cuda", "rocm")
+    bw = copy_bandwidth(args.copy_mb * 2**20, args.repeats)
+    rbw = read_bandwidth(args.copy_mb * 2**20, args.repeats)
+    res = {
+        "machine": {
+            "backend": backend,
+            "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "cpu_count": os.cpu_count(),
+            "python": pyplatform.python_version(),
+        },
+        "copy_bandwidth_bytes_per_s": bw,
+        "read_bandwidth_bytes_per_s": rbw,
+        "fisher": bench_fisher(args, accel),
+        "projection": bench_projection(args, accel, bw, rbw),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+
+    m = res["machine"]
+    print(f"backend {m['backend']} ({m['device']}), jax {m['jax']}; copy (x*1.0001) {bw / 1e9:.2f} GB/s, "
+          f"read (sum) {rbw / 1e9:.2f} GB/s")
+    f = res["fisher"]
+    print(f"\ndense_fisher {f['shape']}  ({f['flops'] / 1e9:.3f} GFLOP)")
+    print("(ms: best of N / median; rates and ratios from the best)")
+    print(f"{'path':<10}{'ms':>16}{'GFLOP/s':>10}{'x vmap':>9}{'rel err':>10}")
+    for name, r in f["paths"].items():
+        ms = f"{r['seconds'] * 1e3:.2f}/{r['seconds_median'] * 1e3:.2f}"
+        print(f"{name:<10}{ms:>16}{r['gflops']:>10.2f}{r['speedup_vs_vmap']:>9.2f}"
+              f"{r.get('max_rel_err_vs_einsum', float('nan')):>10.1e}")
+    pr = res["projection"]
+    print(f"\nproject_tree {pr['shape']['k']} x {pr['shape']['P']} ({pr['shape']['dtype']}, "
+          f"{len(pr['shape']['leaves'])} leaves); minimal traffic {pr['min_bytes'] / 1e6:.1f} MB")
+    print(f"{'path':<13}{'ms':>16}{'GB/s':>8}{'of copy':>9}{'of read':>9}{'x naive':>9}{'rel err':>10}")
+    for name, r in pr["paths"].items():
+        ms = f"{r['seconds'] * 1e3:.2f}/{r['seconds_median'] * 1e3:.2f}"
+        print(f"{name:<13}{ms:>16}{r['min_bytes_per_s'] / 1e9:>8.2f}"
+              f"{r['fraction_of_copy_bandwidth']:>9.2f}{r['fraction_of_read_bandwidth']:>9.2f}"
+              f"{r['speedup_vs_naive']:>9.2f}{r['max_rel_err_vs_ravel']:>10.1e}")
+    print(f"\nwrote {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

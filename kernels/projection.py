@@ -1,0 +1,656 @@
+"""One-pass kernels for orthogonal projection against k retain vectors.
+
+With ``R`` the ``k x P`` matrix of retain gradients (rows ``r_i``) and ``g`` a
+length-``P`` update, the projection onto the orthogonal complement of
+``span(r_1..r_k)`` is::
+
+    g_perp = g - R^T c,    c = (R R^T)^+ R g
+
+(DESIGN.md, "Orthogonal projection"). The hot loops are memory-bound passes over
+``P``: the Gram matrix ``R R^T`` (``k x k``), the dots ``R g`` (``k``), fused in
+one read of ``R`` and ``g`` by :func:`gram_and_dots`, and ``g - R^T c`` in one
+read-modify-write pass by :func:`subtract`. The ``k x k`` pseudo-inverse
+(:func:`pinv_solve`) uses ``eigh`` with a relative rank threshold, never a
+``P x P`` matrix.
+
+Paths (``impl``): ``"reference"`` (float32 ``jnp`` at ``Precision.HIGHEST``),
+``"xla"`` (``dot_general`` on the native dtype with float32 accumulation),
+``"pallas"``, ``"auto"`` (Pallas on TPU; on GPU Pallas when ``k`` is a power of
+two >= 16, as ``tl.dot`` needs, else XLA; XLA on CPU).
+
+Pallas kernels: ``P`` is cut in blocks of ``block_p``. The ``floor(P / block_p)``
+full blocks go through the kernel; the remaining ``P mod block_p`` columns (the
+tail) are done by XLA on a small slice, so neither ``R`` nor ``g`` is ever
+padded or copied. The reductions run on a grid ``(S, n)``: ``S`` independent
+partial sums (axis "parallel"; 2 on TPU for the two TensorCores of a megacore
+chip when possible, one per block on GPU where grid programs run concurrently)
+times ``n`` blocks reduced sequentially ("arbitrary") into a resident float32
+output zeroed under ``pl.when(program_id == 0)``; the ``S`` partials and the
+tail are summed by XLA. The Gram update is a matrix-unit ``dot_general`` (bf16
+operands, float32 accumulation); the dots and ``R^T c`` are elementwise in
+float32.
+
+Hardware status: tested on CPU in Pallas interpret mode against numpy and the
+``jnp`` reference; the compiled Mosaic TPU and Triton GPU paths have not been
+run on hardware yet.
+
+Sharding: the kernels see whole arrays. Inside ``jax.shard_map`` with ``P``
+sharded, pass ``axis_name`` to the tree functions so the Gram and dots are
+``psum``-ed across shards before the solve.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxunlearn import tree as jt
+
+from . import _common as C
+
+PyTree = Any
+
+__all__ = [
+    "gram",
+    "dots",
+    "gram_and_dots",
+    "subtract",
+    "gram_and_dots_reference",
+    "subtract_reference",
+    "pinv_solve",
+    "tree_gram_and_dots",
+    "tree_subtract",
+    "project_tree",
+]
+
+_CONTRACT_P = (((1,), (1,)), ((), ()))  # (k, P) x (k, P) -> (k, k)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_r(R) -> tuple[int, int]:
+    if jnp.ndim(R) != 2:
+        raise ValueError(f"R must have shape (k, P); got rank {jnp.ndim(R)} shape {jnp.shape(R)}")
+    k, P = R.shape
+    if k == 0 or P == 0:
+        raise ValueError(f"R is empty: shape {R.shape}")
+    if k > P:
+        raise ValueError(f"k = {k} retain vectors exceed their length P = {P}")
+    C.check_float_dtype(R, "R")
+    return k, P
+
+
+def _check_g(g, P: int) -> None:
+    if jnp.ndim(g) != 1 or g.shape[0] != P:
+        raise ValueError(f"g must have shape (P,) = ({P},) to match R; got {jnp.shape(g)}")
+    C.check_float_dtype(g, "g")
+
+
+def _check_c(c, k: int) -> None:
+    if jnp.shape(c) != (k,):
+        raise ValueError(f"c must have shape (k,) = ({k},); got {jnp.shape(c)}")
+    if not jnp.issubdtype(jnp.result_type(c), jnp.floating):
+        raise TypeError(f"c must be a float array; got {jnp.result_type(c)}")
+
+
+def _check_rcond(rcond) -> float:
+    if isinstance(rcond, bool) or not isinstance(rcond, (int, float)) or not 0.0 <= rcond < 1.0:
+        raise ValueError(f"rcond must be a Python float in [0, 1); got {rcond!r}")
+    return float(rcond)
+
+
+# ---------------------------------------------------------------- XLA / reference
+
+
+def gram_and_dots_reference(R: jax.Array, g: jax.Array | None = None):
+    """``(R R^T, R g)`` in float32 at ``Precision.HIGHEST`` (``R g`` is None if ``g`` is)."""
+    R32 = R.astype(jnp.float32)
+    G = jnp.matmul(R32, R32.T, precision=lax.Precision.HIGHEST)
+    d = None if g is None else jnp.matmul(R32, g.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    return G, d
+
+
+def subtract_reference(g: jax.Array, R: jax.Array, c: jax.Array) -> jax.Array:
+    """``g - R^T c`` computed in float32, returned in ``g``'s dtype."""
+    out = g.astype(jnp.float32) - jnp.matmul(
+        c.astype(jnp.float32), R.astype(jnp.float32), precision=lax.Precision.HIGHEST
+    )
+    return out.astype(g.dtype)
+
+
+def _xla_gram_and_dots(R, g, want_gram: bool):
+    cdt = C.compute_dtype(R.dtype, *(() if g is None else (g.dtype,)))
+    prec = C.dot_precision(cdt)
+    Rc = R.astype(cdt)
+    G = None
+    if want_gram:
+        G = lax.dot_general(Rc, Rc, _CONTRACT_P, precision=prec, preferred_element_type=jnp.float32)
+    d = None
+    if g is not None:
+        d = lax.dot_general(
+            Rc, g.astype(cdt), (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+        )
+    return G, d
+
+
+def _xla_subtract(g, R, c):
+    Rg = R.astype(jnp.float32)
+    corr = lax.dot_general(
+        c.astype(jnp.float32), Rg, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
+    )
+    return (g.astype(jnp.float32) - corr).astype(g.dtype)
+
+
+# ---------------------------------------------------------------- Pallas kernels
+
+
+def _reduce_kernel(*refs, want_gram: bool, want_dots: bool, cdt, precision):
+    """One ``(k, block_p)`` block of ``R`` (and ``(1, block_p)`` of ``g``) per step."""
+    refs = list(refs)
+    r_ref = refs.pop(0)
+    g_ref = refs.pop(0) if want_dots else None
+    gram_ref = refs.pop(0) if want_gram else None
+    dots_ref = refs.pop(0) if want_dots else None
+
+    @pl.when(pl.program_id(1) == 0)
+    def _zero():
+        if gram_ref is not None:
+            gram_ref[...] = jnp.zeros(gram_ref.shape, jnp.float32)
+        if dots_ref is not None:
+            dots_ref[...] = jnp.zeros(dots_ref.shape, jnp.float32)
+
+    r = r_ref[...]
+    if gram_ref is not None:
+        rc = r.astype(cdt)
+        gram_ref[...] += lax.dot_general(
+            rc, rc, _CONTRACT_P, precision=precision, preferred_element_type=jnp.float32
+        )
+    if dots_ref is not None:
+        prod = r.astype(jnp.float32) * g_ref[...].astype(jnp.float32)  # (k, bp) * (1, bp)
+        dots_ref[...] += jnp.sum(prod, axis=1, keepdims=True)
+
+
+def _subtract_kernel(g_ref, r_ref, c_ref, o_ref):
+    corr = jnp.sum(c_ref[...] * r_ref[...].astype(jnp.float32), axis=0, keepdims=True)  # (1, bp)
+    o_ref[...] = (g_ref[...].astype(jnp.float32) - corr).astype(o_ref.dtype)
+
+
+def _default_block_p(plat: str) -> int:
+    return 2048 if plat == "gpu" else 8192
+
+
+def _block_p(block_p: int | None, plat: str, interpret: bool) -> int:
+    C.check_block(block_p, "block_p")
+    bp = block_p or _default_block_p(plat)
+    if not interpret and plat == "tpu" and bp % 128:
+        raise ValueError(f"block_p must be a multiple of 128 on TPU; got {bp}")
+    if not interpret and plat == "gpu" and bp != C.next_power_of_2(bp):
+        raise ValueError(f"block_p must be a power of two on GPU (Triton); got {bp}")
+    return bp
+
+
+def _check_triton_k(k: int, plat: str, interpret: bool) -> None:
+    if plat == "gpu" and not interpret and (k < 16 or k != C.next_power_of_2(k)):
+        raise ValueError(
+            f"the Triton (GPU) kernels need k to be a power of two >= 16; got k = {k} "
+            "(use impl='xla' or 'auto')"
+        )
+
+
+def _splits(n_full: int, splits: int | None, plat: str) -> int:
+    if splits is None:
+        if plat == "gpu":
+            return n_full
+        return 2 if plat == "tpu" and n_full % 2 == 0 else 1
+    if not isinstance(splits, int) or splits <= 0 or n_full % splits:
+        raise ValueError(f"splits must be a positive divisor of the {n_full} full blocks; got {splits!r}")
+    return splits
+
+
+def _compiler_params(plat: str, interpret: bool, semantics: tuple[str, ...]):
+    if interpret:
+        return None
+    if plat == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams(dimension_semantics=semantics)
+    if plat == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.CompilerParams(num_warps=8, num_stages=2)
+    return None
+
+
+def _pallas_reduce(R, g, *, want_gram: bool, block_p, interpret, splits):
+    k, P = R.shape
+    plat = C.platform()
+    interpret = C.resolve_interpret(interpret)
+    bp = _block_p(block_p, plat, interpret)
+    _check_triton_k(k, plat, interpret)
+    n_full = P // bp
+    want_dots = g is not None
+    G = jnp.zeros((k, k), jnp.float32) if want_gram else None
+    d = jnp.zeros((k,), jnp.float32) if want_dots else None
+
+    if n_full:
+        S = _splits(n_full, splits, plat)
+        n = n_full // S
+        cdt = C.compute_dtype(R.dtype, *((g.dtype,) if want_dots else ()))
+        operands = [R]
+        in_specs = [pl.BlockSpec((k, bp), lambda s, p: (0, s * n + p))]
+        if want_dots:
+            operands.append(g.reshape(1, P))
+            in_specs.append(pl.BlockSpec((1, bp), lambda s, p: (0, s * n + p)))
+        out_shape, out_specs = [], []
+        if want_gram:
+            out_shape.append(C.out_struct((S, k, k), jnp.float32, *operands))
+            out_specs.append(pl.BlockSpec((pl.squeezed, k, k), lambda s, p: (s, 0, 0)))
+        if want_dots:
+            out_shape.append(C.out_struct((S, k, 1), jnp.float32, *operands))
+            out_specs.append(pl.BlockSpec((pl.squeezed, k, 1), lambda s, p: (s, 0, 0)))
+        cols = n_full * bp
+        nbytes = cols * (k * R.dtype.itemsize + (g.dtype.itemsize if want_dots else 0))
+        outs = pl.pallas_call(
+            functools.partial(
+                _reduce_kernel,
+                want_gram=want_gram,
+                want_dots=want_dots,
+                cdt=cdt,
+                precision=C.dot_precision(cdt),
+            ),
+            out_shape=out_shape,
+            grid=(S, n),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            compiler_params=_compiler_params(plat, interpret, ("parallel", "arbitrary")),
+            cost_estimate=pl.CostEstimate(
+                flops=2 * cols * (k * k * want_gram + k * want_dots), transcendentals=0, bytes_accessed=nbytes
+            ),
+            interpret=interpret,
+            name="gram_and_dots" if want_gram and want_dots else ("gram" if want_gram else "dots"),
+        )(*operands)
+        outs = list(outs)
+        if want_gram:
+            G = jnp.sum(outs.pop(0), axis=0)
+        if want_dots:
+            d = jnp.sum(outs.pop(0), axis=0)[:, 0]
+
+    if n_full * bp < P:  # tail: fewer than block_p columns, by XLA on a small slice
+        lo = n_full * bp
+        Gt, dt = _xla_gram_and_dots(R[:, lo:], None if g is None else g[lo:], want_gram)
+        G = G + Gt if want_gram else None
+        d = d + dt if want_dots else None
+    return G, d
+
+
+def _pallas_subtract(g, R, c, *, block_p, interpret):
+    k, P = R.shape
+    plat = C.platform()
+    interpret = C.resolve_interpret(interpret)
+    bp = _block_p(block_p, plat, interpret)
+    _check_triton_k(k, plat, interpret)
+    n_full = P // bp
+    c32 = c.astype(jnp.float32)
+    if n_full == 0:
+        return _xla_subtract(g, R, c32)
+    out = pl.pallas_call(
+        _subtract_kernel,
+        out_shape=C.out_struct((1, P), g.dtype, g, R, c32),
+        grid=(n_full,),
+        in_specs=[
+            pl.BlockSpec((1, bp), lambda p: (0, p)),
+            pl.BlockSpec((k, bp), lambda p: (0, p)),
+            pl.BlockSpec((k, 1), lambda p: (0, 0)),
+        ],
+        out_specs=pl.BlockSpec((1, bp), lambda p: (0, p)),
+        compiler_params=_compiler_params(plat, interpret, ("parallel",)),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * k * n_full * bp,
+            transcendentals=0,
+            bytes_accessed=n_full * bp * (k * R.dtype.itemsize + 2 * g.dtype.itemsize),
+        ),
+        interpret=interpret,
+        name="subtract",
+    )(g.reshape(1, P), R, c32.reshape(k, 1))[0]
+    lo = n_full * bp
+    if lo < P:
+        out = lax.dynamic_update_slice(out, _xla_subtract(g[lo:], R[:, lo:], c32), (lo,))
+    return out
+
+
+# ---------------------------------------------------------------- array front ends
+
+
+def _path(impl: str, interpret, k: int) -> str:
+    path = C.resolve_impl(impl, interpret)
+    if impl == "auto" and path == "pallas" and C.platform() == "gpu":
+        if k < 16 or k != C.next_power_of_2(k):  # Triton tl.dot needs power-of-two dims >= 16
+            path = "xla"
+    return path
+
+
+_STATIC = ("impl", "block_p", "interpret", "splits")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("want_gram",))
+def _gram_and_dots(R, g, *, want_gram=True, impl="auto", block_p=None, interpret=None, splits=None):
+    k, P = _check_r(R)
+    if g is not None:
+        _check_g(g, P)
+    path = _path(impl, interpret, k)
+    if path == "reference":
+        G, d = gram_and_dots_reference(R, g)
+        return (G if want_gram else None), d
+    if path == "xla":
+        return _xla_gram_and_dots(R, g, want_gram)
+    return _pallas_reduce(R, g, want_gram=want_gram, block_p=block_p, interpret=interpret, splits=splits)
+
+
+def gram_and_dots(
+    R: jax.Array,
+    g: jax.Array,
+    *,
+    impl: C.Impl = "auto",
+    block_p: int | None = None,
+    interpret: bool | None = None,
+    splits: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Gram matrix and dot products in one pass: ``(R R^T, R g)``.
+
+    Args:
+      R: ``(k, P)`` retain vectors (rows), float32 or bfloat16, ``1 <= k <= P``.
+      g: ``(P,)`` vector, float32 or bfloat16 (may differ from ``R``'s dtype; then
+        both are read as float32).
+      impl: ``"auto"``, ``"pallas"``, ``"xla"`` or ``"reference"`` (module docstring).
+      block_p: Pallas block length along ``P`` (default 8192; 2048 on GPU; a multiple
+        of 128 on TPU, a power of two on GPU).
+      interpret: Pallas interpreter; default True on CPU.
+      splits: number of independent partial sums of the Pallas reduction (must
+        divide the number of full blocks); default 2 on TPU when possible, one per
+        block on GPU, 1 otherwise.
+
+    Returns:
+      ``(gram, dots)``: ``(k, k)`` and ``(k,)`` float32 arrays.
+
+    Raises:
+      ValueError: ``R`` not 2-D or empty, ``k > P``, ``g`` not ``(P,)``, bad blocks.
+      TypeError: dtypes other than float32/bfloat16.
+    """
+    return _gram_and_dots(R, g, impl=impl, block_p=block_p, interpret=interpret, splits=splits)
+
+
+def gram(
+    R: jax.Array,
+    *,
+    impl: C.Impl = "auto",
+    block_p: int | None = None,
+    interpret: bool | None = None,
+    splits: int | None = None,
+) -> jax.Array:
+    """Gram matrix ``R R^T`` (``(k, k)`` float32) in one pass over ``R`` (``(k, P)``).
+
+    Args and Raises as in :func:`gram_and_dots` (without ``g``).
+    """
+    return _gram_and_dots(R, None, impl=impl, block_p=block_p, interpret=interpret, splits=splits)[0]
+
+
+def dots(
+    R: jax.Array,
+    g: jax.Array,
+    *,
+    impl: C.Impl = "auto",
+    block_p: int | None = None,
+    interpret: bool | None = None,
+    splits: int | None = None,
+) -> jax.Array:
+    """Dot products ``R g`` (``(k,)`` float32), one pass over ``R`` and ``g``.
+
+    Args and Raises as in :func:`gram_and_dots`.
+    """
+    return _gram_and_dots(
+        R, g, want_gram=False, impl=impl, block_p=block_p, interpret=interpret, splits=splits
+    )[1]
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "block_p", "interpret"))
+def subtract(
+    g: jax.Array,
+    R: jax.Array,
+    c: jax.Array,
+    *,
+    impl: C.Impl = "auto",
+    block_p: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """``g - R^T c`` in one pass over ``g`` and ``R``, computed in float32.
+
+    Args:
+      g: ``(P,)`` float32 or bfloat16.
+      R: ``(k, P)`` float32 or bfloat16.
+      c: ``(k,)`` float coefficients (used in float32).
+      impl, block_p, interpret: as in :func:`gram_and_dots`.
+
+    Returns:
+      ``(P,)`` array in ``g``'s dtype.
+
+    Raises:
+      ValueError: shapes inconsistent (``R`` not ``(k, P)``, ``c`` not ``(k,)``, ``k > P``).
+      TypeError: unsupported dtypes.
+    """
+    k, P = _check_r(R)
+    _check_g(g, P)
+    _check_c(c, k)
+    path = _path(impl, interpret, k)
+    if path == "reference":
+        return subtract_reference(g, R, c)
+    if path == "xla":
+        return _xla_subtract(g, R, c)
+    return _pallas_subtract(g, R, c, block_p=block_p, interpret=interpret)
+
+
+# ---------------------------------------------------------------- k x k solve
+
+
+@functools.partial(jax.jit, static_argnames=("rcond",))
+def pinv_solve(gram_matrix: jax.Array, rhs: jax.Array, rcond: float = 1e-5) -> jax.Array:
+    """``c = G^+ rhs`` for a symmetric PSD ``G`` via ``eigh`` with a rank threshold.
+
+    ``G = V diag(lam) V^T``; eigenvalues ``lam_i <= rcond * max(lam)`` (and all of
+    them when ``max(lam) <= 0``) are dropped, so a rank-deficient ``G`` (duplicated
+    or zero retain vectors) gives the minimum-norm solution and never NaN, and
+    ``G = 0`` gives ``c = 0``. Since ``G = R R^T`` squares the singular values of
+    ``R``, directions of ``R`` with ``sigma_i / sigma_max <= sqrt(rcond)`` are dropped.
+
+    Args:
+      gram_matrix: ``(k, k)`` symmetric PSD matrix (symmetrised here).
+      rhs: ``(k,)`` right-hand side.
+      rcond: relative eigenvalue cut-off in ``[0, 1)``. The default ``1e-5`` sits
+        above float32 ``eigh`` round-off (~``k * 1.2e-7 * max(lam)``).
+
+    Returns:
+      ``(k,)`` float32 solution.
+    """
+    rcond = _check_rcond(rcond)
+    Gm = jnp.asarray(gram_matrix).astype(jnp.float32)
+    if Gm.ndim != 2 or Gm.shape[0] != Gm.shape[1] or jnp.shape(rhs) != (Gm.shape[0],):
+        raise ValueError(f"pinv_solve needs G (k, k) and rhs (k,); got {Gm.shape} and {jnp.shape(rhs)}")
+    Gm = 0.5 * (Gm + Gm.T)
+    lam, V = jnp.linalg.eigh(Gm)
+    lam_max = jnp.max(lam)
+    keep = (lam > rcond * lam_max) & (lam_max > 0)
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
+    hi = lax.Precision.HIGHEST
+    return jnp.matmul(V, inv * jnp.matmul(V.T, rhs.astype(jnp.float32), precision=hi), precision=hi)
+
+
+# ---------------------------------------------------------------- pytree front end
+
+
+def _check_trees(g_tree: PyTree, r_trees: PyTree, *, check_k_le_p: bool) -> int:
+    jt.check_nonempty(g_tree, "g_tree")
+    jt.check_same_structure(g_tree, r_trees, ("g_tree", "r_trees"))
+    ks = set()
+    total = 0
+    for (path, g), (_, r) in zip(jt.leaves_with_paths(g_tree), jt.leaves_with_paths(r_trees)):
+        if jnp.ndim(r) != jnp.ndim(g) + 1 or tuple(r.shape[1:]) != tuple(jnp.shape(g)):
+            raise ValueError(
+                f"r_trees leaf '{path}' must have shape (k, *{jnp.shape(g)}) (a leading k axis over the "
+                f"g_tree leaf); got {jnp.shape(r)}"
+            )
+        C.check_float_dtype(g, f"g_tree leaf '{path}'")
+        C.check_float_dtype(r, f"r_trees leaf '{path}'")
+        ks.add(r.shape[0])
+        total += int(jnp.size(g))
+    if len(ks) != 1:
+        raise ValueError(f"every r_trees leaf needs the same leading k; got {sorted(ks)}")
+    (k,) = ks
+    if k == 0:
+        raise ValueError("r_trees holds k = 0 retain vectors")
+    if check_k_le_p and k > total:
+        raise ValueError(f"k = {k} retain vectors exceed the number of parameters P = {total}")
+    return k
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "block_p", "interpret", "axis_name"))
+def tree_gram_and_dots(
+    g_tree: PyTree,
+    r_trees: PyTree,
+    *,
+    impl: C.Impl = "auto",
+    block_p: int | None = None,
+    interpret: bool | None = None,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(R R^T, R g)`` over pytrees, leaf by leaf, summed; no global ravel.
+
+    Each leaf pair is flattened by a free reshape to ``(k, P_leaf)`` / ``(P_leaf,)``
+    and reduced by :func:`gram_and_dots`; the ``k x k`` and ``k`` results are summed
+    over leaves (and ``psum``-ed over ``axis_name`` if given, for use inside
+    ``jax.shard_map`` with leaves sharded).
+
+    Args:
+      g_tree: pytree of float32/bfloat16 arrays.
+      r_trees: the same structure, each leaf with a leading axis of ``k`` retain
+        vectors: shape ``(k, *g_leaf.shape)``.
+      impl, block_p, interpret: as in :func:`gram_and_dots`.
+      axis_name: mesh axis to sum over (inside ``shard_map``), or None.
+
+    Returns:
+      ``(gram, dots)``, ``(k, k)`` and ``(k,)`` float32.
+    """
+    k = _check_trees(g_tree, r_trees, check_k_le_p=axis_name is None)
+    G = jnp.zeros((k, k), jnp.float32)
+    d = jnp.zeros((k,), jnp.float32)
+    for g, r in zip(jax.tree.leaves(g_tree), jax.tree.leaves(r_trees)):
+        R, gv = r.reshape(k, -1), g.reshape(-1)
+        if R.shape[1] < k:  # a leaf shorter than k (a bias, a norm scale): too small for a kernel
+            Gl, dl = _xla_gram_and_dots(R, gv, True)
+        else:
+            Gl, dl = gram_and_dots(R, gv, impl=impl, block_p=block_p, interpret=interpret)
+        G, d = G + Gl, d + dl
+    if axis_name is not None:
+        G, d = lax.psum((G, d), axis_name)
+    return G, d
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "block_p", "interpret"))
+def tree_subtract(
+    g_tree: PyTree,
+    r_trees: PyTree,
+    c: jax.Array,
+    *,
+    impl: C.Impl = "auto",
+    block_p: int | None = None,
+    interpret: bool | None = None,
+) -> PyTree:
+    """``g - R^T c`` leaf by leaf: ``g_leaf - sum_i c_i r_i,leaf``, in each g leaf's dtype.
+
+    Args:
+      g_tree, r_trees: as in :func:`tree_gram_and_dots`.
+      c: ``(k,)`` float coefficients.
+      impl, block_p, interpret: as in :func:`subtract`.
+
+    Returns:
+      A pytree shaped like ``g_tree``.
+    """
+    k = _check_trees(g_tree, r_trees, check_k_le_p=False)
+    _check_c(c, k)
+
+    def leaf(g, r):
+        R = r.reshape(k, -1)
+        if R.shape[1] < k:  # a leaf shorter than k: too small for a kernel
+            out = _xla_subtract(g.reshape(-1), R, c)
+        else:
+            out = subtract(g.reshape(-1), R, c, impl=impl, block_p=block_p, interpret=interpret)
+        return out.reshape(g.shape)
+
+    return jax.tree.map(leaf, g_tree, r_trees)
+
+
+@functools.partial(jax.jit, static_argnames=("rcond", "impl", "block_p", "interpret", "axis_name"))
+def project_tree(
+    g_tree: PyTree,
+    r_trees: PyTree,
+    *,
+    rcond: float = 1e-5,
+    impl: C.Impl = "auto",
+    block_p: int | None = None,
+    interpret: bool | None = None,
+    axis_name: str | None = None,
+) -> PyTree:
+    """Project ``g`` onto the orthogonal complement of ``k`` retain vectors.
+
+    Contract (the core of ``jaxunlearn.projection``)::
+
+        G = sum_leaves R_l R_l^T            (k, k), float32, one pass per leaf
+        d = sum_leaves R_l g_l              (k,),   float32, same pass
+        c = pinv_solve(G, d, rcond)         eigh, eigenvalues <= rcond * max dropped
+        out_l = g_l - R_l^T c               per leaf, in g_l's dtype
+
+    so ``out = g - R^T (R R^T)^+ R g`` with ``R`` the ``k x P`` matrix whose row ``i``
+    is retain vector ``i`` raveled over all leaves (the ravel is never formed).
+    The subspace is global (one ``c`` for all leaves); for a per-tensor subspace
+    call it on each leaf separately. ``<out, r_i> = 0`` for every kept direction
+    (up to float32 round-off relative to ``||g|| ||r_i||``); the result is
+    idempotent; ``k = 1`` gives ``g - (<g, r>/||r||^2) r``; all-zero ``R`` returns
+    ``g``; duplicated or linearly dependent retain vectors give no NaN.
+
+    Args:
+      g_tree: pytree of float32/bfloat16 arrays (the update to project).
+      r_trees: same structure, each leaf ``(k, *g_leaf.shape)``: ``k`` retain
+        vectors stacked on a leading axis (float32/bfloat16).
+      rcond: relative eigenvalue cut-off of :func:`pinv_solve` (a static Python float).
+      impl: ``"auto"``, ``"pallas"``, ``"xla"`` or ``"reference"`` for the passes.
+      block_p, interpret: Pallas options (see :func:`gram_and_dots`).
+      axis_name: inside ``jax.shard_map`` with leaves sharded, the mesh axis over
+        which Gram and dots are ``psum``-ed (then the ``k <= P`` check is skipped).
+
+    Returns:
+      The projected pytree, same structure, shapes and dtypes as ``g_tree``.
+
+    Raises:
+      ValueError: empty tree, mismatched structures or shapes, leading ``k`` not
+        the same on every leaf, ``k > P``, ``rcond`` outside ``[0, 1)``.
+      TypeError: dtypes other than float32/bfloat16.
+
+    References:
+      Farajtabar et al., "Orthogonal Gradient Descent for Continual Learning", 2020;
+      geometric-disentanglement unlearning (DESIGN.md).
+
+    Example:
+      >>> g = {"w": jnp.array([1.0, 1.0])}; r = {"w": jnp.array([[1.0, 0.0]])}
+      >>> project_tree(g, r)["w"]
+      Array([0., 1.], dtype=float32)
+    """
+    rcond = _check_rcond(rcond)
+    G, d = tree_gram_and_dots(
+        g_tree, r_trees, impl=impl, block_p=block_p, interpret=interpret, axis_name=axis_name
+    )
+    c = pinv_solve(G, d, rcond)
+    return tree_subtract(g_tree, r_trees, c, impl=impl, block_p=block_p, interpret=interpret)
