@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m jaxunlearn.cli demo
+	$(PY) -m jaxunlearn.cli demo --overwrite
 
 bench: $(STAMP)
 	$(PY) experiments/bench.py

@@ -1,0 +1,48 @@
+import dataclasses
+import json
+
+import pytest
+
+from jaxunlearn.cli import main
+from jaxunlearn.demo import run_demo
+from jaxunlearn.models import from_pretrained
+from jaxunlearn.pipeline import DemoConfig
+from jaxunlearn.train import TrainConfig
+
+TINY = DemoConfig(num_people=10, num_general=10, vocab_size=200, hidden_size=32, intermediate_size=64,
+                  num_heads=2, num_kv_heads=1,
+                  train=TrainConfig(steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=5))
+
+
+def test_demo_end_to_end_writes_results_and_models(tmp_path, capsys):
+    out = tmp_path / "run"
+    res = run_demo(str(out), cfg=TINY, progress=False)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["metrics"] == res["metrics"]
+    assert set(saved["metrics"]) == {"target", "reference"}
+    assert set(saved["metrics"]["target"]) == {"forget10", "retain90", "general", "holdout"}
+    for m in ("target", "reference"):
+        for s, row in saved["metrics"][m].items():
+            assert 0.0 <= row["probability"] <= 1.0 and 0.0 <= row["fact_acc"] <= 1.0
+    # training helped: the target fits its training data better than the unseen holdout
+    t = saved["metrics"]["target"]
+    assert t["retain90"]["probability"] > t["holdout"]["probability"]
+    model, tok = from_pretrained(out / "models" / "target")
+    assert model.config.vocab_size == len(tok)
+    assert "forget10" in capsys.readouterr().out
+
+
+def test_demo_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_demo(str(out), cfg=TINY, progress=False)
+    assert main(["demo", "--out", str(out), "--steps", "2"]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_bad_forget_split_is_named():
+    with pytest.raises(ValueError, match="forget_split"):
+        from jaxunlearn.pipeline import prepare_data
+
+        prepare_data(dataclasses.replace(TINY, forget_split="retain90"))
