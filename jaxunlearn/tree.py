@@ -48,8 +48,14 @@ __all__ = [
 
 
 def path_str(path) -> str:
-    """A readable name for a key path, e.g. ``layers/0/attn/q_proj/kernel``."""
+    """A readable name for a key path, e.g. ``layers/0/attn/q_proj/kernel``.
+
+    The ``.value`` attribute through which an ``nnx.State`` exposes each variable's
+    array is dropped, so nnx and pure-dict trees name a leaf alike.
+    """
     parts = []
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):
             parts.append(str(k.key))

@@ -107,5 +107,5 @@ def test_works_on_nnx_state():
     doubled = jt.scale(params, 2.0)
     np.testing.assert_allclose(doubled["kernel"][...], 2 * params["kernel"][...])
     names = [p for p, _ in jt.leaves_with_paths(params)]
-    assert any("kernel" in n for n in names) and any("bias" in n for n in names)
+    assert sorted(names) == ["bias", "kernel"]
     np.testing.assert_allclose(jt.sq_norm(params), jt.dot(params, params))

@@ -1,0 +1,102 @@
+"""Evaluation: TOFU-style metrics, membership inference, quantisation recovery.
+
+- ``metrics``: per-example answer metrics from logits (probability, token accuracy,
+  extraction strength);
+- ``tofu``: truth ratio, forget quality (KS p-value), model utility (harmonic mean), forget
+  summary;
+- ``mia``: LOSS / zlib / Min-k / Min-k++ scores, ROC-AUC, privleak;
+- ``rouge``: ROUGE-L recall exactly as ``rouge_score`` (with its Porter stemmer) computes it;
+- ``runner``: fixed-shape jitted passes, :func:`evaluate_model`;
+- ``quant_recovery``: the forget metrics again after int8 / int4 / nf4 fake quantisation.
+
+>>> from jaxunlearn.eval import evaluate_model, forget_quality
+>>> # ref = evaluate_model(reference_model, tok, dd, forget="forget10", retain="retain90",
+>>> #                      general="general", holdout="holdout")
+>>> # res = evaluate_model(unlearned, tok, dd, forget="forget10", retain="retain90",
+>>> #                      general="general", holdout="holdout", reference=ref)
+>>> # res.aggregates["forget_quality"], res.aggregates["model_utility"]
+"""
+
+from jaxunlearn.eval.metrics import answer_probability, answer_stats, extraction_strength, token_accuracy
+from jaxunlearn.eval.mia import (
+    MIA_ATTACKS,
+    mia_auc,
+    mia_aucs,
+    mia_scores,
+    min_k_from_logprobs,
+    min_k_plus_plus_score,
+    min_k_score,
+    privleak,
+    roc_auc,
+    token_logprob_moments,
+    zlib_length,
+    zlib_score,
+)
+from jaxunlearn.eval.quant_recovery import QUANT_SCHEMES, forget_metrics, quantization_recovery
+from jaxunlearn.eval.rouge import RougeScore, lcs_length, porter_stem, rouge_l, rouge_l_recall, rouge_tokenize
+from jaxunlearn.eval.runner import (
+    ROLE_COLUMNS,
+    EvalResult,
+    EvalSplit,
+    encode_eval_splits,
+    evaluate_encoded,
+    evaluate_model,
+    fixed_batches,
+    score_split,
+)
+from jaxunlearn.eval.tofu import (
+    forget_quality,
+    forget_summary,
+    harmonic_mean,
+    model_utility,
+    normalized_probability,
+    truth_ratio,
+    truth_ratio_forget_score,
+    truth_ratio_retain_score,
+    utility_components,
+)
+
+__all__ = [
+    "MIA_ATTACKS",
+    "QUANT_SCHEMES",
+    "ROLE_COLUMNS",
+    "EvalResult",
+    "EvalSplit",
+    "RougeScore",
+    "answer_probability",
+    "answer_stats",
+    "encode_eval_splits",
+    "evaluate_encoded",
+    "evaluate_model",
+    "extraction_strength",
+    "fixed_batches",
+    "forget_metrics",
+    "forget_quality",
+    "forget_summary",
+    "harmonic_mean",
+    "lcs_length",
+    "mia_auc",
+    "mia_aucs",
+    "mia_scores",
+    "min_k_from_logprobs",
+    "min_k_plus_plus_score",
+    "min_k_score",
+    "model_utility",
+    "normalized_probability",
+    "porter_stem",
+    "privleak",
+    "quantization_recovery",
+    "roc_auc",
+    "rouge_l",
+    "rouge_l_recall",
+    "rouge_tokenize",
+    "score_split",
+    "token_accuracy",
+    "token_logprob_moments",
+    "truth_ratio",
+    "truth_ratio_forget_score",
+    "truth_ratio_retain_score",
+    "utility_components",
+    "zlib_length",
+    "zlib_score",
+]

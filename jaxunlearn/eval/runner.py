@@ -1,16 +1,45 @@
-"""Batched, jitted evaluation of encoded QA data with fixed batch shapes."""
+"""Batched, jitted evaluation: encoded QA data with fixed batch shapes, and the full TOFU-style
+evaluation of a model (:func:`evaluate_model`)."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, Callable, Mapping
 
+import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.eval.metrics import answer_stats
+from flax import nnx
 
-__all__ = ["fixed_batches", "evaluate_encoded"]
+from jaxunlearn.data import encode_prompts, encode_split
+from jaxunlearn.eval.metrics import answer_stats, extraction_strength
+from jaxunlearn.eval.mia import mia_aucs, mia_scores, privleak, zlib_score
+from jaxunlearn.eval.rouge import rouge_l_recall
+from jaxunlearn.eval.tofu import (
+    forget_quality,
+    forget_summary,
+    model_utility,
+    normalized_probability,
+    truth_ratio,
+    utility_components,
+)
+from jaxunlearn.losses import mean_token_nll
+from jaxunlearn.models import Decoder, check_tokenizer, generate
+
+__all__ = [
+    "fixed_batches",
+    "evaluate_encoded",
+    "ROLE_COLUMNS",
+    "EvalSplit",
+    "EvalResult",
+    "encode_eval_splits",
+    "score_split",
+    "evaluate_model",
+]
 
 
 def fixed_batches(data: Mapping[str, np.ndarray], batch_size: int, keys=None):
@@ -56,3 +85,454 @@ def evaluate_encoded(
         for k, v in out.items():
             parts.setdefault(k, []).append(np.asarray(v)[:n_valid])
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+# =========================================================================== full TOFU-style evaluation
+#
+# ``encode_eval_splits`` turns benchmark splits (TOFU column schema) into fixed-shape arrays with
+# one common padded length; ``score_split`` runs the teacher-forced metrics of one split through
+# jitted passes (any ``apply(params, input_ids, attention_mask) -> logits``); ``evaluate_model``
+# adds greedy generation (ROUGE-L) for a ``jaxunlearn.models.Decoder`` and the aggregates.
+
+#: Columns of the TOFU evaluation schema a split needs, by role.
+ROLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "forget": ("question", "answer", "paraphrased_answer", "perturbed_answer"),
+    "retain": ("question", "answer", "paraphrased_answer", "perturbed_answer"),
+    "general": ("question", "answer", "perturbed_answer"),
+    "holdout": ("question", "answer"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSplit:
+    """One split encoded for :func:`evaluate_model` (all arrays share the padded length T).
+
+    Attributes:
+      answer: ``encode_qa`` arrays of ``[BOS] q [SEP] answer [EOS]``, (N, T) (+ ``fact_mask``).
+      prompts: ``encode_prompts`` arrays of ``[BOS] q [SEP]``, left-padded to (N, P).
+      answers: the N answer strings (ROUGE-L targets, zlib texts).
+      correct: arrays of the truth ratio's correct answer, (N, T): the paraphrased answer, or
+        the answer itself for a split without ``paraphrased_answer``; ``None`` without
+        ``perturbed_answer``.
+      perturbed: arrays of the K perturbed answers, (N, K, T), or ``None``.
+    """
+
+    answer: Mapping[str, np.ndarray]
+    prompts: Mapping[str, np.ndarray]
+    answers: tuple[str, ...]
+    correct: Mapping[str, np.ndarray] | None = None
+    perturbed: Mapping[str, np.ndarray] | None = None
+
+    def __post_init__(self):
+        n = len(self.answers)
+        if n == 0:
+            raise ValueError("EvalSplit has no rows (empty split)")
+        for name in ("answer", "prompts", "correct", "perturbed"):
+            part = getattr(self, name)
+            if part is None:
+                continue
+            for key, arr in part.items():
+                if np.shape(arr)[0] != n:
+                    raise ValueError(f"EvalSplit.{name}[{key!r}] has {np.shape(arr)[0]} rows, expected {n}")
+        if (self.correct is None) != (self.perturbed is None):
+            raise ValueError("EvalSplit needs both `correct` and `perturbed` (truth ratio) or neither")
+
+    @property
+    def num_rows(self) -> int:
+        """N, the number of examples."""
+        return len(self.answers)
+
+
+def _pad_right(enc: Mapping[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    out = {}
+    for key, arr in enc.items():
+        if key in ("prompt_lengths", "lengths"):
+            out[key] = arr
+            continue
+        extra = length - arr.shape[-1]
+        fill = pad_id if key == "input_ids" else 0
+        widths = [(0, 0)] * (arr.ndim - 1) + [(0, extra)]
+        out[key] = np.pad(arr, widths, constant_values=fill)
+    return out
+
+
+def _pad_left(enc: Mapping[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    out = {}
+    for key, arr in enc.items():
+        if key == "prompt_lengths":
+            out[key] = arr
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        out[key] = np.pad(arr, [(0, 0), (length - arr.shape[-1], 0)], constant_values=fill)
+    return out
+
+
+def _role_of(name: str, roles: Mapping[str, str]) -> str:
+    return roles.get(name, "holdout")
+
+
+def encode_eval_splits(
+    tokenizer,
+    splits: Mapping[str, datasets.Dataset],
+    *,
+    roles: Mapping[str, str] | None = None,
+    max_length: int | None = None,
+    separator: str | None = None,
+) -> dict[str, EvalSplit]:
+    """Encode benchmark splits for :func:`evaluate_model`, all with one padded length.
+
+    Every split is encoded for its answer (and, where it has the columns, the truth-ratio
+    answers: ``paraphrased_answer`` or else ``answer``, and ``perturbed_answer``), then padded
+    to the longest row over all splits and columns, so each jitted pass compiles once.
+
+    Args:
+      tokenizer: the model's tokenizer (``bos/eos/pad`` and, with ``separator=None``, ``sep``).
+      splits: ``{name: datasets.Dataset}`` in the TOFU column schema.
+      roles: ``{name: "forget" | "retain" | "general" | "holdout"}``; the role sets the required
+        columns (:data:`ROLE_COLUMNS`); unnamed splits are ``"holdout"`` (question, answer).
+      max_length: padded length T; ``None`` = the longest row. A longer row is an error.
+      separator: text between question and answer, as in ``jaxunlearn.data.encode_qa``.
+
+    Returns:
+      ``{name: EvalSplit}``.
+
+    Raises:
+      KeyError: a split lacks a column its role needs (named), or an unknown role.
+      ValueError: an empty split, a row longer than ``max_length``.
+    """
+    roles = dict(roles or {})
+    for name, role in roles.items():
+        if role not in ROLE_COLUMNS:
+            raise KeyError(f"unknown role {role!r} for split {name!r}; roles: {sorted(ROLE_COLUMNS)}")
+        if name not in splits:
+            raise KeyError(f"split {name!r} (role {role!r}) not in the data (have {sorted(splits)})")
+    if not splits:
+        raise ValueError("no splits to encode")
+    raw = {}
+    for name, ds in splits.items():
+        if not isinstance(ds, datasets.Dataset):
+            raise TypeError(f"split {name!r} is a {type(ds).__name__}, expected a datasets.Dataset")
+        missing = [c for c in ROLE_COLUMNS[_role_of(name, roles)] if c not in ds.column_names]
+        if missing:
+            raise KeyError(f"split {name!r} (role {_role_of(name, roles)!r}) is missing column(s) {missing}; "
+                           f"it has {ds.column_names}")
+        if len(ds) == 0:
+            raise ValueError(f"split {name!r} is empty: nothing to evaluate")
+        answer = encode_split(tokenizer, ds, max_length=max_length, separator=separator)
+        correct = perturbed = None
+        if "perturbed_answer" in ds.column_names:
+            col = "paraphrased_answer" if "paraphrased_answer" in ds.column_names else "answer"
+            correct = encode_split(tokenizer, ds, max_length=max_length, answer_column=col,
+                                   fact_column=None, separator=separator)
+            perturbed = encode_split(tokenizer, ds, max_length=max_length, answer_column="perturbed_answer",
+                                     separator=separator)
+        prompts = encode_prompts(tokenizer, list(ds["question"]), max_length=None, separator=separator)
+        raw[name] = (answer, correct, perturbed, prompts, tuple(ds["answer"]))
+    length = max_length or max(p["input_ids"].shape[-1] for r in raw.values() for p in r[:3] if p is not None)
+    p_len = max(r[3]["input_ids"].shape[-1] for r in raw.values())
+    pad = int(tokenizer.pad_token_id)
+    return {
+        name: EvalSplit(
+            answer=_pad_right(a, length, pad),
+            prompts=_pad_left(p, p_len, pad),
+            answers=texts,
+            correct=None if c is None else _pad_right(c, length, pad),
+            perturbed=None if q is None else _pad_right(q, length, pad),
+        )
+        for name, (a, c, q, p, texts) in raw.items()
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "k"))
+def _answer_pass(apply_fn, params, batch, *, k: float):
+    logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
+    ids, lm = batch["input_ids"], batch["loss_mask"]
+    out = answer_stats(logits, batch)
+    out["extraction_strength"] = extraction_strength(logits, ids, lm)
+    for name, v in mia_scores(logits, ids, lm, k=k).items():
+        out[f"mia_{name}"] = v
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _nll_pass(apply_fn, params, batch):
+    logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
+    return mean_token_nll(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def _run_batched(fn, data: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    parts: dict[str, list] = {}
+    for batch, n_valid in fixed_batches(data, batch_size):
+        out = fn({k: jnp.asarray(v) for k, v in batch.items()})
+        if not isinstance(out, Mapping):
+            out = {"value": out}
+        for key, v in out.items():
+            parts.setdefault(key, []).append(np.asarray(v)[:n_valid])
+    return {key: np.concatenate(v) for key, v in parts.items()}
+
+
+def _check_vocab(apply_fn, params, split: EvalSplit) -> None:
+    ids = split.answer["input_ids"][:1]
+    shape = jax.eval_shape(apply_fn, params, jnp.asarray(ids), jnp.asarray(split.answer["attention_mask"][:1])).shape
+    vocab = shape[-1]
+    top = max(int(np.max(p["input_ids"])) for p in (split.answer, split.correct, split.perturbed, split.prompts)
+              if p is not None)
+    if top >= vocab:
+        raise ValueError(f"token id {top} >= the model's vocabulary size {vocab}: the model's vocabulary is "
+                         "smaller than the tokenizer's (wrong tokenizer for this model?)")
+
+
+def score_split(
+    apply_fn: Callable,
+    params,
+    split: EvalSplit,
+    *,
+    batch_size: int = 32,
+    k: float = 0.4,
+) -> dict[str, np.ndarray]:
+    """Teacher-forced per-example metrics of one encoded split (jitted, fixed batch shapes).
+
+    Args:
+      apply_fn: ``apply(params, input_ids, attention_mask) -> logits``; a static argument of
+        the jitted passes, so pass the *same* (hashable) function across calls to reuse the
+        compilation.
+      params: its parameters.
+      split: from :func:`encode_eval_splits`.
+      batch_size: rows per jitted call.
+      k: Min-k / Min-k++ fraction.
+
+    Returns:
+      float (N,) arrays: ``nll`` (mean answer NLL), ``probability``, ``token_acc``,
+      ``fact_acc`` (with a fact mask), ``extraction_strength``, ``mia_loss``, ``mia_zlib``,
+      ``mia_min_k``, ``mia_min_k_plus_plus``; and with truth-ratio columns ``correct_nll``,
+      ``correct_probability``, ``truth_ratio``, ``normalized_probability`` plus
+      ``perturbed_probability`` (N, K).
+
+    Raises:
+      ValueError: a token id outside the model's vocabulary.
+    """
+    _check_vocab(apply_fn, params, split)
+    keys = [key for key in ("input_ids", "attention_mask", "loss_mask", "fact_mask") if key in split.answer]
+    out = _run_batched(lambda b: _answer_pass(apply_fn, params, b, k=float(k)),
+                       {key: split.answer[key] for key in keys}, batch_size)
+    out["mia_zlib"] = zlib_score(out["mia_loss"], split.answers)
+    if split.correct is not None:
+        tf = ("input_ids", "attention_mask", "loss_mask")
+        nll = lambda b: _nll_pass(apply_fn, params, b)  # noqa: E731
+        correct = _run_batched(nll, {key: split.correct[key] for key in tf}, batch_size)["value"]
+        n, kk, t = split.perturbed["input_ids"].shape
+        flat = {key: split.perturbed[key].reshape(n * kk, t) for key in tf}
+        pert = _run_batched(nll, flat, batch_size)["value"].reshape(n, kk)
+        out["correct_nll"] = correct
+        out["correct_probability"] = np.exp(-correct.astype(np.float64))
+        out["perturbed_probability"] = np.exp(-pert.astype(np.float64))
+        out["truth_ratio"] = truth_ratio(correct, pert)
+        out["normalized_probability"] = normalized_probability(out["probability"], out["perturbed_probability"])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecoderApply:
+    """``apply((params, rest), ids, mask)`` for a fixed nnx graph; hashable by the graphdef, so the
+    jitted passes compile once per architecture, not once per call."""
+
+    graphdef: Any
+
+    def __call__(self, state, input_ids, attention_mask):
+        return nnx.merge(self.graphdef, *state)(input_ids, attention_mask)
+
+
+def _greedy_texts(model, tokenizer, prompts: Mapping[str, np.ndarray], n: int, max_new_tokens: int,
+                  batch_size: int) -> list[str]:
+    eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+    data = {key: prompts[key][:n] for key in ("input_ids", "attention_mask")}
+    texts: list[str] = []
+    for batch, n_valid in fixed_batches(data, batch_size):
+        out = np.asarray(generate(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                                  max_new_tokens, eos_token_id=eos, pad_token_id=pad))
+        for row in out[:n_valid]:
+            stop = np.nonzero(row == eos)[0]
+            row = row[: stop[0]] if stop.size else row
+            texts.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+    return texts
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Output of :func:`evaluate_model`.
+
+    Attributes:
+      splits: ``{split: {metric: per-example np.ndarray}}`` (see :func:`score_split`, plus
+        ``rouge_l_recall`` over the first ``rouge_examples`` rows of the generated splits).
+      generations: ``{split: [greedy generation, ...]}`` for the generated rows.
+      aggregates: ``{"forget": forget_summary, "utility_components": {...},
+        "model_utility": float, "mia_auc": {attack: auc}, "forget_quality": float,
+        "privleak": {attack: %}}`` (each present when its inputs are).
+      roles: ``{split: role}``.
+    """
+
+    splits: Mapping[str, Mapping[str, np.ndarray]]
+    generations: Mapping[str, list[str]]
+    aggregates: Mapping[str, Any]
+    roles: Mapping[str, str]
+
+    def split_of(self, role: str) -> str:
+        """The name of the split with ``role`` (KeyError naming the roles present)."""
+        for name, r in self.roles.items():
+            if r == role:
+                return name
+        raise KeyError(f"no split with role {role!r} (roles: {dict(self.roles)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (arrays as lists, numpy scalars as floats)."""
+
+        def conv(x):
+            if isinstance(x, np.ndarray):
+                return x.tolist()
+            if isinstance(x, np.generic):
+                return x.item()
+            if isinstance(x, Mapping):
+                return {str(key): conv(v) for key, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [conv(v) for v in x]
+            return x
+
+        return conv({"splits": self.splits, "generations": self.generations, "aggregates": self.aggregates,
+                     "roles": self.roles})
+
+
+def _aggregate(splits, roles: Mapping[str, str], reference: "EvalResult | None") -> dict[str, Any]:
+    by_role: dict[str, list[str]] = {}
+    for name, role in roles.items():
+        by_role.setdefault(role, []).append(name)
+    agg: dict[str, Any] = {}
+    forget = by_role.get("forget", [None])[0]
+    holdout = by_role.get("holdout", [None])[0]
+    if forget is not None:
+        agg["forget"] = forget_summary(splits[forget])
+    retain_sets, option_sets = by_role.get("retain", []), by_role.get("general", [])
+    if (retain_sets or option_sets) and all("rouge_l_recall" in splits[s] for s in retain_sets + option_sets):
+        agg["utility_components"] = utility_components(splits, retain_sets=retain_sets, option_sets=option_sets)
+        agg["model_utility"] = model_utility(splits, retain_sets=retain_sets, option_sets=option_sets)
+    if forget is not None and holdout is not None:
+        agg["mia_auc"] = mia_aucs(splits[forget], splits[holdout])
+    if reference is not None and forget is not None:
+        ref_forget = reference.split_of("forget")
+        agg["forget_quality"] = forget_quality(splits[forget]["truth_ratio"],
+                                               reference.splits[ref_forget]["truth_ratio"])
+        if "mia_auc" in agg and "mia_auc" in reference.aggregates:
+            agg["privleak"] = {a: privleak(agg["mia_auc"][a], reference.aggregates["mia_auc"][a])
+                               for a in agg["mia_auc"]}
+    return agg
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    data: Mapping[str, "datasets.Dataset | EvalSplit"],
+    *,
+    forget: str | None = None,
+    retain: str | Sequence[str] | None = None,
+    general: str | Sequence[str] | None = None,
+    holdout: str | None = None,
+    params=None,
+    reference: EvalResult | None = None,
+    rouge_examples: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+    k: float = 0.4,
+    use_stemmer: bool = True,
+    separator: str | None = None,
+) -> EvalResult:
+    """The TOFU-style evaluation of a decoder on forget / retain / general / holdout splits.
+
+    Per example (every split): answer probability and mean NLL, token and fact accuracy,
+    extraction strength, the MIA scores (LOSS, zlib, Min-k, Min-k++); with perturbed answers
+    the truth ratio and the option-normalised probability; for forget / retain / general the
+    ROUGE-L recall of the greedy generation (the first ``rouge_examples`` rows). Aggregates:
+    forget-set summary, model utility (retain + general), MIA AUCs (forget vs holdout), and with
+    a ``reference`` result (the model never trained on the forget set) forget quality and
+    privleak.
+
+    Args:
+      model: a :class:`~jaxunlearn.models.Decoder`.
+      tokenizer: its tokenizer (``len(tokenizer)`` must not exceed the model's vocabulary).
+      data: ``{split: datasets.Dataset}`` in the TOFU column schema (encoded here with one
+        padded length) or ``{split: EvalSplit}`` from :func:`encode_eval_splits`. Only the
+        splits named by a role below are evaluated.
+      forget: name of the forget split (needs paraphrased and perturbed answers).
+      retain: name(s) of the retain split(s) (same columns) for model utility.
+      general: name(s) of further retain-side sets scored with option-normalised probability
+        (TOFU's real authors / world facts; needs ``perturbed_answer``).
+      holdout: name of the never-trained split (MIA non-members).
+      params: evaluate these parameters (an ``nnx.State`` of ``nnx.Param`` like
+        ``nnx.split(model, nnx.Param, ...)[1]``, e.g. fake-quantised) instead of the model's.
+      reference: the :class:`EvalResult` of the reference model on the same splits.
+      rouge_examples: generate for the first n rows of each forget / retain / general split
+        (``None``: all rows; 0: no generation, hence no ROUGE and no model utility).
+      max_new_tokens: generation budget (``None``: twice the longest answer, EOS included, of
+        the evaluated splits; decoding stops early once every row has emitted EOS, and the
+        text after the first EOS is dropped).
+      batch_size: rows per jitted call.
+      k: Min-k / Min-k++ fraction (TOFU: 0.4).
+      use_stemmer: ROUGE tokenisation with the Porter stemmer (TOFU: True).
+      separator: question/answer separator used when encoding ``datasets`` splits.
+
+    Returns:
+      An :class:`EvalResult`.
+
+    Raises:
+      KeyError: a missing split or column (named); ValueError: an empty split, a tokenizer
+      larger than the model's vocabulary.
+    """
+    if not isinstance(model, Decoder):
+        raise TypeError(f"model must be a jaxunlearn.models.Decoder, got {type(model).__name__}")
+    check_tokenizer(tokenizer, model.config)
+    roles: dict[str, str] = {}
+    for role, names in (("forget", forget), ("retain", retain), ("general", general), ("holdout", holdout)):
+        for name in ([names] if isinstance(names, str) else list(names or [])):
+            if name in roles:
+                raise ValueError(f"split {name!r} given two roles ({roles[name]!r} and {role!r})")
+            roles[name] = role
+    if not roles:
+        raise ValueError("name at least one split (forget=, retain=, general=, holdout=)")
+    missing = [name for name in roles if name not in data]
+    if missing:
+        raise KeyError(f"split(s) {missing} not in the data (have {sorted(data)})")
+    if rouge_examples is not None and rouge_examples < 0:
+        raise ValueError(f"rouge_examples must be >= 0 or None, got {rouge_examples}")
+    chosen = {name: data[name] for name in roles}
+    if all(isinstance(v, datasets.Dataset) for v in chosen.values()):
+        encoded = encode_eval_splits(tokenizer, chosen, roles=roles, separator=separator)
+    elif all(isinstance(v, EvalSplit) for v in chosen.values()):
+        encoded = chosen
+        for name, role in roles.items():
+            if role != "holdout" and encoded[name].perturbed is None:
+                raise KeyError(f"split {name!r} (role {role!r}) was encoded without perturbed_answer")
+    else:
+        raise TypeError("data must map split names to datasets.Dataset, or all to EvalSplit")
+
+    graphdef, own_params, rest = nnx.split(model, nnx.Param, ...)
+    if params is None:
+        params = own_params
+    elif jax.tree.structure(params) != jax.tree.structure(own_params):
+        raise ValueError("params do not have the structure of the model's nnx.Param state")
+    apply_fn = _DecoderApply(graphdef)
+    state = (params, rest)
+    run_model = nnx.merge(graphdef, params, rest)
+
+    if max_new_tokens is None:  # one value for every split: one compilation of the decode
+        max_new_tokens = 2 * max(int(np.max(s.answer["lengths"] - s.answer["prompt_lengths"]))
+                                 for s in encoded.values())
+    elif max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    splits, generations = {}, {}
+    for name, split in encoded.items():
+        res = score_split(apply_fn, state, split, batch_size=batch_size, k=k)
+        n_gen = split.num_rows if rouge_examples is None else min(rouge_examples, split.num_rows)
+        if roles[name] != "holdout" and n_gen > 0:
+            gen = _greedy_texts(run_model, tokenizer, split.prompts, n_gen, int(max_new_tokens), batch_size)
+            res["rouge_l_recall"] = rouge_l_recall(gen, split.answers[:n_gen], use_stemmer=use_stemmer)
+            generations[name] = gen
+        splits[name] = res
+    return EvalResult(splits, generations, _aggregate(splits, roles, reference), roles)
