@@ -34,7 +34,8 @@ from jaxunlearn.quant import NF4_LEVELS, fake_quantize
 from jaxunlearn.saliency import masked_updates, salun_mask
 from jaxunlearn.sam import saf_loss, saf_perturbation_radius, sam, sam_gradient, sam_perturbation
 from jaxunlearn.task_vector import apply_task_vector, perta, perta_weights, ratio_weight_fn, task_vector
-from jaxunlearn.train import TrainConfig, train
+from jaxunlearn import train  # the module (jaxunlearn.train.train is the training loop)
+from jaxunlearn.train import TrainConfig
 from jaxunlearn.unlearn import UnlearnConfig, UnlearnState, init_unlearn_state, make_unlearn_step
 
 __version__ = "0.1.0"
@@ -79,6 +80,6 @@ __all__ = [
     "ssd_factors",
     "task_vector",
     "token_logprobs",
-    "train",
+    "train",  # module
     "tree",
 ]

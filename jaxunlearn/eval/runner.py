@@ -459,7 +459,9 @@ def evaluate_model(
       tokenizer: its tokenizer (``len(tokenizer)`` must not exceed the model's vocabulary).
       data: ``{split: datasets.Dataset}`` in the TOFU column schema (encoded here with one
         padded length) or ``{split: EvalSplit}`` from :func:`encode_eval_splits`. Only the
-        splits named by a role below are evaluated.
+        splits named by a role below are evaluated. To evaluate many models (or subsets of
+        splits) with one compilation, encode once with :func:`encode_eval_splits` and pass
+        the ``EvalSplit`` dict: the padded length is then the same for every call.
       forget: name of the forget split (needs paraphrased and perturbed answers).
       retain: name(s) of the retain split(s) (same columns) for model utility.
       general: name(s) of further retain-side sets scored with option-normalised probability
