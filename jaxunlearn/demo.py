@@ -2,9 +2,13 @@
 
 Generates the synthetic benchmark, trains the target and the reference model
 from scratch, prints per split the mean answer probability, answer-token
-accuracy and fact-token accuracy of both, and writes
+accuracy and fact-token accuracy of both, then runs every unlearning method of
+``experiments/configs`` on the target (:mod:`jaxunlearn.benchmark`) and prints
+one results table. It writes
 
-- ``<out>/results.json``: the configuration, the training curves and the table;
+- ``<out>/results.json``: the configuration, the training curves, both tables, and the
+  benchmark details (per-example forget truth ratios of every method and the reference);
+- ``<out>/forget_vs_utility.png``: forget quality against model utility;
 - ``<out>/data``: the benchmark and its tokenizer (``jaxunlearn.data.load_benchmark``);
 - ``<out>/models/{target,reference}``: Hugging Face checkpoints (``from_pretrained``).
 """
@@ -18,6 +22,15 @@ import time
 
 import datasets
 
+from typing import Sequence
+
+from jaxunlearn.benchmark import (
+    DEFAULT_METHODS,
+    benchmark_methods,
+    format_results_table,
+    load_method_configs,
+    plot_forget_vs_utility,
+)
 from jaxunlearn.data import save_benchmark
 from jaxunlearn.models import count_params, save_pretrained
 from jaxunlearn.pipeline import DemoConfig, evaluate_splits, prepare_data, train_pair, write_json_atomic
@@ -42,12 +55,23 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], splits) -> str
 
 
 def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, overwrite: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, methods: Sequence[str] | None = None, configs_dir: str | None = None,
+             rouge_examples: int = 32) -> dict:
     """Run the demo; returns the results dict also written to ``out_dir/results.json``.
 
-    Raises ``FileExistsError`` if ``out_dir`` exists and ``overwrite`` is False.
+    Args:
+      out_dir: results directory.
+      cfg: sizes of the embedded default.
+      overwrite: replace an existing ``out_dir`` (else ``FileExistsError``).
+      progress: progress bars.
+      methods: unlearning methods to benchmark (config names; default all of
+        :data:`jaxunlearn.benchmark.DEFAULT_METHODS`; ``[]`` skips the benchmark).
+      configs_dir: where the method configs live (default ``experiments/configs``).
+      rouge_examples: rows per split generated for ROUGE-L in the benchmark.
     """
     cfg = cfg or DemoConfig()
+    methods = list(DEFAULT_METHODS if methods is None else methods)
+    configs = load_method_configs(methods, configs_dir)  # unknown names fail before any work
     if os.path.exists(out_dir):
         if not overwrite:
             raise FileExistsError(f"results directory '{out_dir}' exists (pass --overwrite to replace it)")
@@ -59,6 +83,16 @@ def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, ov
     trained = train_pair(cfg, data, progress=progress)
     t_train = time.perf_counter() - t0 - t_data
     table = {name: evaluate_splits(model, data.encoded, splits) for name, (model, _) in trained.items()}
+    print(f"\ntarget and reference: {count_params(trained['target'][0]):,}-parameter decoders, "
+          f"{cfg.train.steps} steps each, {t_train:.0f} s\n")
+    print(format_table(table, splits))
+    print("\nprob = exp(-mean answer NLL); tok_acc = answer-token accuracy; fact_acc = accuracy on the tokens "
+          f"that carry the fact.\nThe reference never saw the {data.forget_split} people: its fact_acc there "
+          "is the chance level.", flush=True)
+    bench = None
+    if configs:
+        bench = benchmark_methods(cfg, configs, progress=progress, rouge_examples=rouge_examples,
+                                  trained=trained, data=data)
     t_total = time.perf_counter() - t0
     os.makedirs(out_dir, exist_ok=True)
     datasets.disable_progress_bars()
@@ -74,11 +108,17 @@ def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, ov
         "metrics": table,
         "seconds": {"data": t_data, "train": t_train, "total": t_total},
     }
+    if bench is not None:
+        results["benchmark"] = bench
+        plot = plot_forget_vs_utility(bench["table"], os.path.join(out_dir, "forget_vs_utility.png"))
+        results["plot"] = os.path.basename(plot)
+        print(f"\nunlearning {data.forget_split} ({len(data.dataset[data.forget_split])} QA pairs), "
+              f"{len(configs)} methods, {bench['seconds_total']:.0f} s\n")
+        print(format_results_table(bench["table"]))
+        print("\nforget_q = KS p-value of forget truth ratios vs the reference (1 = indistinguishable); "
+              "utility = TOFU model utility;\nforget_p = forget answer probability; MIA_AUC = Min-k (k=0.4) "
+              "ROC-AUC forget vs holdout (0.5 = no leak);\nint4_rec = forget_p after INT4 fake quantisation "
+              "minus before; time_s = unlearning wall time.")
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
-    print(f"\njaxunlearn demo: {results['num_params']:,}-parameter decoder, {cfg.train.steps} steps per model, "
-          f"{t_total:.0f} s\n")
-    print(format_table(table, splits))
-    print(f"\nprob = exp(-mean answer NLL); tok_acc = answer-token accuracy; fact_acc = accuracy on the tokens "
-          f"that carry the fact.\nThe reference never saw the {data.forget_split} people: its fact_acc there "
-          f"is the chance level.\nwrote {os.path.join(out_dir, 'results.json')}")
+    print(f"\ntotal {t_total:.0f} s; wrote {os.path.join(out_dir, 'results.json')}")
     return results

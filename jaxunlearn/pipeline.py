@@ -157,7 +157,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> str:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            json.dump(obj, f, indent=2)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

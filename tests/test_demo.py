@@ -16,7 +16,7 @@ TINY = DemoConfig(num_people=10, num_general=10, vocab_size=200, hidden_size=32,
 
 def test_demo_end_to_end_writes_results_and_models(tmp_path, capsys):
     out = tmp_path / "run"
-    res = run_demo(str(out), cfg=TINY, progress=False)
+    res = run_demo(str(out), cfg=TINY, progress=False, methods=[])
     saved = json.loads((out / "results.json").read_text())
     assert saved["metrics"] == res["metrics"]
     assert set(saved["metrics"]) == {"target", "reference"}
@@ -36,7 +36,10 @@ def test_demo_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
-        run_demo(str(out), cfg=TINY, progress=False)
+        run_demo(str(out), cfg=TINY, progress=False, methods=[])
+    with pytest.raises(ValueError, match="unknown method 'rmu'"):
+        run_demo(str(tmp_path / "other"), cfg=TINY, progress=False, methods=["rmu"])
+    assert not (tmp_path / "other").exists()
     assert main(["demo", "--out", str(out), "--steps", "2"]) == 2
     assert "exists" in capsys.readouterr().err
 

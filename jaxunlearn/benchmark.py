@@ -1,0 +1,272 @@
+"""The end-to-end unlearning benchmark: every method on one target, one table.
+
+``run_benchmark`` trains (or loads) the target and the reference model of the
+embedded synthetic benchmark, evaluates both, then runs each method named by a
+config file ``<configs_dir>/<method>.json`` on the target, evaluates the result
+TOFU-style and after INT4 fake quantisation, and writes
+
+- ``results.json``: configs used, per-method aggregates, and for every method and the
+  reference the per-example forget-set truth ratios (to recompute forget quality);
+- ``forget_vs_utility.png``: forget quality against model utility per method;
+- the printed table (method, forget quality, model utility, forget probability,
+  MIA AUC (Min-k), INT4 forget-probability recovery, wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxunlearn.eval.quant_recovery import forget_metrics, quantization_recovery
+from jaxunlearn.eval.runner import EvalResult, encode_eval_splits, evaluate_model
+from jaxunlearn.eval.tofu import forget_quality
+from jaxunlearn.methods import UnlearnContext, run_method
+from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair, write_json_atomic
+from jaxunlearn.train import apply_fn_for, split_model
+
+__all__ = ["DEFAULT_METHODS", "load_method_configs", "summarize", "format_results_table", "plot_forget_vs_utility",
+           "run_benchmark", "benchmark_methods", "write_benchmark", "default_configs_dir"]
+
+DEFAULT_METHODS = ("task_vector", "perta_grad", "perta_fisher", "ssd", "ga", "ga_proj", "grad_diff",
+                   "grad_diff_proj", "npo", "npo_proj", "simnpo", "simnpo_proj", "saf", "salun")
+
+
+def default_configs_dir() -> Path:
+    """``experiments/configs`` of the source checkout (or of the current directory)."""
+    here = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+    return here if here.is_dir() else Path("experiments/configs")
+
+
+def load_method_configs(methods: Sequence[str], configs_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    """Read ``<configs_dir>/<method>.json`` for each method; a missing file names the method and the
+    available ones."""
+    d = Path(configs_dir) if configs_dir is not None else default_configs_dir()
+    if not d.is_dir():
+        raise FileNotFoundError(f"method configs directory '{d}' does not exist")
+    available = sorted(p.stem for p in d.glob("*.json"))
+    out = {}
+    for m in methods:
+        f = d / f"{m}.json"
+        if not f.is_file():
+            raise ValueError(f"unknown method {m!r}: no config {f} (available: {', '.join(available)})")
+        try:
+            out[m] = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config {f} is not valid JSON: {e}") from None
+    return out
+
+
+def summarize(result: EvalResult, recovery: Mapping[str, Any] | None, seconds: float | None) -> dict[str, float]:
+    """One table row: the headline numbers of an evaluation (and its INT4 recovery)."""
+    agg = result.aggregates
+    fm = forget_metrics(result)
+    row = {
+        "forget_quality": float(agg.get("forget_quality", float("nan"))),
+        "model_utility": float(agg.get("model_utility", float("nan"))),
+        "forget_probability": float(fm["probability"]),
+        "forget_truth_ratio": float(fm["truth_ratio"]),
+        "mia_auc_min_k": float(agg.get("mia_auc", {}).get("min_k", float("nan"))),
+        "privleak_min_k": float(agg.get("privleak", {}).get("min_k", float("nan"))),
+        "seconds": float("nan") if seconds is None else float(seconds),
+    }
+    if recovery is not None and "int4" in recovery:
+        row["int4_recovery"] = float(recovery["int4"]["recovery"]["probability"])
+    else:
+        row["int4_recovery"] = float("nan")
+    return row
+
+
+_COLUMNS = (("method", "method", "s"), ("forget_quality", "forget_q", ".3g"), ("model_utility", "utility", ".3f"),
+            ("forget_probability", "forget_p", ".3f"), ("mia_auc_min_k", "MIA_AUC", ".3f"),
+            ("int4_recovery", "int4_rec", "+.3f"), ("seconds", "time_s", ".1f"))
+
+
+def format_results_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+    """A fixed-width text table, one row per method (the order of ``rows``)."""
+    table = [[short for _, short, _ in _COLUMNS]]
+    for name, row in rows.items():
+        cells = [name]
+        for key, _, fmt in _COLUMNS[1:]:
+            v = row.get(key, float("nan"))
+            cells.append("-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt))
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plot_forget_vs_utility(rows: Mapping[str, Mapping[str, float]], path: str | os.PathLike) -> str:
+    """Scatter of forget quality (log scale) against model utility, one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, row in rows.items():
+        fq, mu = row["forget_quality"], row["model_utility"]
+        if not (np.isfinite(fq) and np.isfinite(mu)):
+            continue
+        marker = "*" if name in ("target", "reference") else "o"
+        ax.scatter([max(fq, 1e-30)], [mu], marker=marker, s=80 if marker == "*" else 36)
+        ax.annotate(name, (max(fq, 1e-30), mu), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("forget quality (KS p-value vs reference, log scale)")
+    ax.set_ylabel("model utility")
+    ax.set_title("jaxunlearn: forget quality vs model utility")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return os.fspath(path)
+
+
+def run_benchmark(
+    out_dir: str | os.PathLike = "results/benchmark",
+    *,
+    cfg: DemoConfig | None = None,
+    methods: Sequence[str] | None = None,
+    configs_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    rouge_examples: int = 32,
+    quant_schemes: Sequence[str] = ("int4",),
+    trained: Mapping[str, Any] | None = None,
+    data=None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns the results dict also written to ``out_dir/results.json``.
+
+    Args:
+      out_dir: results directory (refused if it exists unless ``overwrite``).
+      cfg: the embedded default's sizes (:class:`~jaxunlearn.pipeline.DemoConfig`).
+      methods: config names under ``configs_dir`` (default :data:`DEFAULT_METHODS`).
+      configs_dir: where ``<method>.json`` live (default ``experiments/configs``).
+      overwrite: replace an existing ``out_dir``.
+      progress: show a progress bar over the whole run.
+      rouge_examples: generate for this many rows per split for ROUGE-L.
+      quant_schemes: fake-quantisation schemes for the recovery evaluation.
+      trained, data: already-trained ``{"target": (model, hist), "reference": ...}`` and its
+        :class:`~jaxunlearn.pipeline.PreparedData` (skips generation and training).
+    """
+    cfg = cfg or DemoConfig()
+    methods = list(DEFAULT_METHODS if methods is None else methods)
+    configs = load_method_configs(methods, configs_dir)  # fail on a bad name before any work
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"results directory '{out_dir}' exists (pass --overwrite to replace it)")
+    results = benchmark_methods(cfg, configs, progress=progress, rouge_examples=rouge_examples,
+                                quant_schemes=quant_schemes, trained=trained, data=data)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    write_benchmark(out_dir, results)
+    return results
+
+
+def write_benchmark(out_dir: str | os.PathLike, results: dict[str, Any]) -> None:
+    """Write ``results.json`` and ``forget_vs_utility.png`` into ``out_dir`` (created)."""
+    out_dir = Path(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    results["plot"] = os.path.basename(plot_forget_vs_utility(results["table"], out_dir / "forget_vs_utility.png"))
+    write_json_atomic(out_dir / "results.json", results)
+
+
+def benchmark_methods(
+    cfg: DemoConfig,
+    configs: Mapping[str, Mapping],
+    *,
+    progress: bool = True,
+    rouge_examples: int = 32,
+    quant_schemes: Sequence[str] = ("int4",),
+    trained: Mapping[str, Any] | None = None,
+    data=None,
+) -> dict[str, Any]:
+    """The benchmark without file output (see :func:`run_benchmark`); returns the results dict."""
+    methods = list(configs)
+    t_start = time.perf_counter()
+    bar = tqdm(total=3 + len(methods), desc="benchmark", disable=not progress, dynamic_ncols=True)
+    if data is None:
+        bar.set_postfix_str("data")
+        data = prepare_data(cfg)
+    bar.update(1)
+    if trained is None:
+        trained = train_pair(cfg, data, progress=progress)
+    bar.update(1)
+    tok = data.tokenizer
+    fs, rs = data.forget_split, data.retain_split
+    roles = {fs: "forget", rs: "retain", "general": "general", "holdout": "holdout"}
+    enc = encode_eval_splits(tok, {s: data.dataset[s] for s in roles}, roles=roles)
+    ev = dict(forget=fs, retain=rs, general="general", holdout="holdout", rouge_examples=rouge_examples)
+    target, reference = trained["target"][0], trained["reference"][0]
+    bar.set_postfix_str("evaluate target/reference")
+    ref_res = evaluate_model(reference, tok, enc, **ev)
+    rows: dict[str, dict] = {"reference": summarize(ref_res, None, None)}
+    ref_tr = ref_res.splits[fs]["truth_ratio"]
+    rows["reference"]["forget_quality"] = float(forget_quality(ref_tr, ref_tr))  # 1 against itself
+    truth_ratios = {"reference": ref_res.splits[fs]["truth_ratio"].tolist()}
+    graphdef, params, rest = split_model(target)
+    tgt_res = evaluate_model(target, tok, enc, reference=ref_res, **ev)
+    tgt_rec = quantization_recovery(target, tok, enc, forget=fs, holdout="holdout", schemes=quant_schemes,
+                                    reference=ref_res, baseline=tgt_res, rouge_examples=0)
+    rows["target"] = summarize(tgt_res, tgt_rec, None)
+    truth_ratios["target"] = tgt_res.splits[fs]["truth_ratio"].tolist()
+    bar.update(1)
+    details: dict[str, Any] = {"target": {"aggregates": _jsonable(tgt_res.aggregates), "quant": tgt_rec},
+                               "reference": {"aggregates": _jsonable(ref_res.aggregates)}}
+    ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, data.encoded[fs], data.encoded[rs], seed=cfg.seed)
+    for m in methods:
+        bar.set_postfix_str(m)
+        t0 = time.perf_counter()
+        new_params = run_method(ctx, configs[m])
+        new_params = _block(new_params)
+        seconds = time.perf_counter() - t0
+        res = evaluate_model(target, tok, enc, params=new_params, reference=ref_res, **ev)
+        rec = quantization_recovery(target, tok, enc, forget=fs, holdout="holdout", schemes=quant_schemes,
+                                    params=new_params, reference=ref_res, baseline=res, rouge_examples=0)
+        rows[m] = summarize(res, rec, seconds)
+        truth_ratios[m] = res.splits[fs]["truth_ratio"].tolist()
+        details[m] = {"aggregates": _jsonable(res.aggregates), "quant": rec}
+        bar.update(1)
+    bar.close()
+    total = time.perf_counter() - t_start
+    return {
+        "demo_config": _jsonable(cfg),
+        "method_configs": configs,
+        "forget_split": fs,
+        "retain_split": rs,
+        "table": rows,
+        "forget_truth_ratios": truth_ratios,
+        "details": _jsonable(details),
+        "seconds_total": total,
+    }
+
+
+def _block(tree):
+    import jax
+
+    return jax.block_until_ready(tree)
+
+
+def _jsonable(x):
+    import dataclasses
+
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _jsonable(dataclasses.asdict(x))
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
