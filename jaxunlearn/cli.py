@@ -1,6 +1,9 @@
 """The ``jaxunlearn`` command line.
 
-    jaxunlearn demo [--out results/demo] [--overwrite] [--steps N] [--forget-split forget10]
+    jaxunlearn demo    [--out results/demo] [--overwrite] [--steps N] [--forget-split forget10] [--methods ...]
+    jaxunlearn unlearn --model DIR --data PATH --forget SPLIT --retain SPLIT --method NAME --out DIR
+    jaxunlearn eval    --model DIR --data PATH --forget SPLIT [--retain ...] [--general ...] [--holdout SPLIT]
+                       [--reference DIR] --out FILE.json
 """
 
 from __future__ import annotations
@@ -40,8 +43,151 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--people", type=int, default=None, help="number of trained people")
     d.add_argument("--forget-split", default=None, choices=["forget01", "forget05", "forget10"])
     d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--methods", nargs="*", default=None,
+                   help="unlearning methods to benchmark (config names in --configs; default: all; none: skip)")
+    d.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    u = sub.add_parser(
+        "unlearn",
+        help="unlearn a forget split from a Hugging Face checkpoint and write the result as a checkpoint",
+        description="Loads a Llama-family Hugging Face checkpoint directory and a dataset (a benchmark saved by "
+        "`jaxunlearn demo` under <out>/data, or TOFU-format files: <split>.json / .jsonl / .parquet), runs one "
+        "method (its hyperparameters from <configs>/<method>.json or --config) and writes the unlearned model "
+        "with its tokenizer to --out in the same format.",
+    )
+    _add_model_data(u)
+    u.add_argument("--forget", required=True, help="forget split name (e.g. forget10)")
+    u.add_argument("--retain", required=True, help="retain split name (e.g. retain90)")
+    u.add_argument("--method", required=True, help="method config name (e.g. npo, npo_proj, perta_fisher)")
+    u.add_argument("--config", default=None, help="a method config JSON file (overrides --method's)")
+    u.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
+    u.add_argument("--out", required=True, help="output checkpoint directory")
+    u.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    u.add_argument("--seed", type=int, default=0)
+
+    e = sub.add_parser(
+        "eval",
+        help="TOFU-style evaluation of a checkpoint on forget/retain/general/holdout splits, written as JSON",
+        description="Per-example and aggregate metrics: answer probability, truth ratio, ROUGE-L, extraction "
+        "strength, MIA (LOSS, zlib, Min-k, Min-k++); with --reference (a model never trained on the forget set) "
+        "also forget quality and privleak; with --quant the forget metrics after fake quantisation.",
+    )
+    _add_model_data(e)
+    e.add_argument("--forget", required=True, help="forget split (needs paraphrased/perturbed answers)")
+    e.add_argument("--retain", nargs="*", default=[], help="retain split(s) for model utility")
+    e.add_argument("--general", nargs="*", default=[], help="further retain-side sets (option-normalised)")
+    e.add_argument("--holdout", default=None, help="never-trained split for membership inference")
+    e.add_argument("--reference", default=None, help="reference checkpoint directory (for forget quality)")
+    e.add_argument("--quant", nargs="*", default=[], choices=["int8", "int4", "nf4"],
+                   help="also report forget metrics after fake quantisation with these schemes")
+    e.add_argument("--rouge-examples", type=int, default=None, help="generate only for the first N rows per split")
+    e.add_argument("--out", required=True, help="output JSON file")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
+
+
+def _add_model_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json, safetensors, "
+                   "tokenizer)")
+    p.add_argument("--data", required=True, help="saved benchmark directory or TOFU-format file/directory")
+    p.add_argument("--separator", default=None,
+                   help="text between question and answer (default: the tokenizer's sep token)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _load_model_and_data(args):
+    from jaxunlearn.data import load_benchmark, load_tofu
+    from jaxunlearn.models import check_tokenizer, from_pretrained
+
+    model, tok = from_pretrained(args.model)
+    if tok is None:
+        raise FileNotFoundError(f"no tokenizer files in {args.model}")
+    check_tokenizer(tok, model.config)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # Llama tokenizers ship without one; padding is masked out anyway
+    try:
+        dd, _ = load_benchmark(args.data)
+    except FileNotFoundError:
+        dd = load_tofu(args.data)
+        if not hasattr(dd, "keys"):
+            raise ValueError(f"--data {args.data} is a single split; pass the directory holding the splits") from None
+    return model, tok, dd
+
+
+def _split(dd, name: str):
+    if name not in dd:
+        raise KeyError(f"no split {name!r} in the data (have {', '.join(sorted(dd))})")
+    return dd[name]
+
+
+def _unlearn(args) -> int:
+    import json
+
+    from flax import nnx
+
+    from jaxunlearn.benchmark import load_method_configs
+    from jaxunlearn.data import encode_split
+    from jaxunlearn.methods import UnlearnContext, run_method
+    from jaxunlearn.models import save_pretrained
+    from jaxunlearn.train import apply_fn_for, split_model
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"output '{args.out}' exists (pass --overwrite to replace it)")
+    if args.config:
+        with open(args.config) as f:
+            cfg = json.load(f)
+    else:
+        cfg = load_method_configs([args.method], args.configs)[args.method]
+    model, tok, dd = _load_model_and_data(args)
+    enc = {n: encode_split(tok, _split(dd, n), max_length=None, separator=args.separator, fact_column=None)
+           for n in (args.forget, args.retain)}
+    for n, e in enc.items():
+        if e["input_ids"].shape[-1] > model.config.max_position_embeddings:
+            raise ValueError(f"split {n!r} has rows of {e['input_ids'].shape[-1]} tokens, longer than the model's "
+                             f"context ({model.config.max_position_embeddings})")
+    graphdef, params, rest = split_model(model)
+    ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, enc[args.forget], enc[args.retain], seed=args.seed)
+    new_params = run_method(ctx, cfg)
+    nnx.update(model, new_params)
+    save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
+    print(f"unlearned {args.forget} ({len(enc[args.forget]['input_ids'])} rows) with {args.method}; wrote {args.out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from jaxunlearn.eval.quant_recovery import quantization_recovery
+    from jaxunlearn.eval.runner import encode_eval_splits, evaluate_model
+    from jaxunlearn.models import from_pretrained
+    from jaxunlearn.pipeline import write_json_atomic
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"output '{args.out}' exists (pass --overwrite to replace it)")
+    model, tok, dd = _load_model_and_data(args)
+    roles = {args.forget: "forget", **{r: "retain" for r in args.retain}, **{g: "general" for g in args.general}}
+    if args.holdout:
+        roles[args.holdout] = "holdout"
+    enc = encode_eval_splits(tok, {n: _split(dd, n) for n in roles}, roles=roles, separator=args.separator)
+    kw = dict(forget=args.forget, retain=args.retain or None, general=args.general or None, holdout=args.holdout,
+              rouge_examples=args.rouge_examples)
+    ref = None
+    if args.reference:
+        ref_model, _ = from_pretrained(args.reference, load_tokenizer=False)
+        ref = evaluate_model(ref_model, tok, enc, **kw)
+    res = evaluate_model(model, tok, enc, reference=ref, **kw)
+    out = {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data), "roles": roles,
+           **res.to_dict()}
+    if args.quant:
+        out["quantization"] = quantization_recovery(model, tok, enc, forget=args.forget, holdout=args.holdout,
+                                                    schemes=args.quant, reference=ref, baseline=res,
+                                                    rouge_examples=0)
+    write_json_atomic(args.out, out)
+    agg = res.aggregates
+    print(f"forget probability {agg['forget']['probability']:.4f}; "
+          + (f"forget quality {agg['forget_quality']:.3g}; " if "forget_quality" in agg else "")
+          + (f"model utility {agg['model_utility']:.4f}; " if "model_utility" in agg else "")
+          + f"wrote {args.out}")
+    return 0
 
 
 def _demo(args) -> int:
@@ -59,7 +205,8 @@ def _demo(args) -> int:
     if args.steps is not None:
         changes["train"] = dataclasses.replace(cfg.train, steps=args.steps)
     cfg = dataclasses.replace(cfg, **changes)
-    run_demo(args.out, cfg=cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    run_demo(args.out, cfg=cfg, overwrite=args.overwrite, progress=not args.no_progress, methods=args.methods,
+             configs_dir=args.configs)
     return 0
 
 
@@ -68,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     _set_offline_env()
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": _demo}[args.command](args)
+        return {"demo": _demo, "unlearn": _unlearn, "eval": _eval}[args.command](args)
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"jaxunlearn {args.command}: error: {e}", file=sys.stderr)
         return 2

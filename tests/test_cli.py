@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from jaxunlearn.cli import main
+from jaxunlearn.demo import run_demo
+from jaxunlearn.pipeline import DemoConfig
+from jaxunlearn.train import TrainConfig
+
+TINY = DemoConfig(num_people=10, num_general=10, vocab_size=200, hidden_size=32, intermediate_size=64,
+                  num_heads=2, num_kv_heads=1,
+                  train=TrainConfig(steps=60, batch_size=16, learning_rate=1e-2, warmup_steps=5))
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "demo"
+    run_demo(str(out), cfg=TINY, progress=False, methods=[])
+    return out
+
+
+def test_unlearn_then_eval_with_two_commands(demo_dir, tmp_path, capsys):
+    cfg = tmp_path / "ga.json"
+    cfg.write_text(json.dumps({"kind": "gradient", "batch_size": 8,
+                               "unlearn": {"method": "ga", "steps": 5, "learning_rate": 1e-2}}))
+    unl = tmp_path / "unlearned"
+    assert main(["unlearn", "--model", str(demo_dir / "models" / "target"), "--data", str(demo_dir / "data"),
+                 "--forget", "forget10", "--retain", "retain90", "--method", "ga", "--config", str(cfg),
+                 "--out", str(unl)]) == 0
+    assert (unl / "config.json").is_file() and (unl / "model.safetensors").is_file()
+    out = tmp_path / "eval.json"
+    args = ["--data", str(demo_dir / "data"), "--forget", "forget10", "--retain", "retain90",
+            "--general", "general", "--holdout", "holdout", "--rouge-examples", "2", "--quant", "int4"]
+    assert main(["eval", "--model", str(unl), "--reference", str(demo_dir / "models" / "reference"),
+                 "--out", str(out), *args]) == 0
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["aggregates"]["forget_quality"] <= 1.0
+    assert "int4" in res["quantization"]
+    base = tmp_path / "eval_target.json"
+    assert main(["eval", "--model", str(demo_dir / "models" / "target"), "--out", str(base), *args]) == 0
+    before = json.loads(base.read_text())["aggregates"]["forget"]["probability"]
+    assert res["aggregates"]["forget"]["probability"] < before  # gradient ascent lowered it
+    # refuse to overwrite
+    assert main(["eval", "--model", str(unl), "--out", str(out), *args]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_eval_reads_tofu_format_files(demo_dir, tmp_path):
+    from jaxunlearn.data import load_benchmark
+
+    dd, _ = load_benchmark(demo_dir / "data")
+    tofu = tmp_path / "tofu"
+    tofu.mkdir()
+    for split in ("forget10", "retain90"):
+        with open(tofu / f"{split}.json", "w") as f:
+            for row in dd[split]:
+                f.write(json.dumps({k: row[k] for k in ("question", "answer", "paraphrased_answer",
+                                                        "perturbed_answer")}) + "\n")
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", str(demo_dir / "models" / "target"), "--data", str(tofu), "--forget", "forget10",
+                 "--retain", "retain90", "--rouge-examples", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["roles"] == {"forget10": "forget", "retain90": "retain"}
+
+
+def test_bad_input_is_named(demo_dir, tmp_path, capsys):
+    common = ["--data", str(demo_dir / "data"), "--forget", "forget10", "--retain", "retain90",
+              "--out", str(tmp_path / "x")]
+    assert main(["unlearn", "--model", str(demo_dir / "models" / "target"), "--method", "rmu", *common]) == 2
+    assert "unknown method 'rmu'" in capsys.readouterr().err
+    assert main(["unlearn", "--model", str(tmp_path / "missing"), "--method", "npo", *common]) == 2
+    assert "missing" in capsys.readouterr().err
+    bad = ["--data", str(demo_dir / "data"), "--forget", "forget99", "--retain", "retain90", "--method", "npo",
+           "--out", str(tmp_path / "y"), "--model", str(demo_dir / "models" / "target")]
+    assert main(["unlearn", *bad]) == 2
+    assert "no split 'forget99'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
