@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxunlearn.eval.quant_recovery import forget_metrics, quantization_recovery
-from jaxunlearn.eval.runner import EvalResult, encode_eval_splits, evaluate_model
+from jaxunlearn.eval.runner import EvalResult, encode_eval_splits, evaluate_model, to_jsonable
 from jaxunlearn.eval.tofu import forget_quality
 from jaxunlearn.methods import UnlearnContext, run_method
 from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair, write_json_atomic
@@ -220,8 +220,8 @@ def benchmark_methods(
     rows["target"] = summarize(tgt_res, tgt_rec, None)
     truth_ratios["target"] = tgt_res.splits[fs]["truth_ratio"].tolist()
     bar.update(1)
-    details: dict[str, Any] = {"target": {"aggregates": _jsonable(tgt_res.aggregates), "quant": tgt_rec},
-                               "reference": {"aggregates": _jsonable(ref_res.aggregates)}}
+    details: dict[str, Any] = {"target": {"aggregates": to_jsonable(tgt_res.aggregates), "quant": tgt_rec},
+                               "reference": {"aggregates": to_jsonable(ref_res.aggregates)}}
     ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, data.encoded[fs], data.encoded[rs], seed=cfg.seed)
     for m in methods:
         bar.set_postfix_str(m)
@@ -234,18 +234,18 @@ def benchmark_methods(
                                     params=new_params, reference=ref_res, baseline=res, rouge_examples=0)
         rows[m] = summarize(res, rec, seconds)
         truth_ratios[m] = res.splits[fs]["truth_ratio"].tolist()
-        details[m] = {"aggregates": _jsonable(res.aggregates), "quant": rec}
+        details[m] = {"aggregates": to_jsonable(res.aggregates), "quant": rec}
         bar.update(1)
     bar.close()
     total = time.perf_counter() - t_start
     return {
-        "demo_config": _jsonable(cfg),
+        "demo_config": to_jsonable(cfg),
         "method_configs": configs,
         "forget_split": fs,
         "retain_split": rs,
         "table": rows,
         "forget_truth_ratios": truth_ratios,
-        "details": _jsonable(details),
+        "details": to_jsonable(details),
         "seconds_total": total,
     }
 
@@ -255,18 +255,3 @@ def _block(tree):
 
     return jax.block_until_ready(tree)
 
-
-def _jsonable(x):
-    import dataclasses
-
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _jsonable(dataclasses.asdict(x))
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x

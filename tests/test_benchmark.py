@@ -68,3 +68,14 @@ def test_shipped_configs_are_all_loadable():
         assert c["kind"] in KINDS, name
         if c["kind"] == "gradient":
             UnlearnConfig(**c["unlearn"])  # validates names and values
+
+
+def test_to_jsonable_handles_arrays_scalars_dataclasses():
+    import jax.numpy as jnp
+
+    from jaxunlearn.eval.runner import to_jsonable
+
+    out = to_jsonable({"a": np.arange(3), "b": np.float32(0.5), "c": (jnp.ones(2), {1: "x"}), "d": TINY.train})
+    assert out == {"a": [0, 1, 2], "b": 0.5, "c": [[1.0, 1.0], {"1": "x"}], "d": json.loads(json.dumps(out["d"]))}
+    assert out["d"]["steps"] == 150
+    json.dumps(out)

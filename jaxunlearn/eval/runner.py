@@ -385,20 +385,24 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (arrays as lists, numpy scalars as floats)."""
+        return to_jsonable({"splits": self.splits, "generations": self.generations,
+                            "aggregates": self.aggregates, "roles": self.roles})
 
-        def conv(x):
-            if isinstance(x, np.ndarray):
-                return x.tolist()
-            if isinstance(x, np.generic):
-                return x.item()
-            if isinstance(x, Mapping):
-                return {str(key): conv(v) for key, v in x.items()}
-            if isinstance(x, (list, tuple)):
-                return [conv(v) for v in x]
-            return x
 
-        return conv({"splits": self.splits, "generations": self.generations, "aggregates": self.aggregates,
-                     "roles": self.roles})
+def to_jsonable(x: Any) -> Any:
+    """A JSON-ready copy: arrays become lists, numpy scalars Python numbers, dataclasses and
+    mappings dicts with string keys, tuples lists."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return to_jsonable(dataclasses.asdict(x))
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Mapping):
+        return {str(key): to_jsonable(v) for key, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    return x
 
 
 def _aggregate(splits, roles: Mapping[str, str], reference: "EvalResult | None") -> dict[str, Any]:
