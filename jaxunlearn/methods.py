@@ -33,7 +33,8 @@ from jaxunlearn.task_vector import apply_task_vector, perta, task_vector
 from jaxunlearn.train import BATCH_KEYS, TrainConfig, TrainState, batch_at, make_optimizer, make_train_step
 from jaxunlearn.unlearn import UnlearnConfig, init_unlearn_state, make_unlearn_step
 
-__all__ = ["UnlearnContext", "KINDS", "run_method", "example_nll_fn", "importance_batches"]
+__all__ = ["UnlearnContext", "KINDS", "run_method", "example_nll_fn", "importance_batches", "finetune_on_forget",
+           "importances"]
 
 KINDS = ("task_vector", "perta", "ssd", "gradient")
 
@@ -89,7 +90,7 @@ def importance_batches(data: Mapping[str, np.ndarray], batch_size: int, max_exam
     return out
 
 
-def _finetune(ctx: UnlearnContext, cfg: Mapping) -> Any:
+def finetune_on_forget(ctx: UnlearnContext, cfg: Mapping) -> Any:
     """theta_ft: the target fine-tuned on the forget set (AdamW, constant schedule after warmup)."""
     tcfg = TrainConfig(steps=int(cfg["steps"]), batch_size=int(cfg.get("batch_size", 32)),
                        learning_rate=float(cfg["learning_rate"]), warmup_steps=int(cfg.get("warmup_steps", 0)),
@@ -103,7 +104,7 @@ def _finetune(ctx: UnlearnContext, cfg: Mapping) -> Any:
     return state.params
 
 
-def _importances(ctx: UnlearnContext, cfg: Mapping, which: str) -> tuple[Any, Any]:
+def importances(ctx: UnlearnContext, cfg: Mapping, which: str) -> tuple[Any, Any]:
     """(I_forget, I_other) with I = diagonal Fisher or a gradient importance; ``which`` in {"retain", "full"}."""
     loss = example_nll_fn(ctx.apply_fn)
     bs = int(cfg.get("importance_batch_size", 32))
@@ -151,15 +152,15 @@ def run_method(ctx: UnlearnContext, cfg: Mapping) -> Any:
         raise ValueError(f"unknown method kind {kind!r}; choose from {KINDS}")
     try:
         if kind == "task_vector":
-            tau = task_vector(_finetune(ctx, cfg["finetune"]), ctx.params)
+            tau = task_vector(finetune_on_forget(ctx, cfg["finetune"]), ctx.params)
             return apply_task_vector(ctx.params, tau, -float(cfg["alpha"]))
         if kind == "perta":
-            tau = task_vector(_finetune(ctx, cfg["finetune"]), ctx.params)
-            i_f, i_r = _importances(ctx, cfg, "retain")
+            tau = task_vector(finetune_on_forget(ctx, cfg["finetune"]), ctx.params)
+            i_f, i_r = importances(ctx, cfg, "retain")
             return perta(ctx.params, tau, i_f, i_r, strength=float(cfg["strength"]),
                          retain_scale=float(cfg.get("retain_scale", 1.0)))
         if kind == "ssd":
-            i_f, i_d = _importances(ctx, cfg, "full")
+            i_f, i_d = importances(ctx, cfg, "full")
             return ssd(ctx.params, i_f, i_d, alpha=float(cfg.get("alpha", 10.0)), lam=float(cfg.get("lam", 1.0)))
         return _run_gradient(ctx, cfg)
     except KeyError as e:

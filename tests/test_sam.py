@@ -144,7 +144,9 @@ def test_saf_default_radius_and_rho_zero():
     r = saf_perturbation_radius(p, scheme="nf4", block_size=16)
     q = _np(fake_quantize(p, "nf4", block_size=16))
     pn = _np(p)
-    np.testing.assert_allclose(r, np.sqrt(np.sum((q["w"] - pn["w"]) ** 2)), rtol=1e-5)  # b is 1-D: unquantised
+    # b is 1-D: unquantised; the radius is the uniform-quantiser step with the same RMS error
+    n = pn["w"].size
+    np.testing.assert_allclose(r, np.sqrt(12 / n) * np.sqrt(np.sum((q["w"] - pn["w"]) ** 2)), rtol=1e-5)
     loss = lambda q, b: _loss(q, c)  # noqa: E731
     g_def = jax.jit(jax.grad(functools.partial(saf_loss, loss, scheme="nf4", block_size=16)))(p, None)
     g_exp = jax.jit(jax.grad(functools.partial(saf_loss, loss, scheme="nf4", block_size=16, rho=r)))(p, None)
@@ -167,3 +169,11 @@ def test_bad_input():
         saf_loss(lambda q, b: _loss(q, 1.0), _params(), None, scheme="fp3")
     with pytest.raises(ValueError, match="shape mismatch at 'w'"):
         sam_perturbation(_params(), rho=0.1, adaptive=True, params={"w": jnp.ones((2, 2)), "b": jnp.ones(8)})
+
+
+def test_saf_default_radius_estimates_the_int4_step():
+    # uniform weights in blocks of 64: absmax ~ 1, int4 step = absmax / 7 ~ 1/7
+    x = jax.random.uniform(jax.random.key(3), (256, 64), minval=-1.0, maxval=1.0)
+    r = float(saf_perturbation_radius({"w": x}, scheme="int4", block_size=64))
+    absmax = np.abs(np.asarray(x)).reshape(-1, 64).max(axis=1)
+    np.testing.assert_allclose(r, np.mean(absmax / 7), rtol=0.05)
