@@ -26,6 +26,11 @@ at most ``chunk_size`` gradients are alive at once. The batch is padded (by
 repeating its last row, with weight 0) to a multiple of ``chunk_size`` inside
 one jitted function per batch shape; ``loss_fn`` is a static argument of that
 function, so calls with the same ``loss_fn`` object reuse the compiled code.
+For the standard loss of a :class:`jaxunlearn.models.Decoder`
+(``loss_fn = jaxunlearn.fisher_fused.decoder_nll(model)``), ``method="auto"`` (the
+default) or ``"fused"`` computes the same Fisher from one forward and backward pass
+per batch instead (:mod:`jaxunlearn.fisher_fused`, dense layers by the
+``jaxunlearn.kernels.fisher`` kernel).
 Sums are accumulated in float32 and the results have float32 leaves whatever
 the parameter dtype (a bfloat16 Fisher loses most small entries; cast the result
 yourself if you need the parameter dtype).
@@ -338,7 +343,7 @@ def fisher_diagonal(
     labels: Literal["empirical", "sampled"] = "empirical",
     rng: jax.Array | None = None,
     sample_fn: SampleFn | None = None,
-    method: Literal["vmap", "auto", "fused"] = "vmap",
+    method: Literal["vmap", "auto", "fused"] = "auto",
     check_finite: bool = True,
 ) -> PyTree:
     """Diagonal Fisher information: the mean over examples of squared per-example gradients.
@@ -363,8 +368,13 @@ def fisher_diagonal(
       labels: ``"empirical"`` or ``"sampled"``.
       rng: PRNG key, required with ``labels="sampled"``.
       sample_fn: label sampler, required with ``labels="sampled"``.
-      method: ``"vmap"`` (chunked per-example gradients) or ``"auto"`` (currently
-        ``"vmap"``); ``"fused"`` (dense-layer kernel path) is reserved.
+      method: ``"vmap"`` (chunked per-example gradients, any ``loss_fn``);
+        ``"fused"`` (one forward/backward pass per batch with the dense-layer Fisher
+        kernel, :func:`jaxunlearn.fisher_fused.fisher_diagonal_fused`), which needs
+        ``loss_fn`` to be the standard decoder loss
+        :func:`jaxunlearn.fisher_fused.decoder_nll` ``(model)`` and ignores
+        ``chunk_size`` (the whole batch is one pass); ``"auto"``: ``"fused"`` for
+        that loss, ``"vmap"`` otherwise.
       check_finite: raise ``FloatingPointError`` naming the first leaf with NaN/Inf.
 
     Returns:
@@ -373,6 +383,7 @@ def fisher_diagonal(
     Raises:
       ValueError: empty ``batches``, batches with different keys or inconsistent batch
         sizes, zero total weight, unknown ``labels``/``method``, missing ``rng``/``sample_fn``.
+      NotImplementedError: ``method="fused"`` with a loss other than ``decoder_nll(model)``.
       FloatingPointError: NaN or Inf in the result (names the leaf path).
 
     References:
@@ -389,12 +400,21 @@ def fisher_diagonal(
         raise ValueError(f"unknown labels {labels!r}; expected one of {_LABELS}")
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {_METHODS}")
-    if method == "fused":
-        raise NotImplementedError(
-            "fisher_diagonal(method='fused') (dense-layer kernel path) is not available yet; "
-            "use method='vmap'"
-        )
     _check_chunk_size(chunk_size)
+    if method != "vmap":
+        from jaxunlearn import fisher_fused  # lazy: it imports the models package and this module
+
+        if isinstance(loss_fn, fisher_fused.DecoderNLL):
+            return fisher_fused.fisher_diagonal_fused(
+                loss_fn.graphdef, params, batches, labels=labels, rng=rng, sample_fn=sample_fn,
+                check_finite=check_finite,
+            )
+        if method == "fused":
+            raise NotImplementedError(
+                "fisher_diagonal(method='fused') is implemented for the standard decoder loss only: "
+                "pass loss_fn=jaxunlearn.fisher_fused.decoder_nll(model) (or call "
+                "fisher_diagonal_fused), or use method='vmap' for any other loss"
+            )
     if labels == "sampled":
         if rng is None:
             raise ValueError("fisher_diagonal(labels='sampled') needs an `rng` key")

@@ -11,19 +11,31 @@ the orthogonal projection onto the complement of ``span(r_1, ..., r_k)``. It is
 computed from the ``k x k`` Gram matrix (never a ``P x P`` matrix) in three passes
 over P: ``G = R R^T``, ``b = R g``, ``g - R^T c`` with ``c = G^+ b``.
 
-Pseudo-inverse. With ``s_j = 1/||r_j||`` (0 for a zero row) and ``S = diag(s)``,
-the normalised Gram ``S G S`` (the cosine matrix of the retain gradients) is
-diagonalised by ``jnp.linalg.eigh``; eigenvalues ``<= rcond * max eigenvalue`` are
-dropped and ``c = S (S G S)^+ S b``. This is the exact projector onto the span of
-the retain gradients that remain after dropping nearly dependent directions; the
-row normalisation makes the rank decision depend on the angles between the
-retain gradients only, not on their (often very different) norms. Duplicated,
-linearly dependent or zero retain gradients give no NaN; all-zero retain
-gradients leave ``g`` unchanged. All sums are accumulated in float32 at
-``Precision.HIGHEST``; results have the dtype of ``g``. In float32 the cosine
-Gram is resolved to about ``1e-7 k``, so directions kept with an eigenvalue near
-``rcond = 1e-6`` are only accurate to a few 1e-3 relative; raise ``rcond`` (e.g.
-``1e-4``) when retain gradients are nearly dependent and exactness matters.
+Pseudo-inverse. ``c = G^+ b`` comes from
+:func:`jaxunlearn.kernels.projection.pinv_solve`, the library's single
+implementation of the rank rule: with ``s_j = 1/||r_j||`` (0 for a zero row) and
+``S = diag(s)``, the normalised Gram ``S G S`` (the cosine matrix of the retain
+gradients) is diagonalised by ``eigh``; eigenvalues ``<= rcond * max eigenvalue``
+are dropped and ``c = S (S G S)^+ S b``. This is the exact projector onto the span
+of the retain gradients that remain after dropping nearly dependent directions;
+the row normalisation makes the rank decision depend on the angles between the
+retain gradients only, not on their (often very different) norms: retain
+gradients whose norms differ 1000x are all kept. Duplicated, linearly dependent
+or zero retain gradients give no NaN; all-zero retain gradients leave ``g``
+unchanged. All sums are accumulated in float32; results have the dtype of ``g``.
+In float32 the cosine Gram is resolved to about ``1e-7 k``, so directions kept
+with an eigenvalue near ``rcond = 1e-6`` are only accurate to a few 1e-3
+relative; raise ``rcond`` (e.g. ``1e-4``) when retain gradients are nearly
+dependent and exactness matters.
+
+Implementations (``impl``): ``"auto"`` (default) runs the kernel-backed core
+:func:`jaxunlearn.kernels.projection.project_tree` with its own dispatch (Pallas
+on TPU/GPU, fused XLA passes on CPU), falling back to ``"jnp"`` where the kernels
+do not apply (leaves other than float32/bfloat16, or a global subspace with more
+retain gradients than parameters); ``"pallas"`` / ``"xla"`` force a kernel path;
+``"jnp"`` is the pure pytree reference (``tensordot`` per leaf at
+``Precision.HIGHEST``, no reshapes, so sharded leaves stay sharded); a callable is
+a user-supplied core.
 
 Retain gradients are given either *stacked* (a pytree with ``g``'s structure
 whose leaves have a leading axis k: leaf shape ``(k, *g_leaf.shape)``) or as a
@@ -48,6 +60,7 @@ import numpy as np
 import optax
 
 from jaxunlearn import tree as jt
+from jaxunlearn.kernels import projection as kp
 
 PyTree = Any
 ProjectionCore = Callable[..., PyTree]
@@ -62,6 +75,9 @@ __all__ = [
 
 _HI = jax.lax.Precision.HIGHEST
 _METRICS = ("euclidean", "adam")
+_IMPLS = ("auto", "pallas", "xla", "jnp")
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+DEFAULT_RCOND = kp.DEFAULT_RCOND
 
 
 # ---------------------------------------------------------------- inputs
@@ -120,34 +136,10 @@ def _check_rcond(rcond: float) -> None:
 # ---------------------------------------------------------------- the jnp core
 
 
-def gram_pinv_coefficients(gram: jax.Array, rg: jax.Array, rcond: float = 1e-6) -> jax.Array:
-    """Coefficients ``c = G^+ b`` of the projection, from the k x k Gram matrix.
-
-    ``c = S (S G S)^+ S b`` with ``S = diag(1/||r_j||)`` (0 for zero rows) and the
-    pseudo-inverse from ``jnp.linalg.eigh`` of ``S G S`` keeping the eigenvalues
-    ``> rcond * max eigenvalue`` (and > 0).
-
-    Args:
-      gram: (k, k) ``G = R R^T`` (float32).
-      rg: (k,) ``b = R g`` (float32).
-      rcond: relative eigenvalue threshold.
-
-    Returns:
-      (k,) float32 coefficients; ``g - R^T c`` is the projection.
-    """
-    gram = gram.astype(jnp.float32)
-    rg = rg.astype(jnp.float32)
-    d = jnp.diagonal(gram)
-    tiny = jnp.finfo(jnp.float32).tiny
-    s = jnp.where(d > tiny, jax.lax.rsqrt(jnp.maximum(d, tiny)), 0.0)
-    gn = gram * s[:, None] * s[None, :]
-    gn = 0.5 * (gn + gn.T)
-    evals, evecs = jnp.linalg.eigh(gn)
-    keep = (evals > rcond * jnp.max(evals)) & (evals > 0)
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, evals, 1.0), 0.0)
-    sb = s * rg
-    c = evecs @ (inv * jnp.matmul(evecs.T, sb, precision=_HI))
-    return s * c
+gram_pinv_coefficients = kp.pinv_solve
+"""Coefficients ``c = G^+ b`` of the projection from the k x k Gram matrix: an alias of
+:func:`jaxunlearn.kernels.projection.pinv_solve` (angle-based rank rule, see the module
+docstring)."""
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -179,7 +171,7 @@ def _project_jnp(g: PyTree, retain: PyTree, *, rcond: float) -> PyTree:
     g_leaves = [_f32(x) for x in g_leaves]
     gram = functools.reduce(jnp.add, [_leaf_gram(r) for r in r_leaves])
     rg = functools.reduce(jnp.add, [_leaf_rg(r, x) for x, r in zip(g_leaves, r_leaves)])
-    c = gram_pinv_coefficients(gram, rg, rcond)
+    c = kp.pinv_solve(gram, rg, rcond)
     out = [_leaf_update(x, r, c, dt) for x, r, dt in zip(g_leaves, r_leaves, dtypes)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -192,7 +184,7 @@ def _project_jnp_per_tensor(g: PyTree, retain: PyTree, *, rcond: float) -> PyTre
     g_leaves = [_f32(x) for x in g_leaves]
     grams = jnp.stack([_leaf_gram(r) for r in r_leaves])
     rgs = jnp.stack([_leaf_rg(r, x) for x, r in zip(g_leaves, r_leaves)])
-    cs = jax.vmap(gram_pinv_coefficients, in_axes=(0, 0, None))(grams, rgs, rcond)
+    cs = jax.vmap(lambda gram, rg: kp.pinv_solve(gram, rg, rcond))(grams, rgs)
     out = [
         _leaf_update(x, r, cs[i], dt)
         for i, (x, r, dt) in enumerate(zip(g_leaves, r_leaves, dtypes))
@@ -200,24 +192,37 @@ def _project_jnp_per_tensor(g: PyTree, retain: PyTree, *, rcond: float) -> PyTre
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _resolve_core(impl: str | ProjectionCore) -> ProjectionCore:
-    if callable(impl):
+def _resolve_core(impl: str | ProjectionCore) -> str | ProjectionCore:
+    if callable(impl) or impl in _IMPLS:
         return impl
-    if impl == "jnp":
-        return _project_jnp
     raise ValueError(
-        f"unknown projection impl {impl!r}; expected 'jnp' or a callable "
+        f"unknown projection impl {impl!r}; expected one of {_IMPLS} or a callable "
         "core(g, retain_stacked, *, rcond) -> g_perp"
     )
 
 
-def _apply(core: ProjectionCore, g: PyTree, retain: PyTree, rcond: float, per_tensor: bool) -> PyTree:
-    if not per_tensor:
-        return core(g, retain, rcond=rcond)
-    if core is _project_jnp:
-        return _project_jnp_per_tensor(g, retain, rcond=rcond)
-    # each leaf is a one-leaf pytree projected against its own k-dim subspace.
-    return jax.tree.map(lambda x, r: core(x, r, rcond=rcond), g, retain)
+def _kernel_applies(g: PyTree, retain: PyTree, per_tensor: bool) -> bool:
+    """Whether ``impl="auto"`` can use the kernel core: float32/bfloat16 leaves and,
+    for a global subspace, ``k <= P`` (static checks, done at trace time)."""
+    leaves = jax.tree_util.tree_leaves(g) + jax.tree_util.tree_leaves(retain)
+    if any(jnp.dtype(jnp.result_type(x)) not in _KERNEL_DTYPES for x in leaves):
+        return False
+    k = jnp.shape(jax.tree_util.tree_leaves(retain)[0])[0]
+    return per_tensor or k <= jt.size(g)
+
+
+def _apply(core: str | ProjectionCore, g: PyTree, retain: PyTree, rcond: float, per_tensor: bool) -> PyTree:
+    if callable(core):
+        if not per_tensor:
+            return core(g, retain, rcond=rcond)
+        # each leaf is a one-leaf pytree projected against its own k-dim subspace.
+        return jax.tree.map(lambda x, r: core(x, r, rcond=rcond), g, retain)
+    if core == "auto" and not _kernel_applies(g, retain, per_tensor):
+        core = "jnp"
+    if core == "jnp":
+        fn = _project_jnp_per_tensor if per_tensor else _project_jnp
+        return fn(g, retain, rcond=rcond)
+    return kp.project_tree(g, retain, rcond=rcond, per_tensor=per_tensor, impl=core)
 
 
 # ---------------------------------------------------------------- public: plain function
@@ -227,9 +232,9 @@ def orthogonal_projection(
     g: PyTree,
     retain_grads: PyTree | list | tuple,
     *,
-    rcond: float = 1e-6,
+    rcond: float = DEFAULT_RCOND,
     per_tensor: bool = False,
-    impl: str | ProjectionCore = "jnp",
+    impl: str | ProjectionCore = "auto",
 ) -> PyTree:
     """Remove from ``g`` its component in the span of the retain gradients.
 
@@ -244,12 +249,14 @@ def orthogonal_projection(
         list/tuple of k pytrees like ``g``.
       rcond: relative eigenvalue threshold of the (normalised) Gram pseudo-inverse.
       per_tensor: a separate subspace per leaf instead of one global subspace.
-      impl: ``"jnp"`` (this module's pure-jnp core) or a callable
-        ``core(g, retain_stacked, *, rcond) -> g_perp`` computing the global
-        projection with the same rank rule (e.g. a Pallas kernel front end); it gets
-        the inputs in their own dtypes (possibly bfloat16), must accumulate in
-        float32 and return ``g``'s dtypes; with ``per_tensor`` it is called once per
-        leaf (each leaf a one-leaf pytree).
+      impl: ``"auto"`` (kernel-backed :func:`jaxunlearn.kernels.projection.project_tree`,
+        Pallas on TPU/GPU and fused XLA passes on CPU; ``"jnp"`` where the kernels do
+        not apply, see the module docstring), ``"pallas"`` or ``"xla"`` (that kernel
+        path, float32/bfloat16 leaves only), ``"jnp"`` (the pure pytree reference), or
+        a callable ``core(g, retain_stacked, *, rcond) -> g_perp`` computing the global
+        projection with the same rank rule; it gets the inputs in their own dtypes
+        (possibly bfloat16), must accumulate in float32 and return ``g``'s dtypes;
+        with ``per_tensor`` it is called once per leaf (each leaf a one-leaf pytree).
 
     Returns:
       ``g_perp``, a pytree like ``g`` with ``g``'s dtypes.
@@ -321,10 +328,10 @@ def project_orthogonal(
     only_conflicting: bool = False,
     retain_scale: float = 0.0,
     forget_scale: float = 1.0,
-    rcond: float = 1e-6,
+    rcond: float = DEFAULT_RCOND,
     b2: float = 0.999,
     eps: float = 1e-8,
-    impl: str | ProjectionCore = "jnp",
+    impl: str | ProjectionCore = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Project updates onto the orthogonal complement of the current retain gradients.
 

@@ -10,8 +10,10 @@ length-``P`` update, the projection onto the orthogonal complement of
 ``P``: the Gram matrix ``R R^T`` (``k x k``), the dots ``R g`` (``k``), fused in
 one read of ``R`` and ``g`` by :func:`gram_and_dots`, and ``g - R^T c`` in one
 read-modify-write pass by :func:`subtract`. The ``k x k`` pseudo-inverse
-(:func:`pinv_solve`) uses ``eigh`` with a relative rank threshold, never a
-``P x P`` matrix.
+(:func:`pinv_solve`, the single implementation of the rank rule used by the whole
+library) takes ``eigh`` of the row-normalised (cosine) Gram matrix with a relative
+threshold, so the rank decision depends on the angles between the retain vectors,
+not on their norms; never a ``P x P`` matrix.
 
 Paths (``impl``): ``"reference"`` (float32 ``jnp`` at ``Precision.HIGHEST``),
 ``"xla"`` (``dot_general`` on the native dtype with float32 accumulation),
@@ -42,6 +44,7 @@ sharded, pass ``axis_name`` to the tree functions so the Gram and dots are
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import jax
@@ -66,6 +69,7 @@ __all__ = [
     "tree_gram_and_dots",
     "tree_subtract",
     "project_tree",
+    "DEFAULT_RCOND",
 ]
 
 _CONTRACT_P = (((1,), (1,)), ((), ()))  # (k, P) x (k, P) -> (k, k)
@@ -100,7 +104,7 @@ def _check_c(c, k: int) -> None:
 
 
 def _check_rcond(rcond) -> float:
-    if isinstance(rcond, bool) or not isinstance(rcond, (int, float)) or not 0.0 <= rcond < 1.0:
+    if isinstance(rcond, bool) or not isinstance(rcond, numbers.Real) or not 0.0 <= rcond < 1.0:
         raise ValueError(f"rcond must be a Python float in [0, 1); got {rcond!r}")
     return float(rcond)
 
@@ -457,36 +461,59 @@ def subtract(
 # ---------------------------------------------------------------- k x k solve
 
 
-@functools.partial(jax.jit, static_argnames=("rcond",))
-def pinv_solve(gram_matrix: jax.Array, rhs: jax.Array, rcond: float = 1e-5) -> jax.Array:
-    """``c = G^+ rhs`` for a symmetric PSD ``G`` via ``eigh`` with a rank threshold.
+DEFAULT_RCOND = 1e-6
 
-    ``G = V diag(lam) V^T``; eigenvalues ``lam_i <= rcond * max(lam)`` (and all of
-    them when ``max(lam) <= 0``) are dropped, so a rank-deficient ``G`` (duplicated
-    or zero retain vectors) gives the minimum-norm solution and never NaN, and
-    ``G = 0`` gives ``c = 0``. Since ``G = R R^T`` squares the singular values of
-    ``R``, directions of ``R`` with ``sigma_i / sigma_max <= sqrt(rcond)`` are dropped.
+
+@functools.partial(jax.jit, static_argnames=("rcond",))
+def pinv_solve(gram_matrix: jax.Array, rhs: jax.Array, rcond: float = DEFAULT_RCOND) -> jax.Array:
+    """``c = G^+ rhs`` for a Gram matrix ``G = R R^T``, with an angle-based rank rule.
+
+    The rank decision is taken on the row-normalised (cosine) Gram matrix, so it
+    depends on the angles between the retain vectors only, never on their norms::
+
+        s_i = 1 / sqrt(G_ii)   (0 where G_ii <= tiny: a zero retain vector)
+        S = diag(s),  C = S G S = V diag(lam) V^T          (eigh, C symmetrised)
+        c = S V diag(1/lam_kept) V^T S rhs,  kept: lam_i > rcond * max(lam) and lam_i > 0
+
+    Retain vectors of very different norms (``||r_1|| = 1000 ||r_2||``) are all
+    kept as long as they are not nearly parallel; a direction whose cosine-Gram
+    eigenvalue is ``<= rcond * max`` (nearly dependent vectors) is dropped, so a
+    rank-deficient ``G`` (duplicated, dependent or zero rows) gives the exact
+    projector onto the span of the kept directions and never NaN; ``G = 0`` gives
+    ``c = 0``. In float32 the cosine Gram is resolved to about ``1e-7 k``: kept
+    directions with an eigenvalue near ``rcond`` are accurate to a few ``1e-3``
+    relative; raise ``rcond`` (e.g. ``1e-4``) when exactness matters there.
 
     Args:
-      gram_matrix: ``(k, k)`` symmetric PSD matrix (symmetrised here).
-      rhs: ``(k,)`` right-hand side.
-      rcond: relative eigenvalue cut-off in ``[0, 1)``. The default ``1e-5`` sits
-        above float32 ``eigh`` round-off (~``k * 1.2e-7 * max(lam)``).
+      gram_matrix: ``(k, k)`` symmetric PSD matrix ``R R^T`` (used in float32).
+      rhs: ``(k,)`` right-hand side (``R g``).
+      rcond: relative eigenvalue cut-off of the cosine Gram, a Python float in ``[0, 1)``.
 
     Returns:
-      ``(k,)`` float32 solution.
+      ``(k,)`` float32 coefficients ``c``; ``g - R^T c`` is the projection of ``g``.
+
+    Raises:
+      ValueError: ``G`` not ``(k, k)`` or ``rhs`` not ``(k,)``, ``rcond`` outside ``[0, 1)``.
+
+    Example:
+      >>> G = jnp.diag(jnp.array([1e6, 1.0]))   # orthogonal rows, norms 1000 and 1
+      >>> pinv_solve(G, jnp.array([1e6, 1.0]))
+      Array([1., 1.], dtype=float32)
     """
     rcond = _check_rcond(rcond)
     Gm = jnp.asarray(gram_matrix).astype(jnp.float32)
     if Gm.ndim != 2 or Gm.shape[0] != Gm.shape[1] or jnp.shape(rhs) != (Gm.shape[0],):
         raise ValueError(f"pinv_solve needs G (k, k) and rhs (k,); got {Gm.shape} and {jnp.shape(rhs)}")
-    Gm = 0.5 * (Gm + Gm.T)
-    lam, V = jnp.linalg.eigh(Gm)
-    lam_max = jnp.max(lam)
-    keep = (lam > rcond * lam_max) & (lam_max > 0)
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
     hi = lax.Precision.HIGHEST
-    return jnp.matmul(V, inv * jnp.matmul(V.T, rhs.astype(jnp.float32), precision=hi), precision=hi)
+    diag = jnp.diagonal(Gm)
+    tiny = jnp.finfo(jnp.float32).tiny
+    s = jnp.where(diag > tiny, lax.rsqrt(jnp.maximum(diag, tiny)), 0.0)
+    Cn = Gm * s[:, None] * s[None, :]
+    lam, V = jnp.linalg.eigh(0.5 * (Cn + Cn.T))
+    keep = (lam > rcond * jnp.max(lam)) & (lam > 0)
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
+    sb = s * jnp.asarray(rhs).astype(jnp.float32)
+    return s * jnp.matmul(V, inv * jnp.matmul(V.T, sb, precision=hi), precision=hi)
 
 
 # ---------------------------------------------------------------- pytree front end
@@ -515,6 +542,24 @@ def _check_trees(g_tree: PyTree, r_trees: PyTree, *, check_k_le_p: bool) -> int:
     if check_k_le_p and k > total:
         raise ValueError(f"k = {k} retain vectors exceed the number of parameters P = {total}")
     return k
+
+
+def _leaf_gram_and_dots(g, r, k: int, **opts) -> tuple[jax.Array, jax.Array]:
+    """``(R_l R_l^T, R_l g_l)`` of one leaf, flattened by a free reshape to ``(k, P_l)``."""
+    R, gv = r.reshape(k, -1), g.reshape(-1)
+    if R.shape[1] < k:  # a leaf shorter than k (a bias, a norm scale): too small for a kernel
+        return _xla_gram_and_dots(R, gv, True)
+    return gram_and_dots(R, gv, **opts)
+
+
+def _leaf_subtract(g, r, c, k: int, **opts) -> jax.Array:
+    """``g_l - R_l^T c`` of one leaf, in ``g_l``'s dtype and shape."""
+    R = r.reshape(k, -1)
+    if R.shape[1] < k:  # a leaf shorter than k: too small for a kernel
+        out = _xla_subtract(g.reshape(-1), R, c)
+    else:
+        out = subtract(g.reshape(-1), R, c, **opts)
+    return out.reshape(g.shape)
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "block_p", "interpret", "axis_name"))
@@ -548,11 +593,7 @@ def tree_gram_and_dots(
     G = jnp.zeros((k, k), jnp.float32)
     d = jnp.zeros((k,), jnp.float32)
     for g, r in zip(jax.tree.leaves(g_tree), jax.tree.leaves(r_trees)):
-        R, gv = r.reshape(k, -1), g.reshape(-1)
-        if R.shape[1] < k:  # a leaf shorter than k (a bias, a norm scale): too small for a kernel
-            Gl, dl = _xla_gram_and_dots(R, gv, True)
-        else:
-            Gl, dl = gram_and_dots(R, gv, impl=impl, block_p=block_p, interpret=interpret)
+        Gl, dl = _leaf_gram_and_dots(g, r, k, impl=impl, block_p=block_p, interpret=interpret)
         G, d = G + Gl, d + dl
     if axis_name is not None:
         G, d = lax.psum((G, d), axis_name)
@@ -581,24 +622,22 @@ def tree_subtract(
     """
     k = _check_trees(g_tree, r_trees, check_k_le_p=False)
     _check_c(c, k)
-
-    def leaf(g, r):
-        R = r.reshape(k, -1)
-        if R.shape[1] < k:  # a leaf shorter than k: too small for a kernel
-            out = _xla_subtract(g.reshape(-1), R, c)
-        else:
-            out = subtract(g.reshape(-1), R, c, impl=impl, block_p=block_p, interpret=interpret)
-        return out.reshape(g.shape)
-
-    return jax.tree.map(leaf, g_tree, r_trees)
+    return jax.tree.map(
+        lambda g, r: _leaf_subtract(g, r, c, k, impl=impl, block_p=block_p, interpret=interpret),
+        g_tree,
+        r_trees,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("rcond", "impl", "block_p", "interpret", "axis_name"))
+@functools.partial(
+    jax.jit, static_argnames=("rcond", "per_tensor", "impl", "block_p", "interpret", "axis_name")
+)
 def project_tree(
     g_tree: PyTree,
     r_trees: PyTree,
     *,
-    rcond: float = 1e-5,
+    rcond: float = DEFAULT_RCOND,
+    per_tensor: bool = False,
     impl: C.Impl = "auto",
     block_p: int | None = None,
     interpret: bool | None = None,
@@ -610,22 +649,27 @@ def project_tree(
 
         G = sum_leaves R_l R_l^T            (k, k), float32, one pass per leaf
         d = sum_leaves R_l g_l              (k,),   float32, same pass
-        c = pinv_solve(G, d, rcond)         eigh, eigenvalues <= rcond * max dropped
+        c = pinv_solve(G, d, rcond)         cosine-Gram eigh, angle-based rank rule
         out_l = g_l - R_l^T c               per leaf, in g_l's dtype
 
     so ``out = g - R^T (R R^T)^+ R g`` with ``R`` the ``k x P`` matrix whose row ``i``
     is retain vector ``i`` raveled over all leaves (the ravel is never formed).
-    The subspace is global (one ``c`` for all leaves); for a per-tensor subspace
-    call it on each leaf separately. ``<out, r_i> = 0`` for every kept direction
+    With ``per_tensor=False`` the subspace is global (one ``c`` for all leaves).
+    With ``per_tensor=True`` every leaf has its own subspace: ``G_l``, ``d_l`` and
+    ``c_l = pinv_solve(G_l, d_l)`` per leaf (one batched ``eigh``), so
+    ``<out_l, r_{i,l}> = 0`` for every leaf; a leaf shorter than ``k`` is allowed
+    there (its Gram is rank-deficient). ``<out, r_i> = 0`` for every kept direction
     (up to float32 round-off relative to ``||g|| ||r_i||``); the result is
     idempotent; ``k = 1`` gives ``g - (<g, r>/||r||^2) r``; all-zero ``R`` returns
-    ``g``; duplicated or linearly dependent retain vectors give no NaN.
+    ``g``; duplicated or linearly dependent retain vectors give no NaN; retain
+    vectors of very different norms are all kept (see :func:`pinv_solve`).
 
     Args:
       g_tree: pytree of float32/bfloat16 arrays (the update to project).
       r_trees: same structure, each leaf ``(k, *g_leaf.shape)``: ``k`` retain
         vectors stacked on a leading axis (float32/bfloat16).
       rcond: relative eigenvalue cut-off of :func:`pinv_solve` (a static Python float).
+      per_tensor: a separate subspace per leaf instead of one global subspace.
       impl: ``"auto"``, ``"pallas"``, ``"xla"`` or ``"reference"`` for the passes.
       block_p, interpret: Pallas options (see :func:`gram_and_dots`).
       axis_name: inside ``jax.shard_map`` with leaves sharded, the mesh axis over
@@ -636,7 +680,8 @@ def project_tree(
 
     Raises:
       ValueError: empty tree, mismatched structures or shapes, leading ``k`` not
-        the same on every leaf, ``k > P``, ``rcond`` outside ``[0, 1)``.
+        the same on every leaf, ``k > P`` (global subspace only), ``rcond``
+        outside ``[0, 1)``.
       TypeError: dtypes other than float32/bfloat16.
 
     References:
@@ -649,8 +694,17 @@ def project_tree(
       Array([0., 1.], dtype=float32)
     """
     rcond = _check_rcond(rcond)
-    G, d = tree_gram_and_dots(
-        g_tree, r_trees, impl=impl, block_p=block_p, interpret=interpret, axis_name=axis_name
-    )
-    c = pinv_solve(G, d, rcond)
-    return tree_subtract(g_tree, r_trees, c, impl=impl, block_p=block_p, interpret=interpret)
+    opts = dict(impl=impl, block_p=block_p, interpret=interpret)
+    if not per_tensor:
+        G, d = tree_gram_and_dots(g_tree, r_trees, axis_name=axis_name, **opts)
+        return tree_subtract(g_tree, r_trees, pinv_solve(G, d, rcond), **opts)
+    k = _check_trees(g_tree, r_trees, check_k_le_p=False)
+    g_leaves, treedef = jax.tree.flatten(g_tree)
+    r_leaves = jax.tree.leaves(r_trees)
+    parts = [_leaf_gram_and_dots(g, r, k, **opts) for g, r in zip(g_leaves, r_leaves)]
+    Gs, ds = jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts])
+    if axis_name is not None:
+        Gs, ds = lax.psum((Gs, ds), axis_name)
+    cs = jax.vmap(lambda G, d: pinv_solve(G, d, rcond))(Gs, ds)
+    out = [_leaf_subtract(g, r, cs[i], k, **opts) for i, (g, r) in enumerate(zip(g_leaves, r_leaves))]
+    return jax.tree.unflatten(treedef, out)

@@ -85,16 +85,38 @@ def test_hand_checked_tiny_case():
     np.testing.assert_array_equal(out, [0.0, -5.0, -1.0])  # g - 1 * r0 - 2 * r1
 
 
-def test_pinv_solve_rank_threshold():
-    # G = diag(4, 1e-9, 0): only the first eigenvalue survives rcond = 1e-5.
+def test_pinv_solve_angle_based_rank_rule():
+    # orthogonal rows of norms 2 and ~3.2e-5 plus a zero row: G = diag(4, 1e-9, 0). The rank
+    # rule looks at the cosine Gram diag(1, 1, 0), so the short row is kept (a raw-Gram
+    # threshold would drop it) and only the zero row is dropped: c = (8/4, 1/1e-9, 0).
     G = jnp.diag(jnp.array([4.0, 1e-9, 0.0]))
     c = kp.pinv_solve(G, jnp.array([8.0, 1.0, 1.0]))
-    np.testing.assert_allclose(c, [2.0, 0.0, 0.0])
+    np.testing.assert_allclose(c, [2.0, 1e9, 0.0], rtol=1e-5)
     np.testing.assert_array_equal(kp.pinv_solve(jnp.zeros((2, 2)), jnp.ones(2)), [0.0, 0.0])
     # full rank: the exact solve
     A = jnp.array([[2.0, 1.0], [1.0, 3.0]])
     expected = np.linalg.solve(_np(A), [1.0, 2.0])
     np.testing.assert_allclose(kp.pinv_solve(A, jnp.array([1.0, 2.0])), expected, rtol=1e-5)
+
+
+def test_pinv_solve_keeps_retain_vectors_of_very_different_norms():
+    # r0 = 1000 (1, 0.2, 0), r1 = (0.3, 1, 0.1): norms differ ~1000x, angle ~60 degrees.
+    # raw-Gram eigenvalue ratio ~1e-6 < 1e-5 would drop r1; the cosine rule keeps both,
+    # giving the exact projection of g onto span(r0, r1)^perp (float64 lstsq reference).
+    R = np.array([[1000.0, 200.0, 0.0], [0.3, 1.0, 0.1]])
+    g = np.array([1.0, -2.0, 3.0])
+    G, d = jnp.asarray(R @ R.T, jnp.float32), jnp.asarray(R @ g, jnp.float32)
+    lam = np.linalg.eigvalsh(R @ R.T)
+    assert lam.min() / lam.max() < 1e-5
+    out = g - R.T @ _np(kp.pinv_solve(G, d))
+    np.testing.assert_allclose(out, _dense_projection(g, R), rtol=1e-3, atol=1e-4 * np.linalg.norm(g))
+    assert abs(out @ R[1]) <= 1e-4 * np.linalg.norm(g) * np.linalg.norm(R[1])
+    # a nearly parallel pair (cosine-Gram eigenvalue ~5e-9 <= 1e-6) is reduced to one direction
+    near = np.array([[1.0, 0.0, 0.0], [1.0, 1e-4, 0.0]])
+    c = kp.pinv_solve(jnp.asarray(near @ near.T, jnp.float32), jnp.asarray(near @ g, jnp.float32))
+    out = g - near.T @ _np(c)
+    u = near.sum(0) / np.linalg.norm(near.sum(0))  # the kept direction
+    np.testing.assert_allclose(out, g - (g @ u) * u, atol=1e-5)
 
 
 # ---------------------------------------------------------------- project_tree

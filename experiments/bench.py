@@ -1,0 +1,51 @@
+"""Run every throughput benchmark (``make bench``): the kernels, then the fused Fisher.
+
+* ``experiments/bench_kernels.py``: ``dense_fisher`` paths and the projection passes
+  (bytes/s, fraction of the measured copy bandwidth) -> ``results/bench/kernels.json``.
+* ``experiments/bench_fisher.py``: fused vs chunked-vmap diagonal Fisher on the demo
+  decoder and a ~100M-parameter Llama-shaped decoder (time per example, XLA temp
+  memory, ratios to one gradient) -> ``results/bench/fisher.json`` and ``fisher.md``.
+
+By default the sizes fit a small CPU machine (a few minutes on 2 cores); ``--full``
+runs the larger sizes (kernel shapes of a real layer, the whole batch 8/32/128 x
+sequence 128/512 Fisher grid), meant for a TPU/GPU or a big CPU host.
+
+Usage: ``python experiments/bench.py [--full]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_fisher  # noqa: E402
+import bench_kernels  # noqa: E402
+
+KERNELS_FULL = ["--batch", "32", "--seq", "128", "--d-in", "1024", "--d-out", "1024", "--k", "8",
+                "--p", "16000000"]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true", help="larger sizes (see the module docstring)")
+    p.add_argument("--out-dir", default="results/bench")
+    args = p.parse_args(argv)
+    out = Path(args.out_dir)
+    results = {}
+    for name, fn, extra in (
+        ("kernels", bench_kernels.main, KERNELS_FULL if args.full else []),
+        ("fisher", bench_fisher.main, ["--full"] if args.full else []),
+    ):
+        t0 = time.perf_counter()
+        print(f"=== {name} ===", flush=True)
+        results[name] = fn([*extra, "--out", str(out / f"{name}.json")])
+        print(f"=== {name}: {time.perf_counter() - t0:.0f}s ===\n", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Fused diagonal Fisher vs chunked vmap(grad) Fisher on decoders, with one ordinary gradient as the yardstick.
+
+For each model and (batch, sequence) size, three jit-compiled functions of the same batch:
+
+* ``fused``: :func:`jaxunlearn.fisher_fused.fisher_diagonal_fused`'s per-batch step (one
+  forward and backward pass, dense layers by ``jaxunlearn.kernels.fisher.dense_fisher``),
+* ``vmap``:  :func:`jaxunlearn.fisher.fisher_diagonal` ``method="vmap"``'s per-batch step
+  (``vmap(grad)`` over chunks of ``--chunk`` examples, squared and summed by a ``lax.scan``),
+* ``grad``:  one ordinary gradient of the batch loss ``sum_n l_n`` (no per-example work).
+
+Each is compiled ahead of time (compile seconds reported separately), then run
+``--repeats`` times; the best time is used (on a shared machine slower runs measure
+other processes). Peak memory is XLA's own figure for the compiled program,
+``compiled.memory_analysis().temp_size_in_bytes`` (scratch buffers beyond the
+arguments and outputs), so all three are measured the same way in one run; ratios
+(``vmap / fused`` time, ``fused / grad`` memory) come from that single run.
+
+Models (random weights): ``demo`` (the demo's decoder: vocab 1024, hidden 128,
+2 layers) and ``llama100m`` (Llama-shaped: hidden 768, 12 layers, 12 heads,
+intermediate 2048, vocab 8192, untied: ~98M parameters).
+
+Usage::
+
+    python experiments/bench_fisher.py            # CPU-sized grid (about 2-3 minutes on 2 cores)
+    python experiments/bench_fisher.py --full     # batch 8/32/128 x seq 128/512 for both models
+
+Results: ``results/bench/fisher.json`` and a Markdown table ``results/bench/fisher.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as pyplatform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxunlearn import fisher as fi
+from jaxunlearn import fisher_fused as ff
+from jaxunlearn.losses import sequence_nll
+from jaxunlearn.models import Decoder, ModelConfig, apply, count_params
+
+MODELS = {
+    "demo": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
+                 num_kv_heads=2),
+    "llama100m": dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+                      num_kv_heads=12),
+}
+# (model, batch, seq) run by default on CPU, and with --full; the rest of the 8/32/128 x 128/512
+# grid is listed as skipped with the reason.
+SMALL = [("demo", 8, 128), ("demo", 32, 128), ("demo", 128, 128), ("demo", 8, 512), ("llama100m", 8, 128)]
+FULL = [(m, b, t) for m in MODELS for b in (8, 32, 128) for t in (128, 512)]
+SKIP_REASON = "skipped by default on CPU (time budget); run with --full"
+
+
+def _model(name: str, dtype: str):
+    cfg = ModelConfig(**MODELS[name], dtype=dtype, param_dtype=dtype)
+    graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    return graphdef, params
+
+
+def _batch(vocab: int, B: int, T: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random tokens; the first quarter of each sequence is the prompt (loss_mask 0)."""
+    rng = np.random.default_rng(seed)
+    lm = np.ones((B, T), np.float32)
+    lm[:, : T // 4] = 0.0
+    return {
+        "input_ids": rng.integers(0, vocab, (B, T)).astype(np.int32),
+        "attention_mask": np.ones((B, T), np.int32),
+        "loss_mask": lm,
+    }
+
+
+def _grad_step(graphdef):
+    @jax.jit
+    def step(params, batch):
+        def loss(p):
+            logits = apply(graphdef, p, batch["input_ids"], batch["attention_mask"])
+            return jnp.sum(sequence_nll(logits, batch["input_ids"], batch["loss_mask"]))
+
+        return jax.grad(loss)(params)
+
+    return step
+
+
+def _measure(lowered, args, repeats: int) -> dict:
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        ts.append(time.perf_counter() - t0)
+    return {
+        "seconds": float(min(ts)),
+        "seconds_all": [float(t) for t in ts],
+        "compile_seconds": compile_s,
+        "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else None,
+        "argument_bytes": int(mem.argument_size_in_bytes) if mem is not None else None,
+        "output_bytes": int(mem.output_size_in_bytes) if mem is not None else None,
+    }
+
+
+def bench_one(name: str, B: int, T: int, *, chunk: int, repeats: int, dtype: str, cache: dict) -> dict:
+    if name not in cache:
+        cache.clear()  # one model alive at a time
+        cache[name] = _model(name, dtype)
+    graphdef, params = cache[name]
+    batch = _batch(MODELS[name]["vocab_size"], B, T)
+    weight = np.ones((B,), np.float32)
+    acc, total = fi._zeros_f32(params)
+    rows = {}
+    rows["fused"] = _measure(
+        ff._accumulate_fused.lower(acc, total, params, batch, weight, None, graphdef=graphdef, sample_fn=None,
+                                   impl="auto", microbatch=None),
+        (acc, total, params, batch, weight, None), repeats)
+    rows["vmap"] = _measure(
+        fi._accumulate_batch.lower(acc, total, params, batch, weight, None, loss_fn=ff.decoder_nll(graphdef),
+                                   sample_fn=None, chunk_size=chunk, reduce="square"),
+        (acc, total, params, batch, weight, None), repeats)
+    rows["grad"] = _measure(_grad_step(graphdef).lower(params, batch), (params, batch), repeats)
+    for r in rows.values():
+        r["ms_per_example"] = 1e3 * r["seconds"] / B
+    g = rows["grad"]["temp_bytes"] or 1
+    return {
+        "model": name,
+        "params": count_params(params),
+        "batch": B,
+        "seq": T,
+        "vmap_chunk": chunk,
+        "paths": rows,
+        "speedup_fused_vs_vmap": rows["vmap"]["seconds"] / rows["fused"]["seconds"],
+        "time_fused_over_grad": rows["fused"]["seconds"] / rows["grad"]["seconds"],
+        "temp_fused_over_grad": (rows["fused"]["temp_bytes"] or 0) / g,
+        "temp_vmap_over_grad": (rows["vmap"]["temp_bytes"] or 0) / g,
+    }
+
+
+def _table(results: list[dict]) -> str:
+    head = ("| model | params | B | T | fused ms/ex | vmap ms/ex | grad ms/ex | vmap/fused | fused/grad time "
+            "| fused temp MB | vmap temp MB | grad temp MB | fused/grad mem |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        p = r["paths"]
+        mb = {k: (v["temp_bytes"] or 0) / 1e6 for k, v in p.items()}
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['seq']} "
+            f"| {p['fused']['ms_per_example']:.2f} | {p['vmap']['ms_per_example']:.2f} "
+            f"| {p['grad']['ms_per_example']:.2f} | {r['speedup_fused_vs_vmap']:.1f}x "
+            f"| {r['time_fused_over_grad']:.2f} | {mb['fused']:.0f} | {mb['vmap']:.0f} | {mb['grad']:.0f} "
+            f"| {r['temp_fused_over_grad']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true", help="the whole 8/32/128 x 128/512 grid for both models")
+    p.add_argument("--only", default=None, help="comma-separated model names to run (default: all)")
+    p.add_argument("--chunk", type=int, default=8, help="vmap chunk size (fisher_diagonal's default)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", default="results/bench/fisher.json")
+    args = p.parse_args(argv)
+
+    grid = FULL if args.full else SMALL
+    keep = set(MODELS)
+    if args.only:
+        keep = set(args.only.split(","))
+        unknown = keep - set(MODELS)
+        if unknown:
+            raise SystemExit(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODELS)}")
+        grid = [g for g in grid if g[0] in keep]
+    skipped = [
+        {"model": m, "batch": b, "seq": t, "reason": SKIP_REASON if m in keep else "model not selected (--only)"}
+        for (m, b, t) in FULL
+        if (m, b, t) not in grid
+    ]
+
+    results, cache = [], {}
+    for name, B, T in grid:
+        t0 = time.perf_counter()
+        repeats = 1 if name == "llama100m" else args.repeats
+        r = bench_one(name, B, T, chunk=args.chunk, repeats=repeats, dtype=args.dtype, cache=cache)
+        results.append(r)
+        print(f"{name} B={B} T={T}: fused {r['paths']['fused']['seconds']:.3f}s, vmap "
+              f"{r['paths']['vmap']['seconds']:.3f}s, grad {r['paths']['grad']['seconds']:.3f}s "
+              f"(case wall {time.perf_counter() - t0:.0f}s incl. compiles)", flush=True)
+
+    res = {
+        "machine": {
+            "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "cpu_count": os.cpu_count(),
+            "python": pyplatform.python_version(),
+        },
+        "dtype": args.dtype,
+        "memory_measure": "compiled.memory_analysis().temp_size_in_bytes",
+        "results": results,
+        "skipped": skipped,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    table = _table(results)
+    m = res["machine"]
+    header = (f"Fused vs chunked-vmap diagonal Fisher ({args.dtype}, vmap chunk {args.chunk}); backend "
+              f"{m['backend']} ({m['device']}, {m['cpu_count']} CPUs), jax {m['jax']}. Best of "
+              f"{args.repeats} runs (1 for llama100m); memory = XLA temp bytes of the compiled step.")
+    skipped_txt = "\n".join(f"- {s['model']} B={s['batch']} T={s['seq']}: {s['reason']}" for s in skipped)
+    md = header + "\n\n" + table + ("\n\nSkipped:\n" + skipped_txt if skipped else "") + "\n"
+    out.with_suffix(".md").write_text(md)
+    print("\n" + md)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
