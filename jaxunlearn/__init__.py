@@ -19,6 +19,7 @@ from jaxunlearn import tree
 from jaxunlearn.checkpoint import restore_pytree, save_pytree
 from jaxunlearn.dampening import ssd, ssd_factors
 from jaxunlearn.fisher import fisher_diagonal, grad_importance, mean_grad, per_example_grads, sample_labels_fn
+from jaxunlearn.fisher_fused import decoder_nll, fisher_diagonal_fused
 from jaxunlearn.losses import (
     grad_diff,
     gradient_ascent,
@@ -47,8 +48,10 @@ __all__ = [
     "UnlearnConfig",
     "UnlearnState",
     "apply_task_vector",
+    "decoder_nll",
     "fake_quantize",
     "fisher_diagonal",
+    "fisher_diagonal_fused",
     "grad_diff",
     "grad_importance",
     "gradient_ascent",
