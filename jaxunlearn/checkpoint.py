@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxunlearn import tree as jt
@@ -69,13 +70,30 @@ def restore_pytree(path: str | os.PathLike, target: Any = None) -> Any:
         meta = ckptr.metadata(path)
         stored = getattr(meta, "item_metadata", meta)
         stored = getattr(stored, "tree", stored)
-        try:
-            jt.check_same_shapes(abstract, stored, ("target", "checkpoint"))
-        except ValueError as e:
-            raise ValueError(f"checkpoint '{path}' does not match the target: {e}") from None
+        _check_against_stored(abstract, stored, path)
         return ckptr.restore(path, abstract)
     finally:
         ckptr.close()
+
+
+def _check_against_stored(abstract: Any, stored: Any, path: str) -> None:
+    """Compare a target with a checkpoint's metadata by leaf path (``jaxunlearn.tree.path_str``) and shape.
+
+    Paths, not containers: orbax stores every dict key as a string, so the integer layer keys of
+    an nnx pure dict (``layers/0/...``) come back as ``'0'`` and would fail a treedef comparison.
+    Raises ``ValueError`` naming the first missing, unexpected or differently shaped leaf (e.g. a
+    checkpoint from a different model).
+    """
+    want = {p: tuple(np.shape(x)) for p, x in jt.leaves_with_paths(abstract)}
+    have = {p: tuple(getattr(x, "shape", None) or np.shape(x)) for p, x in jt.leaves_with_paths(stored)}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise ValueError(f"checkpoint '{path}' does not match the target: leaves only in the target "
+                         f"{missing[:5]}, only in the checkpoint {extra[:5]}")
+    for p, shape in want.items():
+        if have[p] != shape:
+            raise ValueError(f"checkpoint '{path}' does not match the target: shape mismatch at '{p}': "
+                             f"target {shape} vs checkpoint {have[p]}")
 
 
 def run_manager(directory: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:

@@ -1,0 +1,628 @@
+"""Device meshes, partition rules for parameters, sharded batches and multi-host set-up.
+
+The distributed engine is JAX itself: arrays carry ``NamedSharding`` s over a
+``jax.sharding.Mesh`` and every transform of the library runs under ``jax.jit``,
+where XLA's SPMD partitioner splits the work and inserts the collectives. This
+module only decides *where* things live:
+
+- :func:`make_mesh` builds a mesh from a spec such as ``"fsdp=4,tp=2"`` over the axes
+  ``data`` (pure data parallelism: parameters replicated), ``fsdp`` (data parallelism
+  with parameters sharded, "fully sharded data parallel") and ``tp`` (tensor
+  parallelism: attention heads and the MLP hidden width split). Axes are ``Auto``
+  (XLA chooses the layout of intermediates), not ``jax.make_mesh``'s default
+  ``Explicit``.
+- :func:`partition_rules` maps parameter paths of :mod:`jaxunlearn.models` (regular
+  expressions on ``jaxunlearn.tree.path_str`` paths) to ``PartitionSpec`` s in the
+  Megatron layout (Shoeybi et al., 2019): column-parallel ``q/k/v/gate/up``
+  kernels ``(in, out) -> P("fsdp", "tp")``, row-parallel ``o/down`` kernels
+  ``P("tp", "fsdp")``, vocabulary-parallel embedding and head; FSDP (Rajbhandari et
+  al., "ZeRO", 2020) shards the other large dimension.
+- :func:`param_specs` / :func:`param_shardings` / :func:`shard_params` apply the
+  rules; a dimension that its mesh axes do not divide falls back to replication,
+  with one ``warnings.warn`` per tensor naming it.
+- :func:`shardings_like_params` / :func:`shard_like_params` place any pytree that
+  contains parameter-shaped leaves (Fisher, task vectors, optimizer state, run
+  state) like the parameters, matching leaves by path suffix and shape;
+  :func:`init_opt_state` creates an optax state directly in place.
+- :func:`batch_sharding` / :func:`shard_batch`: the batch axis over the data-parallel
+  axes ``("data", "fsdp")``; :func:`process_local_batch` assembles a global batch
+  from each process's own rows (``jax.make_array_from_process_local_data``).
+- :func:`initialize` wraps ``jax.distributed.initialize()``; :func:`is_main_process`
+  says whether this process writes results (process 0 only).
+- :func:`sharded_orthogonal_projection`: the projection kernels of
+  :mod:`jaxunlearn.kernels.projection` run per shard under ``jax.shard_map``, the
+  ``k x k`` Gram matrix and the ``k`` dot products ``psum`` -ed across shards.
+
+Example:
+  >>> mesh = make_mesh("fsdp=4,tp=2")                      # 8 devices
+  >>> params = shard_params(params, mesh)                  # by the default rules
+  >>> batch = shard_batch(batch, mesh)                     # rows over ("fsdp",)
+  >>> fisher = jaxunlearn.fisher_diagonal(loss_fn, params, [batch])   # runs sharded
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxunlearn import tree as jt
+from jaxunlearn.kernels import projection as kp
+
+PyTree = Any
+Rules = Sequence[tuple[str, P]]
+
+__all__ = [
+    "AXIS_NAMES",
+    "DATA_AXES",
+    "parse_mesh_spec",
+    "make_mesh",
+    "partition_rules",
+    "param_specs",
+    "param_shardings",
+    "shard_params",
+    "shardings_like_params",
+    "shard_like_params",
+    "opt_state_shardings",
+    "init_opt_state",
+    "data_axes",
+    "data_parallel_size",
+    "batch_sharding",
+    "shard_batch",
+    "process_local_batch",
+    "initialize",
+    "is_main_process",
+    "sharded_orthogonal_projection",
+]
+
+AXIS_NAMES = ("data", "fsdp", "tp")
+"""Mesh axis names understood by the rules, in the device order of :func:`make_mesh`
+(``tp`` innermost: neighbouring devices, the fastest links, share a tensor-parallel group)."""
+
+DATA_AXES = ("data", "fsdp")
+"""The axes the batch is split over (both are data-parallel; ``fsdp`` also shards params)."""
+
+
+# ---------------------------------------------------------------- meshes
+
+
+def parse_mesh_spec(spec: str | Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Parse a mesh spec into ``{axis: size}`` in the canonical order of :data:`AXIS_NAMES`.
+
+    ``"fsdp=4,tp=2"`` or ``{"fsdp": 4, "tp": 2}``; one size may be ``-1``, meaning
+    ``num_devices // (product of the others)``. The product must equal ``num_devices``.
+
+    Args:
+      spec: the spec string (``axis=size`` pairs separated by commas) or a mapping.
+      num_devices: the number of devices the mesh must cover.
+
+    Returns:
+      ``{axis: size}`` ordered ``data, fsdp, tp`` (absent axes omitted).
+
+    Raises:
+      ValueError: an empty spec, a malformed pair, an unknown or repeated axis, a size
+        that is not a positive int (or ``-1``), more than one ``-1``, or a product that
+        does not equal ``num_devices`` (the message names both).
+    """
+    if isinstance(spec, str):
+        pairs = []
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, size = part.partition("=")
+            if not sep:
+                raise ValueError(f"mesh spec {spec!r}: {part!r} is not of the form axis=size (e.g. 'fsdp=4,tp=2')")
+            try:
+                value = int(size.strip())
+            except ValueError:
+                raise ValueError(f"mesh spec {spec!r}: size {size.strip()!r} of axis {name.strip()!r} "
+                                 "is not an integer") from None
+            pairs.append((name.strip(), value))
+    elif isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    else:
+        raise TypeError(f"mesh spec must be a string like 'fsdp=4,tp=2' or a dict, got {type(spec).__name__}")
+    if not pairs:
+        raise ValueError(f"mesh spec {spec!r} names no axis; e.g. 'fsdp=-1' or 'fsdp=4,tp=2'")
+    sizes: dict[str, int] = {}
+    for name, value in pairs:
+        if name not in AXIS_NAMES:
+            raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {AXIS_NAMES}")
+        if name in sizes:
+            raise ValueError(f"mesh spec {spec!r}: axis {name!r} appears twice")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (value < 1 and value != -1):
+            raise ValueError(f"mesh spec {spec!r}: axis {name!r} has size {value!r}; need a positive int or -1")
+        sizes[name] = int(value)
+    rest = [n for n, v in sizes.items() if v == -1]
+    if len(rest) > 1:
+        raise ValueError(f"mesh spec {spec!r}: only one axis may be -1, got {rest}")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if rest:
+        if num_devices % known:
+            raise ValueError(f"mesh spec {spec!r}: the other axes multiply to {known}, which does not divide "
+                             f"the {num_devices} devices, so axis {rest[0]!r}=-1 has no integer size")
+        sizes[rest[0]] = num_devices // known
+    total = math.prod(sizes.values())
+    if total != num_devices:
+        raise ValueError(f"mesh spec {spec!r} has {total} devices in all ({sizes}) but there are "
+                         f"{num_devices} devices; the product of the axis sizes must equal the device count")
+    return {n: sizes[n] for n in AXIS_NAMES if n in sizes}
+
+
+def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``jax.sharding.Mesh`` over ``devices`` (default: all, ``jax.devices()``) from a spec.
+
+    Built by ``jax.make_mesh`` (topology-aware device order) with every axis of type
+    ``AxisType.Auto``, so jitted code needs no ``out_sharding`` annotations.
+
+    Args:
+      spec: see :func:`parse_mesh_spec`, e.g. ``"fsdp=4,tp=2"``, ``"data=2,fsdp=-1"``.
+      devices: the devices (default: every device of every process).
+
+    Returns:
+      The mesh, axes in the order ``data, fsdp, tp``.
+
+    Raises:
+      ValueError: as :func:`parse_mesh_spec` (a product that is not the device count).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh: no devices")
+    sizes = parse_mesh_spec(spec, len(devices))
+    names = tuple(sizes)
+    return jax.make_mesh(tuple(sizes.values()), names, axis_types=(AxisType.Auto,) * len(names),
+                         devices=devices)
+
+
+# ---------------------------------------------------------------- partition rules
+
+
+def partition_rules(*, fsdp_axis: str = "fsdp", tp_axis: str = "tp") -> list[tuple[str, P]]:
+    """Default partition rules for :class:`jaxunlearn.models.Decoder` parameters.
+
+    An ordered list of ``(regex, PartitionSpec)``; the first regex that
+    ``re.search`` es a leaf's path wins (see :func:`param_specs`). Dense kernels are
+    ``(in, out)``:
+
+    ==================================  ===================  =============================
+    path                                spec                 why
+    ==================================  ===================  =============================
+    ``embed/embedding`` (V, D)          ``(tp, fsdp)``       vocabulary-parallel rows
+    ``attn/{q,k,v}_proj/kernel``        ``(fsdp, tp)``       column parallel: heads on tp
+    ``attn/{q,k,v}_proj/bias``          ``(tp,)``            follows the output columns
+    ``attn/o_proj/kernel``              ``(tp, fsdp)``       row parallel: heads on tp
+    ``mlp/{gate,up}_proj/kernel``       ``(fsdp, tp)``       column parallel: hidden on tp
+    ``mlp/{gate,up}_proj/bias``         ``(tp,)``
+    ``mlp/down_proj/kernel``            ``(tp, fsdp)``       row parallel
+    ``lm_head/kernel`` (D, V)           ``(fsdp, tp)``       vocabulary-parallel columns
+    everything else (norm scales, o/down biases)  replicated
+    ==================================  ===================  =============================
+
+    Axis names absent from the mesh are dropped when the rules are applied, so the
+    same rules serve ``fsdp=8`` (FSDP only), ``tp=8`` and ``fsdp=4,tp=2``; the
+    ``data`` axis never shards parameters (pure data parallelism).
+
+    Args:
+      fsdp_axis: the mesh axis for FSDP sharding.
+      tp_axis: the mesh axis for tensor parallelism.
+
+    Returns:
+      The rules, ending with a catch-all ``(".*", P())``.
+
+    References:
+      Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language Models
+      Using Model Parallelism", 2019. Rajbhandari et al., "ZeRO: Memory Optimizations
+      Toward Training Trillion Parameter Models", 2020.
+    """
+    f, t = fsdp_axis, tp_axis
+    return [
+        (r"(^|/)embed/embedding$", P(t, f)),
+        (r"(^|/)attn/(q|k|v)_proj/kernel$", P(f, t)),
+        (r"(^|/)attn/(q|k|v)_proj/bias$", P(t)),
+        (r"(^|/)attn/o_proj/kernel$", P(t, f)),
+        (r"(^|/)mlp/(gate|up)_proj/kernel$", P(f, t)),
+        (r"(^|/)mlp/(gate|up)_proj/bias$", P(t)),
+        (r"(^|/)mlp/down_proj/kernel$", P(t, f)),
+        (r"(^|/)lm_head/kernel$", P(f, t)),
+        (r".*", P()),
+    ]
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    if isinstance(entry, str):
+        return (entry,)
+    return tuple(entry)
+
+
+def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh, path: str) -> P:
+    """``spec`` restricted to ``mesh``'s axes, with undivisible dimensions replicated (one warning)."""
+    entries = tuple(spec)
+    if len(entries) > len(shape):
+        raise ValueError(f"partition rule {spec} for '{path}' has {len(entries)} entries but the array has "
+                         f"shape {shape} ({len(shape)} dims)")
+    used: set[str] = set()
+    out, dropped = [], []
+    for dim, entry in enumerate(entries):
+        axes = tuple(a for a in _entry_axes(entry) if a in mesh.shape)
+        for a in axes:
+            if a in used:
+                raise ValueError(f"partition rule {spec} for '{path}' uses mesh axis {a!r} twice")
+            used.add(a)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if axes and shape[dim] % size:
+            dropped.append(f"dim {dim} (size {shape[dim]}) by {axes} ({size} shards)")
+            axes = ()
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    if dropped:
+        warnings.warn(f"sharding: '{path}' with shape {shape} cannot be split along " + "; ".join(dropped)
+                      + ": those dimensions are replicated", stacklevel=3)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def _match(rules: Rules, path: str) -> P:
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return spec
+    raise ValueError(f"no partition rule matches parameter '{path}'; add a catch-all (r'.*', PartitionSpec()) "
+                     "to replicate unmatched parameters")
+
+
+def _check_rules(rules: Rules) -> list[tuple[str, P]]:
+    out = []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+                and isinstance(rule[1], P)):
+            raise TypeError(f"partition rule {i} must be a (regex, PartitionSpec) pair, got {rule!r}")
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ValueError(f"partition rule {i}: invalid regex {rule[0]!r}: {e}") from None
+        out.append((rule[0], rule[1]))
+    return out
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def param_specs(params: PyTree, mesh: Mesh, rules: Rules | None = None) -> PyTree:
+    """The ``PartitionSpec`` of every parameter: the first matching rule, fitted to ``mesh``.
+
+    For each leaf with path ``p`` (``jaxunlearn.tree.path_str``), the spec of the first
+    ``(regex, spec)`` with ``re.search(regex, p)`` is taken; mesh axes the mesh does not
+    have are dropped; a dimension not divisible by the product of its mesh axes is
+    replicated instead, and a warning names the tensor (once per tensor); scalars are
+    replicated.
+
+    Args:
+      params: pytree of arrays or ``jax.ShapeDtypeStruct`` (an ``nnx.State``, a dict).
+      mesh: the device mesh.
+      rules: ordered ``(regex, PartitionSpec)`` pairs; default :func:`partition_rules`.
+
+    Returns:
+      A pytree like ``params`` with ``PartitionSpec`` leaves.
+
+    Raises:
+      ValueError: a leaf no rule matches, a spec with more entries than the leaf has
+        dimensions or using a mesh axis twice, an invalid regex.
+    """
+    rules = _check_rules(partition_rules() if rules is None else rules)
+    jt.check_nonempty(params, "params")
+
+    def one(path, x):
+        name = jt.path_str(path)
+        shape = tuple(np.shape(x))
+        if not shape:
+            return P()
+        return _fit_spec(_match(rules, name), shape, mesh, name)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _to_shardings(specs: PyTree, mesh: Mesh) -> PyTree:
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+
+
+def param_shardings(params: PyTree, mesh: Mesh, rules: Rules | None = None) -> PyTree:
+    """``NamedSharding`` s of :func:`param_specs` (for ``jax.jit(in_shardings=..., out_shardings=...)``)."""
+    return _to_shardings(param_specs(params, mesh, rules), mesh)
+
+
+def shard_params(params: PyTree, mesh: Mesh, rules: Rules | None = None) -> PyTree:
+    """Place ``params`` on ``mesh`` by the rules: ``jax.device_put`` with :func:`param_shardings`.
+
+    In a multi-process run every process must pass the same values (e.g. the same
+    initialisation seed, or the same checkpoint).
+    """
+    return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+# ---------------------------------------------------------------- trees shaped like params
+
+
+def _suffix_match(path: str, shape: tuple[int, ...], by_path: dict[str, tuple[tuple[int, ...], P]]) -> P:
+    """The spec of the parameter whose path is the longest '/'-suffix of ``path`` with the same shape."""
+    parts = path.split("/")
+    for i in range(len(parts)):
+        hit = by_path.get("/".join(parts[i:]))
+        if hit is not None and hit[0] == shape:
+            return hit[1]
+    return P()
+
+
+def shardings_like_params(tree: PyTree, params: PyTree, mesh: Mesh, rules: Rules | None = None) -> PyTree:
+    """``NamedSharding`` s for a pytree whose leaves include copies of the parameters.
+
+    A leaf of ``tree`` at path ``q`` gets the spec of parameter ``p`` when ``p`` is a
+    ``/``-suffix of ``q`` (or equal) and the shapes agree: the Fisher or a task vector
+    (same paths), an optax state (``0/mu/layers/0/attn/q_proj/kernel`` holds Adam's first
+    moment of ``layers/0/attn/q_proj/kernel``), a run state (``params/...``). Every other
+    leaf (step counters, scalars, anything not shaped like its parameter) is replicated.
+
+    Args:
+      tree: pytree of arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
+      params: the parameters (arrays or ``ShapeDtypeStruct``).
+      mesh: the mesh.
+      rules: as in :func:`param_specs`.
+
+    Returns:
+      A pytree like ``tree`` of ``NamedSharding``.
+    """
+    specs = param_specs(params, mesh, rules)
+    by_path = {p: (tuple(np.shape(x)), s) for (p, x), (_, s) in
+               zip(jt.leaves_with_paths(params), jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0])}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, _suffix_match(jt.path_str(path), tuple(np.shape(x)), by_path)), tree)
+
+
+def shard_like_params(tree: PyTree, params: PyTree, mesh: Mesh, rules: Rules | None = None) -> PyTree:
+    """``jax.device_put(tree, shardings_like_params(tree, params, mesh, rules))``.
+
+    Use it for the Fisher, task vectors, PerTA weights, an optimizer state or a run state.
+    """
+    return jax.device_put(tree, shardings_like_params(tree, params, mesh, rules))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params: PyTree, mesh: Mesh,
+                        rules: Rules | None = None) -> PyTree:
+    """Shardings of ``tx.init(params)``, from its abstract shape (``jax.eval_shape``, nothing allocated)."""
+    return shardings_like_params(jax.eval_shape(tx.init, params), params, mesh, rules)
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: PyTree, mesh: Mesh,
+                   rules: Rules | None = None) -> PyTree:
+    """``tx.init(params)`` computed under ``jax.jit`` with :func:`opt_state_shardings` as output
+    shardings, so moments are created sharded (never materialised on one device)."""
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh, rules))(params)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def data_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The data-parallel axes of ``mesh`` (those of :data:`DATA_AXES` it has), in mesh order."""
+    return tuple(a for a in mesh.axis_names if a in DATA_AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of batch shards: the product of the sizes of :func:`data_axes`."""
+    return math.prod(mesh.shape[a] for a in data_axes(mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """``NamedSharding(mesh, P(("data", "fsdp")))``: the leading (batch) axis split over the
+    data-parallel axes the mesh has, other axes replicated (replicated if it has none)."""
+    axes = data_axes(mesh)
+    if not axes:
+        return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
+
+
+def _check_batch_rows(batch: PyTree, per: int, name: str) -> None:
+    leaves = jt.leaves_with_paths(batch)
+    if not leaves:
+        raise ValueError(f"{name}: the batch has no arrays")
+    for path, x in leaves:
+        shape = np.shape(x)
+        if not shape:
+            raise ValueError(f"{name}: '{path}' is a scalar; every batch array needs a leading batch axis")
+        if shape[0] % per:
+            raise ValueError(f"{name}: '{path}' has {shape[0]} rows, not divisible by {per} (the batch "
+                             "shards of the mesh's data-parallel axes)")
+
+
+def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
+    """Place a (global, host-side) batch with its rows split over the data-parallel axes.
+
+    Args:
+      batch: pytree of arrays with a leading batch axis (e.g. ``input_ids``,
+        ``attention_mask``, ``loss_mask``).
+      mesh: the mesh.
+
+    Returns:
+      The batch as ``jax.Array`` s with :func:`batch_sharding`.
+
+    Raises:
+      ValueError: a scalar leaf, or a batch size not divisible by :func:`data_parallel_size`.
+    """
+    _check_batch_rows(batch, data_parallel_size(mesh), "shard_batch")
+    return jax.device_put(batch, batch_sharding(mesh))
+
+
+def process_local_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
+    """Assemble a global batch from each process's own rows (multi-host data loading).
+
+    Process ``i`` passes the rows it loaded; the global batch is their concatenation in
+    process order, sharded by :func:`batch_sharding` (``jax.make_array_from_process_local_data``).
+    With one process this is :func:`shard_batch`.
+
+    Args:
+      local_batch: pytree of host arrays; leading axis = this process's rows.
+      mesh: the global mesh.
+
+    Returns:
+      Global ``jax.Array`` s of ``process_count * local rows`` rows.
+
+    Raises:
+      ValueError: as :func:`shard_batch`, for the local rows against this process's
+        share of the batch shards.
+    """
+    per = max(1, data_parallel_size(mesh) // jax.process_count())
+    _check_batch_rows(local_batch, per, "process_local_batch")
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+# ---------------------------------------------------------------- multi-host
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, **kwargs) -> bool:
+    """Start the JAX distributed runtime (``jax.distributed.initialize``) when there is one to join.
+
+    Call it first thing in a multi-host program (before any other JAX call). It is a
+    no-op returning False when already initialised (returns True then), when
+    ``num_processes == 1``, or when it is called without arguments outside a cluster JAX
+    can detect (no ``JAX_COORDINATOR_ADDRESS``, Slurm, Open MPI or TPU pod): a single process.
+    On CPU the cross-process collectives are JAX's default, gloo
+    (``jax_cpu_collectives_implementation``).
+
+    Args:
+      coordinator_address: ``host:port`` of process 0's coordinator service.
+      num_processes: number of processes.
+      process_id: this process's index in ``[0, num_processes)``.
+      **kwargs: passed to ``jax.distributed.initialize`` (``local_device_ids``,
+        ``initialization_timeout``, ...).
+
+    Returns:
+      Whether the distributed runtime is (now) initialised.
+
+    Raises:
+      ValueError / RuntimeError: from ``jax.distributed.initialize`` when arguments were
+        given (e.g. after the backend is already in use).
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if num_processes == 1:
+        return False
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if not explicit and "JAX_COORDINATOR_ADDRESS" not in os.environ and _backend_started():
+        return False  # this process already computes on its own: a single-process run
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
+    except ValueError as e:
+        if explicit or "coordinator_address" not in str(e):
+            raise
+        return False  # nothing to join: a single process
+    return True
+
+
+def _backend_started() -> bool:
+    """Whether the XLA backend is already in use (then ``jax.distributed`` can no longer start)."""
+    from jax._src import xla_bridge  # no public equivalent in jax 0.10
+
+    return xla_bridge.backends_are_initialized()
+
+
+def is_main_process() -> bool:
+    """Whether this is process 0, the one that writes results, logs and plots."""
+    return jax.process_index() == 0
+
+
+# ---------------------------------------------------------------- sharded projection
+
+
+def _leaf_axes(spec: P) -> tuple[str, ...]:
+    return tuple(a for entry in spec for a in _entry_axes(entry))
+
+
+def sharded_orthogonal_projection(
+    g: PyTree,
+    retain_grads: PyTree,
+    mesh: Mesh,
+    specs: PyTree | None = None,
+    *,
+    rules: Rules | None = None,
+    per_tensor: bool = False,
+    rcond: float = kp.DEFAULT_RCOND,
+    impl: str = "auto",
+) -> PyTree:
+    """``g - R^T (R R^T)^+ R g`` with the projection kernels run per shard under ``jax.shard_map``.
+
+    The same result as :func:`jaxunlearn.orthogonal_projection` (global or per-tensor
+    subspace, the same rank rule), computed where the shards live: each device forms
+    its shard's partial Gram ``R_s R_s^T`` and dots ``R_s g_s``
+    (:func:`jaxunlearn.kernels.projection.tree_gram_and_dots`); a leaf's partials are
+    ``psum`` -ed over exactly the mesh axes that leaf is split on (a replicated leaf is
+    not summed, so it is not counted twice); the ``k x k`` solve runs replicated, and
+    ``g_s - R_s^T c`` is local (:func:`~jaxunlearn.kernels.projection.tree_subtract`).
+    With ``g`` and ``retain_grads`` already placed by ``specs`` (inputs placed otherwise are
+    resharded first), no parameter-sized array crosses devices: only ``k x k + k`` floats
+    per group of leaves. Each call traces a new ``shard_map``: jit the caller for a loop.
+
+    Args:
+      g: the update pytree, float32/bfloat16 leaves.
+      retain_grads: stacked retain gradients, leaves ``(k, *g_leaf.shape)``.
+      mesh: the mesh.
+      specs: ``PartitionSpec`` of each ``g`` leaf (default :func:`param_specs` of ``g``
+        by ``rules``); the retain leaves get ``P(None, *spec)``.
+      rules: partition rules when ``specs`` is None.
+      per_tensor: a separate subspace per leaf.
+      rcond: relative eigenvalue threshold of the Gram pseudo-inverse.
+      impl: kernel path of :mod:`jaxunlearn.kernels.projection` (``"auto"``, ``"xla"``,
+        ``"pallas"``, ``"reference"``).
+
+    Returns:
+      ``g_perp`` like ``g``, sharded by ``specs``.
+
+    Raises:
+      ValueError: mismatched trees or shapes (naming the path), as the kernels.
+    """
+    jt.check_nonempty(g, "updates")
+    jt.check_same_structure(g, retain_grads, ("updates", "retain_grads"))
+    for (p, x), (_, r) in zip(jt.leaves_with_paths(g), jt.leaves_with_paths(retain_grads)):
+        if np.ndim(r) != np.ndim(x) + 1 or tuple(np.shape(r)[1:]) != tuple(np.shape(x)):
+            raise ValueError(f"retain_grads leaf '{p}' has shape {np.shape(r)}; expected (k, *{np.shape(x)})")
+    if specs is None:
+        specs = param_specs(g, mesh, rules)
+    g_leaves, treedef = jax.tree.flatten(g)
+    r_leaves = jax.tree.leaves(retain_grads)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=_is_spec)
+    if len(spec_leaves) != len(g_leaves):
+        raise ValueError(f"specs has {len(spec_leaves)} PartitionSpecs but the updates have {len(g_leaves)} leaves")
+    axes = [tuple(a for a in mesh.axis_names if a in _leaf_axes(s)) for s in spec_leaves]
+    r_specs = [P(None, *s) for s in spec_leaves]
+    opts = dict(impl=impl)
+
+    def body(gl, rl):
+        if per_tensor:
+            parts = [kp.tree_gram_and_dots([x], [r], axis_name=ax, **opts) for x, r, ax in zip(gl, rl, axes)]
+            cs = jax.vmap(lambda G, d: kp.pinv_solve(G, d, rcond))(
+                jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts]))
+            return [kp.tree_subtract([x], [r], cs[i], **opts)[0] for i, (x, r) in enumerate(zip(gl, rl))]
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, ax in enumerate(axes):
+            groups.setdefault(ax, []).append(i)
+        G = d = None
+        for ax, idx in groups.items():
+            Gi, di = kp.tree_gram_and_dots([gl[i] for i in idx], [rl[i] for i in idx], axis_name=ax, **opts)
+            G, d = (Gi, di) if G is None else (G + Gi, d + di)
+        return kp.tree_subtract(gl, rl, kp.pinv_solve(G, d, rcond), **opts)
+
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(list(spec_leaves), r_specs), out_specs=list(spec_leaves))
+    out = jax.jit(fn)(g_leaves, r_leaves)
+    return jax.tree.unflatten(treedef, out)

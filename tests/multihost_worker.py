@@ -1,0 +1,105 @@
+"""One process of the two-process test (tests/test_multihost.py); also imported for the reference.
+
+Run as ``python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz`` with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu``: it joins the
+coordinator on ``127.0.0.1:PORT`` (CPU collectives: gloo, JAX's default), builds a global
+``fsdp=4,tp=2`` mesh over the 8 devices of both processes, loads only its own rows of the
+forget and retain batches (``process_local_batch``), computes the diagonal Fisher and one
+NPO + projection unlearning step, gathers the results and lets process 0 write them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+B, T = 8, 8
+
+
+def build():
+    """The model's ``(apply_fn, params)``, the forget/retain batches, the per-example loss, the config."""
+    import jax  # noqa: F401 - after jax.distributed.initialize in the worker
+    from flax import nnx
+
+    from jaxunlearn.losses import sequence_nll
+    from jaxunlearn.models import Decoder, ModelConfig
+    from jaxunlearn.train import apply_fn_for, split_model
+    from jaxunlearn.unlearn import UnlearnConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                      num_kv_heads=2)
+    graphdef, params, _ = split_model(Decoder(cfg, rngs=nnx.Rngs(0)))
+    apply = apply_fn_for(graphdef)
+
+    def batch(seed):
+        r = np.random.default_rng(seed)
+        lm = np.zeros((B, T), np.float32)
+        lm[:, 4:] = 1
+        return {"input_ids": r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
+                "attention_mask": np.ones((B, T), np.int32), "loss_mask": lm}
+
+    def example_loss(p, ex):
+        logits = apply(p, ex["input_ids"][None], ex["attention_mask"][None])
+        return sequence_nll(logits, ex["input_ids"][None], ex["loss_mask"][None])[0]
+
+    ucfg = UnlearnConfig(method="npo", project=True, retain_k=2, optimizer="adamw", learning_rate=1e-2,
+                         grad_clip=0.0, steps=1)
+    return apply, params, batch(1), batch(2), example_loss, ucfg
+
+
+def run(forget, retain, mesh=None):
+    """Fisher of the forget batch and one unlearning step; flat ``{name: numpy}`` results.
+
+    With ``mesh``, params are sharded by the default rules and ``forget`` / ``retain`` are
+    this process's rows, assembled into global batches by ``process_local_batch``.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import multihost_utils
+
+    from jaxunlearn import sharding as sh
+    from jaxunlearn import tree as jt
+    from jaxunlearn.fisher import fisher_diagonal
+    from jaxunlearn.unlearn import UnlearnState, make_unlearn_optimizer, make_unlearn_step
+
+    apply, params, _, _, example_loss, ucfg = build()
+    tx = make_unlearn_optimizer(ucfg)
+    if mesh is None:
+        fb, rb = forget, retain
+        state = UnlearnState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), tx.init(params))
+        ref = params
+    else:
+        ref = sh.shard_params(params, mesh)
+        fb, rb = sh.process_local_batch(forget, mesh), sh.process_local_batch(retain, mesh)
+        state = UnlearnState(jnp.zeros((), jnp.int32), sh.shard_params(params, mesh),
+                             sh.init_opt_state(tx, ref, mesh))
+    fisher = fisher_diagonal(example_loss, ref, [fb], method="vmap")
+    new, metrics = make_unlearn_step(apply, ucfg)(state, fb, rb, ref)
+    out = {"fisher": fisher, "params": new.params, "metrics": metrics}
+    if mesh is not None:
+        out = multihost_utils.process_allgather(out, tiled=True)  # full arrays on every process
+    return {p: np.asarray(x) for p, x in jt.leaves_with_paths(out)}
+
+
+def main(argv):
+    process_id, num_processes, port, out_path = int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    from jaxunlearn import sharding as sh
+
+    assert sh.initialize(f"127.0.0.1:{port}", num_processes, process_id, initialization_timeout=60,
+                         heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
+    import jax
+
+    assert jax.process_count() == num_processes and jax.device_count() == 4 * num_processes
+    mesh = sh.make_mesh("fsdp=4,tp=2")
+    _, _, forget, retain, _, _ = build()
+    rows = slice(process_id * B // num_processes, (process_id + 1) * B // num_processes)
+    local = lambda b: {k: v[rows] for k, v in b.items()}  # noqa: E731 - this process's own rows
+    result = run(local(forget), local(retain), mesh)
+    if sh.is_main_process():
+        np.savez(out_path, **result)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
