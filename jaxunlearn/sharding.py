@@ -626,3 +626,42 @@ def sharded_orthogonal_projection(
     fn = jax.shard_map(body, mesh=mesh, in_specs=(list(spec_leaves), r_specs), out_specs=list(spec_leaves))
     out = jax.jit(fn)(g_leaves, r_leaves)
     return jax.tree.unflatten(treedef, out)
+
+
+def jit_keeping_state_sharding(step, *, donate_state: bool = True):
+    """``jax.jit(step)`` whose output state keeps the input state's shardings.
+
+    ``step(state, *args) -> (state, aux)``. Without ``out_shardings`` XLA may pick a new
+    layout for some state leaves (e.g. replicated norm scales come back sharded), and the
+    next call then recompiles for the new input shardings. This wrapper compiles once per
+    distinct input-state sharding, with ``out_shardings=(those shardings, None)``, so the
+    state's placement is a fixed point of the loop.
+
+    Args:
+      step: the pure step function.
+      donate_state: donate the state buffers (argument 0).
+
+    Returns:
+      A callable with ``step``'s signature.
+    """
+    cache: dict = {}
+
+    def shardings_of(state):
+        # only mesh shardings are pinned; single-device leaves (a fresh optimizer count) and host
+        # values stay unconstrained (None), so XLA places them next to the sharded ones.
+        return jax.tree.map(lambda x: x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding)
+                            else None, state)
+
+    def run(state, *args):
+        sh = shardings_of(state)
+        leaves, treedef = jax.tree.flatten(sh, is_leaf=lambda x: x is None)
+        key = (treedef, tuple(leaves))
+        if key not in cache:
+            if all(s is None for s in leaves):
+                cache[key] = jax.jit(step, donate_argnums=0 if donate_state else ())
+            else:
+                cache[key] = jax.jit(step, donate_argnums=0 if donate_state else (), out_shardings=(sh, None))
+        return cache[key](state, *args)
+
+    run.compiled_variants = cache  # for inspection: one entry per distinct input-state sharding
+    return run

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxunlearn import checkpoint as ckpt
 from jaxunlearn.losses import sequence_nll
+from jaxunlearn.sharding import jit_keeping_state_sharding
 
 __all__ = [
     "TrainConfig",
@@ -119,7 +120,8 @@ def answer_loss(apply_fn: Callable, params, batch: Mapping[str, jax.Array]) -> j
 
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Callable:
-    """The jitted step ``(state, batch) -> (state, {"loss", "grad_norm"})``; ``state`` is donated."""
+    """The jitted step ``(state, batch) -> (state, {"loss", "grad_norm"})``; ``state`` is donated
+    and keeps its shardings (:func:`jaxunlearn.sharding.jit_keeping_state_sharding`)."""
 
     def step(state: TrainState, batch):
         loss, grads = jax.value_and_grad(lambda p: answer_loss(apply_fn, p, batch))(state.params)
@@ -128,7 +130,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Cal
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return jit_keeping_state_sharding(step)
 
 
 def batch_at(data: Mapping[str, np.ndarray], batch_size: int, step: int, seed: int) -> dict:

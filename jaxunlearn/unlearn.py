@@ -44,6 +44,7 @@ from jaxunlearn import tree as jt
 from jaxunlearn.losses import gradient_ascent, kl_to_reference, npo, sequence_nll, simnpo
 from jaxunlearn.projection import project_orthogonal
 from jaxunlearn.saliency import masked_updates
+from jaxunlearn.sharding import jit_keeping_state_sharding
 from jaxunlearn.sam import saf_loss, sam_gradient
 
 __all__ = ["METHODS", "UnlearnConfig", "UnlearnState", "make_unlearn_optimizer", "make_unlearn_step",
@@ -273,7 +274,7 @@ def make_unlearn_step(apply_fn: Callable, cfg: UnlearnConfig, *, mask: Any = Non
         metrics = {"forget_loss": lf, "retain_loss": lr, "update_norm": jt.global_norm(updates)}
         return UnlearnState(state.step + 1, new_params, opt_state), metrics
 
-    jitted = jax.jit(step, donate_argnums=0)
+    jitted = jit_keeping_state_sharding(step)
 
     def run(state: UnlearnState, forget_batch, retain_batch=None, ref_params=None):
         _check_batch(forget_batch, "forget")

@@ -357,3 +357,25 @@ def test_restore_onto_a_different_mesh(setup, tmp_path):
     other = {"params": nnx.to_pure_dict(setup.params2), "fisher": nnx.to_pure_dict(setup.params2)}
     with pytest.raises(ValueError, match="only in the target.*layers/1/"):
         ckpt.restore_pytree(path, other)
+
+
+def test_jit_keeping_state_sharding_is_a_fixed_point():
+    from jaxunlearn.sharding import jit_keeping_state_sharding
+
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    row = NamedSharding(mesh, P("fsdp"))
+    rep = NamedSharding(mesh, P())
+    state = {"w": jax.device_put(jnp.arange(16.0).reshape(8, 2), row), "s": jax.device_put(jnp.ones(8), rep)}
+
+    def step(st, x):
+        w = st["w"] * x
+        return {"w": w, "s": st["s"] + jnp.sum(w, axis=1)}, jnp.sum(w)
+
+    run = jit_keeping_state_sharding(step)
+    ref = {"w": np.arange(16.0).reshape(8, 2), "s": np.ones(8)}
+    for _ in range(3):
+        state, total = run(state, 2.0)
+        ref = {"w": ref["w"] * 2, "s": ref["s"] + ref["w"].sum(1) * 2}
+        assert state["w"].sharding == row and state["s"].sharding == rep
+    np.testing.assert_allclose(state["s"], ref["s"])
+    assert len(run.compiled_variants) == 1
