@@ -215,6 +215,25 @@ def _check_batch(batch, name):
         raise ValueError(f"{name} batch is empty")
 
 
+def _buffer_ids(x) -> set:
+    try:
+        return {sh.data.unsafe_buffer_pointer() for sh in x.addressable_shards}
+    except Exception:  # not a jax.Array (numpy, tracer): cannot alias a donated buffer
+        return set()
+
+
+def _check_not_aliased(state, ref_params) -> None:
+    """The state is donated: a reference leaf sharing its buffer would be read after donation."""
+    donated = set()
+    for x in jax.tree.leaves(state):
+        donated |= _buffer_ids(x)
+    for path, x in jt.leaves_with_paths(ref_params):
+        if _buffer_ids(x) & donated:
+            raise ValueError(
+                f"ref_params leaf '{path}' shares its buffer with the unlearning state, which the step "
+                "donates; pass a copy (init_unlearn_state copies the params it is given)")
+
+
 def make_unlearn_step(apply_fn: Callable, cfg: UnlearnConfig, *, mask: Any = None,
                       forget_loss: Callable | None = None) -> Callable:
     """Build the jitted ``step(state, forget_batch, retain_batch, ref_params=None)``.
@@ -289,6 +308,8 @@ def make_unlearn_step(apply_fn: Callable, cfg: UnlearnConfig, *, mask: Any = Non
             retain_batch = {}
         if needs_ref and ref_params is None:
             raise ValueError(f"method {cfg.method!r} (retain_loss={cfg.retain_loss!r}) needs ref_params")
+        if needs_ref:
+            _check_not_aliased(state, ref_params)
         fb = {k: forget_batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
         rb = {k: retain_batch[k] for k in ("input_ids", "attention_mask", "loss_mask")} if retain_batch else {}
         return jitted(state, fb, rb, ref_params if needs_ref else None)

@@ -72,7 +72,8 @@ def run(forget, retain, mesh=None):
     else:
         ref = sh.shard_params(params, mesh)
         fb, rb = sh.process_local_batch(forget, mesh), sh.process_local_batch(retain, mesh)
-        state = UnlearnState(jnp.zeros((), jnp.int32), sh.shard_params(params, mesh),
+        # a copy: the step donates its state, and shard_params of the same arrays may alias ref
+        state = UnlearnState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, sh.shard_params(params, mesh)),
                              sh.init_opt_state(tx, ref, mesh))
     fisher = fisher_diagonal(example_loss, ref, [fb], method="vmap")
     new, metrics = make_unlearn_step(apply, ucfg)(state, fb, rb, ref)

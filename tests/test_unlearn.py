@@ -119,6 +119,10 @@ def test_bad_input():
     step = make_unlearn_step(apply, UnlearnConfig(method="npo"))
     with pytest.raises(ValueError, match="needs ref_params"):
         step(init_unlearn_state(p, UnlearnConfig()), fb, rb)
+    from jaxunlearn.unlearn import UnlearnState
+    aliased = UnlearnState(jnp.zeros((), jnp.int32), p, init_unlearn_state(p, UnlearnConfig()).opt_state)
+    with pytest.raises(ValueError, match="ref_params leaf 'E' shares its buffer"):
+        step(aliased, fb, rb, p)
     cfg = UnlearnConfig(method="ga", project=True, retain_k=2)
     with pytest.raises(ValueError, match="not divisible by retain_k=2"):
         make_unlearn_step(apply, cfg)(init_unlearn_state(p, cfg), fb, rb)
