@@ -1,10 +1,14 @@
-"""Run every throughput benchmark (``make bench``): the kernels, then the fused Fisher.
+"""Run every throughput benchmark (``make bench``): the kernels, the fused Fisher, then device scaling.
 
 * ``experiments/bench_kernels.py``: ``dense_fisher`` paths and the projection passes
   (bytes/s, fraction of the measured copy bandwidth) -> ``results/bench/kernels.json``.
 * ``experiments/bench_fisher.py``: fused vs chunked-vmap diagonal Fisher on the demo
   decoder and a ~100M-parameter Llama-shaped decoder (time per example, XLA temp
   memory, ratios to one gradient) -> ``results/bench/fisher.json`` and ``fisher.md``.
+* ``experiments/bench_scaling.py``: NPO+projection unlearning-step and vmap-Fisher throughput
+  on 1, 2, 4 and 8 devices (mesh ``fsdp=n``; 8 forced CPU devices when there is no
+  accelerator) -> ``results/bench/scaling.json``. It runs in its own process: the forced
+  device count (``XLA_FLAGS``) must be set before JAX starts and must not change the others.
 
 By default the sizes fit a small CPU machine (a few minutes on 2 cores); ``--full``
 runs the larger sizes (kernel shapes of a real layer, the whole batch 8/32/128 x
@@ -16,6 +20,8 @@ Usage: ``python experiments/bench.py [--full]``
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_fisher  # noqa: E402
 import bench_kernels  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_scaling(argv: list[str]) -> dict:
+    """``bench_scaling.py`` in a fresh interpreter (its own ``XLA_FLAGS``); returns its JSON."""
+    out = argv[argv.index("--out") + 1]
+    subprocess.run([sys.executable, str(HERE / "bench_scaling.py"), *argv], check=True)
+    return json.loads(Path(out).read_text())
+
 
 KERNELS_FULL = ["--batch", "32", "--seq", "128", "--d-in", "1024", "--d-out", "1024", "--k", "8",
                 "--p", "16000000"]
@@ -39,6 +55,7 @@ def main(argv=None) -> dict:
     for name, fn, extra in (
         ("kernels", bench_kernels.main, KERNELS_FULL if args.full else []),
         ("fisher", bench_fisher.main, ["--full"] if args.full else []),
+        ("scaling", run_scaling, ["--batch", "128", "--seq", "128"] if args.full else []),
     ):
         t0 = time.perf_counter()
         print(f"=== {name} ===", flush=True)

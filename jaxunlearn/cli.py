@@ -2,16 +2,26 @@
 
     jaxunlearn demo    [--out results/demo] [--overwrite] [--steps N] [--forget-split forget10] [--methods ...]
     jaxunlearn unlearn --model DIR --data PATH --forget SPLIT --retain SPLIT --method NAME --out DIR
+                       [--resume-dir DIR [--checkpoint-every N]]
     jaxunlearn eval    --model DIR --data PATH --forget SPLIT [--retain ...] [--general ...] [--holdout SPLIT]
                        [--reference DIR] --out FILE.json
+
+Every command takes ``--mesh SPEC`` (e.g. ``fsdp=4,tp=2``; one size may be ``-1``, "the
+rest"): the parameters are sharded on that device mesh by
+:func:`jaxunlearn.sharding.partition_rules`, batches are split over its data-parallel axes,
+and in a multi-process run (:func:`jaxunlearn.sharding.initialize`) only process 0 writes
+results.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import shutil
 import sys
+import tempfile
 
 __all__ = ["main", "build_parser"]
 
@@ -47,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlearning methods to benchmark (config names in --configs; default: all; none: skip)")
     d.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_mesh(d)
 
     u = sub.add_parser(
         "unlearn",
@@ -65,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True, help="output checkpoint directory")
     u.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--resume-dir", default=None,
+                   help="gradient methods: keep the run state here (orbax) and resume from it when it holds a "
+                   "checkpoint of the same run")
+    u.add_argument("--checkpoint-every", type=int, default=0,
+                   help="with --resume-dir: save every N steps (default 0: only at the end)")
+    _add_mesh(u)
 
     e = sub.add_parser(
         "eval",
@@ -84,7 +101,50 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rouge-examples", type=int, default=None, help="generate only for the first N rows per split")
     e.add_argument("--out", required=True, help="output JSON file")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_mesh(e)
     return p
+
+
+def _add_mesh(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="device mesh, e.g. 'fsdp=4,tp=2' or 'fsdp=-1' (axes data, fsdp, tp; -1: the rest); "
+                   "parameters sharded by the partition rules, batches over data/fsdp (default: one device)")
+
+
+def _mesh_of(args):
+    """The mesh of ``--mesh`` (after joining a multi-process run), or None."""
+    if not getattr(args, "mesh", None):
+        return None
+    from jaxunlearn import sharding as sh
+
+    sh.initialize()
+    return sh.make_mesh(args.mesh)
+
+
+def _shard_model(model, mesh) -> None:
+    """Place ``model``'s parameters on ``mesh`` by the partition rules (in place, ``nnx.update``)."""
+    from flax import nnx
+
+    from jaxunlearn import sharding as sh
+
+    nnx.update(model, sh.shard_params(nnx.state(model, nnx.Param), mesh))
+
+
+def _host(tree):
+    """``tree`` with every leaf readable on this host: arrays spread over several processes are
+    all-gathered (a collective: every process calls it)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _is_main() -> bool:
+    from jaxunlearn.sharding import is_main_process
+
+    return is_main_process()
 
 
 def _add_model_data(p: argparse.ArgumentParser) -> None:
@@ -121,7 +181,7 @@ def _split(dd, name: str):
     return dd[name]
 
 
-def _unlearn(args) -> int:
+def _unlearn(args, mesh) -> int:
     import json
 
     from flax import nnx
@@ -134,6 +194,10 @@ def _unlearn(args) -> int:
 
     if os.path.exists(args.out) and not args.overwrite:
         raise FileExistsError(f"output '{args.out}' exists (pass --overwrite to replace it)")
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.checkpoint_every and not args.resume_dir:
+        raise ValueError("--checkpoint-every needs --resume-dir (where to keep the checkpoints)")
     if args.config:
         with open(args.config) as f:
             cfg = json.load(f)
@@ -146,16 +210,21 @@ def _unlearn(args) -> int:
         if e["input_ids"].shape[-1] > model.config.max_position_embeddings:
             raise ValueError(f"split {n!r} has rows of {e['input_ids'].shape[-1]} tokens, longer than the model's "
                              f"context ({model.config.max_position_embeddings})")
+    if mesh is not None:
+        _shard_model(model, mesh)
     graphdef, params, rest = split_model(model)
-    ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, enc[args.forget], enc[args.retain], seed=args.seed)
-    new_params = run_method(ctx, cfg)
-    nnx.update(model, new_params)
-    save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
-    print(f"unlearned {args.forget} ({len(enc[args.forget]['input_ids'])} rows) with {args.method}; wrote {args.out}")
+    ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, enc[args.forget], enc[args.retain], seed=args.seed,
+                         mesh=mesh)
+    new_params = run_method(ctx, cfg, checkpoint_dir=args.resume_dir, checkpoint_every=args.checkpoint_every)
+    nnx.update(model, _host(new_params))
+    if _is_main():
+        save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
+        print(f"unlearned {args.forget} ({len(enc[args.forget]['input_ids'])} rows) with {args.method}"
+              + (f" on mesh {dict(mesh.shape)}" if mesh is not None else "") + f"; wrote {args.out}")
     return 0
 
 
-def _eval(args) -> int:
+def _eval(args, mesh) -> int:
     from jaxunlearn.eval.quant_recovery import quantization_recovery
     from jaxunlearn.eval.runner import encode_eval_splits, evaluate_model
     from jaxunlearn.models import from_pretrained
@@ -164,6 +233,8 @@ def _eval(args) -> int:
     if os.path.exists(args.out) and not args.overwrite:
         raise FileExistsError(f"output '{args.out}' exists (pass --overwrite to replace it)")
     model, tok, dd = _load_model_and_data(args)
+    if mesh is not None:
+        _shard_model(model, mesh)
     roles = {args.forget: "forget", **{r: "retain" for r in args.retain}, **{g: "general" for g in args.general}}
     if args.holdout:
         roles[args.holdout] = "holdout"
@@ -173,6 +244,8 @@ def _eval(args) -> int:
     ref = None
     if args.reference:
         ref_model, _ = from_pretrained(args.reference, load_tokenizer=False)
+        if mesh is not None:
+            _shard_model(ref_model, mesh)
         ref = evaluate_model(ref_model, tok, enc, **kw)
     res = evaluate_model(model, tok, enc, reference=ref, **kw)
     out = {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data), "roles": roles,
@@ -181,6 +254,8 @@ def _eval(args) -> int:
         out["quantization"] = quantization_recovery(model, tok, enc, forget=args.forget, holdout=args.holdout,
                                                     schemes=args.quant, reference=ref, baseline=res,
                                                     rouge_examples=0)
+    if not _is_main():
+        return 0
     write_json_atomic(args.out, out)
     agg = res.aggregates
     print(f"forget probability {agg['forget']['probability']:.4f}; "
@@ -190,7 +265,7 @@ def _eval(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
+def _demo(args, mesh) -> int:
     from jaxunlearn.demo import run_demo
     from jaxunlearn.pipeline import DemoConfig
 
@@ -205,9 +280,26 @@ def _demo(args) -> int:
     if args.steps is not None:
         changes["train"] = dataclasses.replace(cfg.train, steps=args.steps)
     cfg = dataclasses.replace(cfg, **changes)
-    run_demo(args.out, cfg=cfg, overwrite=args.overwrite, progress=not args.no_progress, methods=args.methods,
-             configs_dir=args.configs)
+    # process 0 writes the results; the others run the same SPMD program and write into a scratch directory
+    out, scratch = args.out, None
+    if not _is_main():
+        out = scratch = tempfile.mkdtemp(prefix="jaxunlearn-demo-")
+    try:
+        run_demo(out, cfg=cfg, overwrite=args.overwrite or scratch is not None, progress=not args.no_progress,
+                 methods=args.methods, configs_dir=args.configs)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def _mesh_context(mesh):
+    """``jax.set_mesh(mesh)`` (a context manager), or a no-op context when ``mesh`` is None."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.set_mesh(mesh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     _set_offline_env()
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": _demo, "unlearn": _unlearn, "eval": _eval}[args.command](args)
+        mesh = _mesh_of(args)
+        # under jax.set_mesh, arrays the commands create land on the mesh, the demo's models are sharded
+        # on it (pipeline.train_pair) and the unlearning methods split their batches over it
+        with _mesh_context(mesh):
+            return {"demo": _demo, "unlearn": _unlearn, "eval": _eval}[args.command](args, mesh)
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"jaxunlearn {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -14,16 +14,40 @@ encoded forget and retain data) and a plain-dict configuration (as read from
 - ``gradient``: an :class:`~jaxunlearn.unlearn.UnlearnConfig` run for ``steps`` steps
   (GA, GradDiff, NPO, SimNPO, each optionally with the orthogonal projection, SAM,
   SAF), optionally under a SalUn mask (``salun_fraction``; Fan et al., 2024).
+
+Sharded runs: with a mesh (``UnlearnContext.mesh``, or the one set by ``jax.set_mesh``)
+every batch (unlearning steps, fine-tuning, Fisher / importance batches) is placed with
+its rows split over the mesh's data-parallel axes (:func:`jaxunlearn.sharding.shard_batch`);
+the parameters keep the placement the caller gave them (e.g.
+:func:`jaxunlearn.sharding.shard_params`), and the run state follows them.
+
+Resumable runs: ``run_method(..., checkpoint_dir=...)`` saves the gradient run's
+:class:`~jaxunlearn.unlearn.UnlearnState` with orbax and resumes from the newest
+checkpoint. Batches are a pure function of ``(seed, step)``
+(:func:`jaxunlearn.train.batch_at`), so an interrupted-then-resumed run ends with exactly
+the parameters of an uninterrupted one. The directory also holds
+``unlearn_config.json`` (the method config, seed, data digest and parameter shapes);
+a directory written by another run is refused, naming the first differing key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxunlearn import checkpoint as ckpt
+from jaxunlearn import sharding as sh
+from jaxunlearn import tree as jt
 
 from jaxunlearn.dampening import ssd
 from jaxunlearn.fisher import fisher_diagonal, grad_importance
@@ -31,10 +55,13 @@ from jaxunlearn.losses import sequence_nll
 from jaxunlearn.saliency import salun_mask
 from jaxunlearn.task_vector import apply_task_vector, perta, task_vector
 from jaxunlearn.train import BATCH_KEYS, TrainConfig, TrainState, batch_at, make_optimizer, make_train_step
-from jaxunlearn.unlearn import UnlearnConfig, init_unlearn_state, make_unlearn_step
+from jaxunlearn.unlearn import UnlearnConfig, UnlearnState, init_unlearn_state, make_unlearn_step
 
-__all__ = ["UnlearnContext", "KINDS", "run_method", "example_nll_fn", "importance_batches", "finetune_on_forget",
-           "importances"]
+__all__ = ["UnlearnContext", "KINDS", "RUN_CONFIG_FILE", "run_method", "run_record", "context_mesh",
+           "place_batch", "example_nll_fn", "importance_batches", "finetune_on_forget", "importances"]
+
+RUN_CONFIG_FILE = "unlearn_config.json"
+"""Name of the run record written beside the checkpoints of a resumable run."""
 
 KINDS = ("task_vector", "perta", "ssd", "gradient")
 
@@ -51,6 +78,10 @@ class UnlearnContext:
       seed: seeds the batch order.
       fisher_kwargs: extra keyword arguments of :func:`jaxunlearn.fisher_diagonal`
         (``chunk_size``, ``method``).
+      mesh: device mesh whose data-parallel axes split every batch (None: the mesh set
+        by ``jax.set_mesh``, if any, else unsharded batches). Shard ``params`` on it
+        beforehand (:func:`jaxunlearn.sharding.shard_params`); leaves not on a mesh are
+        replicated over it.
     """
 
     apply_fn: Callable
@@ -59,6 +90,53 @@ class UnlearnContext:
     retain: Mapping[str, np.ndarray]
     seed: int = 0
     fisher_kwargs: dict = dataclasses.field(default_factory=dict)
+    mesh: Mesh | None = None
+
+
+def context_mesh(ctx: UnlearnContext) -> Mesh | None:
+    """The mesh a run uses: ``ctx.mesh``, else the one set by ``jax.set_mesh``, else None."""
+    if ctx.mesh is not None:
+        return ctx.mesh
+    ambient = jax.sharding.get_mesh()
+    return None if ambient.empty else ambient
+
+
+def _check_divisible(rows: int, mesh: Mesh | None, what: str) -> None:
+    if mesh is None:
+        return
+    dp = sh.data_parallel_size(mesh)
+    if rows % dp:
+        raise ValueError(f"{what} {rows} is not divisible by the mesh's data-parallel size {dp} (axes "
+                         f"{sh.data_axes(mesh)} of mesh {dict(mesh.shape)}): choose a multiple of {dp}")
+
+
+def place_batch(batch: Mapping[str, Any], mesh: Mesh | None, what: str = "batch size") -> Any:
+    """``batch`` with its rows split over ``mesh``'s data-parallel axes (unchanged when ``mesh`` is None).
+
+    Args:
+      batch: dict of host arrays with a leading batch axis.
+      mesh: the mesh, or None.
+      what: how the error names the batch size.
+
+    Returns:
+      The batch as sharded ``jax.Array`` s (:func:`jaxunlearn.sharding.shard_batch`), or ``batch``.
+
+    Raises:
+      ValueError: the batch size is not a multiple of the data-parallel size (naming both).
+    """
+    if mesh is None:
+        return batch
+    _check_divisible(int(np.shape(next(iter(batch.values())))[0]), mesh, what)
+    return sh.shard_batch(batch, mesh)
+
+
+def _on_mesh(tree: Any, mesh: Mesh | None) -> Any:
+    """Leaves already on a mesh keep their sharding; the others are replicated over ``mesh``."""
+    if mesh is None:
+        return tree
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding)
+                        else jax.device_put(x, rep), tree)
 
 
 def example_nll_fn(apply_fn: Callable) -> Callable:
@@ -97,10 +175,13 @@ def finetune_on_forget(ctx: UnlearnContext, cfg: Mapping) -> Any:
                        end_lr_ratio=1.0, weight_decay=0.0, seed=ctx.seed)
     tx = make_optimizer(tcfg)
     step = make_train_step(ctx.apply_fn, tx)
-    params = jax.tree.map(jnp.copy, ctx.params)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    mesh = context_mesh(ctx)
+    bs = min(tcfg.batch_size, len(ctx.forget["input_ids"]))
+    _check_divisible(bs, mesh, "fine-tuning batch size")
+    params = _on_mesh(jax.tree.map(jnp.copy, ctx.params), mesh)
+    state = _on_mesh(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), mesh)
     for s in range(tcfg.steps):
-        state, _ = step(state, batch_at(ctx.forget, min(tcfg.batch_size, len(ctx.forget["input_ids"])), s, ctx.seed))
+        state, _ = step(state, place_batch(batch_at(ctx.forget, bs, s, ctx.seed), mesh))
     return state.params
 
 
@@ -114,6 +195,10 @@ def importances(ctx: UnlearnContext, cfg: Mapping, which: str) -> tuple[Any, Any
     if which == "full":
         other = {k: np.concatenate([np.asarray(ctx.retain[k]), np.asarray(ctx.forget[k])]) for k in BATCH_KEYS}
     ob = importance_batches(other, bs, cap, ctx.seed)
+    mesh = context_mesh(ctx)
+    if mesh is not None:
+        fb = [place_batch(b, mesh, "importance batch size") for b in fb]
+        ob = [place_batch(b, mesh, "importance batch size") for b in ob]
     kind = cfg.get("importance", "fisher")
     if kind == "fisher":
         return (fisher_diagonal(loss, ctx.params, fb, **ctx.fisher_kwargs),
@@ -124,32 +209,172 @@ def importances(ctx: UnlearnContext, cfg: Mapping, which: str) -> tuple[Any, Any
     raise ValueError(f"unknown importance {kind!r}: 'fisher' or 'grad'")
 
 
-def _run_gradient(ctx: UnlearnContext, cfg: Mapping) -> Any:
+def _digest(arrays: Mapping[str, Any]) -> str:
+    """SHA-256 (first 16 hex digits) of the keys, dtypes, shapes and bytes of host arrays."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(np.asarray(arrays[k]))
+        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_record(ctx: UnlearnContext, cfg: Mapping) -> dict[str, Any]:
+    """What identifies a gradient unlearning run, as stored in :data:`RUN_CONFIG_FILE`.
+
+    ``{"method": cfg, "seed": ctx.seed, "forget": digest, "retain": digest, "params": digest,
+    "num_params": n}``: the method config verbatim, the batch-order seed, SHA-256 digests of the
+    encoded forget / retain arrays (:data:`jaxunlearn.train.BATCH_KEYS`) and of the parameters'
+    paths, shapes and dtypes (not their values: that would need the sharded values on one host).
+    Two runs with equal records take the same steps on the same batches.
+
+    Args:
+      ctx: the run's context.
+      cfg: the method config (a JSON-serialisable mapping).
+
+    Returns:
+      A JSON-compatible dict (already round-tripped through ``json``).
+    """
+    try:
+        method = json.loads(json.dumps(cfg, sort_keys=True))
+    except TypeError as e:
+        raise ValueError(f"the method config must be JSON-serialisable to be resumable: {e}") from None
+    shapes = {p: f"{jnp.dtype(x.dtype).name}{tuple(np.shape(x))}" for p, x in jt.leaves_with_paths(ctx.params)}
+    h = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "method": method,
+        "seed": int(ctx.seed),
+        "forget": _digest({k: ctx.forget[k] for k in BATCH_KEYS}),
+        "retain": _digest({k: ctx.retain[k] for k in BATCH_KEYS}),
+        "params": h,
+        "num_params": int(jt.size(ctx.params)),
+    }
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _check_run_record(directory: str, record: dict[str, Any], has_checkpoints: bool) -> None:
+    """Compare ``record`` with the one stored in ``directory`` (write it when there is none).
+
+    Raises ``ValueError`` naming the first differing key, or when checkpoints exist without a record.
+    """
+    path = os.path.join(directory, RUN_CONFIG_FILE)
+    if not os.path.exists(path):
+        if has_checkpoints:
+            raise ValueError(f"checkpoint directory '{directory}' holds checkpoints but no {RUN_CONFIG_FILE}: "
+                             "it was not written by an unlearning run; use another directory")
+        if sh.is_main_process():
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=2, sort_keys=True)
+            os.replace(tmp, path)
+        return
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{path}' is not valid JSON: {e}") from None
+    want, have = _flatten(record), _flatten(stored)
+    for key in sorted(set(want) | set(have)):
+        if want.get(key, "<absent>") != have.get(key, "<absent>"):
+            raise ValueError(f"checkpoint directory '{directory}' belongs to another unlearning run: "
+                             f"'{key}' is {have.get(key, '<absent>')!r} there but {want.get(key, '<absent>')!r} "
+                             "now; use another directory (or delete it) to start afresh")
+
+
+def _run_gradient(ctx: UnlearnContext, cfg: Mapping, *, checkpoint_dir: str | None = None,
+                  checkpoint_every: int = 0, callback: Callable[[int, dict], None] | None = None) -> Any:
     ucfg = UnlearnConfig(**cfg["unlearn"])
+    mesh = context_mesh(ctx)
+    bf = min(int(cfg.get("batch_size", 32)), len(ctx.forget["input_ids"]))
+    br = int(cfg.get("retain_batch_size", bf))
+    _check_divisible(bf, mesh, "forget batch size")
+    if ucfg.uses_retain:
+        _check_divisible(br, mesh, "retain batch size")
+    mngr = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
+        has = ckpt.latest_step(checkpoint_dir) is not None
+        _check_run_record(checkpoint_dir, run_record(ctx, cfg), has)
     mask = None
     if cfg.get("salun_fraction"):
         loss = example_nll_fn(ctx.apply_fn)
         sal = grad_importance(loss, ctx.params, importance_batches(ctx.forget, 32, seed=ctx.seed), kind="abs_sum")
         mask = jax.tree.map(lambda m: m.astype(jnp.float32), salun_mask(sal, fraction=float(cfg["salun_fraction"])))
+        mask = _on_mesh(mask, mesh)
     step = make_unlearn_step(ctx.apply_fn, ucfg, mask=mask)
-    state = init_unlearn_state(ctx.params, ucfg, mask)
-    bf = min(int(cfg.get("batch_size", 32)), len(ctx.forget["input_ids"]))
-    br = int(cfg.get("retain_batch_size", bf))
-    for s in range(ucfg.steps):
-        fb = batch_at(ctx.forget, bf, s, ctx.seed)
-        rb = batch_at(ctx.retain, br, s, ctx.seed + 1) if ucfg.uses_retain else None
-        state, _ = step(state, fb, rb, ctx.params)
+    state: UnlearnState = _on_mesh(init_unlearn_state(ctx.params, ucfg, mask), mesh)
+    if checkpoint_dir is not None:
+        mngr = ckpt.run_manager(checkpoint_dir)
+    try:
+        if mngr is not None and mngr.latest_step() is not None:
+            # the abstract target carries the fresh state's shardings: restored leaves land where they belong
+            state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(ckpt.abstract_like(state)))
+        for s in range(int(state.step), ucfg.steps):
+            fb = place_batch(batch_at(ctx.forget, bf, s, ctx.seed), mesh, "forget batch size")
+            rb = (place_batch(batch_at(ctx.retain, br, s, ctx.seed + 1), mesh, "retain batch size")
+                  if ucfg.uses_retain else None)
+            state, metrics = step(state, fb, rb, ctx.params)
+            if mngr is not None and checkpoint_every and (s + 1) % checkpoint_every == 0:
+                mngr.save(s + 1, args=ocp.args.StandardSave(state))
+            if callback is not None:
+                callback(s + 1, {k: float(v) for k, v in metrics.items()})
+        if mngr is not None and mngr.latest_step() != int(state.step):
+            mngr.save(int(state.step), args=ocp.args.StandardSave(state))
+    finally:
+        if mngr is not None:
+            mngr.wait_until_finished()
+            mngr.close()
     return state.params
 
 
-def run_method(ctx: UnlearnContext, cfg: Mapping) -> Any:
+def run_method(ctx: UnlearnContext, cfg: Mapping, *, checkpoint_dir: str | os.PathLike | None = None,
+               checkpoint_every: int = 0, callback: Callable[[int, dict], None] | None = None) -> Any:
     """Run the method described by ``cfg`` (its ``"kind"`` picks the family) and return the params.
 
-    Raises ``ValueError`` for an unknown kind and ``KeyError`` naming a missing option.
+    With a mesh (:func:`context_mesh`) every batch is split over its data-parallel axes and
+    parameters not yet on it are replicated over it.
+
+    Args:
+      ctx: the model, the target's parameters and the encoded data.
+      cfg: the method config (``experiments/configs/<name>.json``).
+      checkpoint_dir: ``gradient`` kind only: save the :class:`~jaxunlearn.unlearn.UnlearnState`
+        there (orbax) every ``checkpoint_every`` steps and at the end; when it already holds a
+        checkpoint of the same run (:func:`run_record`), resume from its step. The restored
+        state takes the shardings of a fresh one (so a different mesh shape works too).
+      checkpoint_every: steps between checkpoints (0: only at the end).
+      callback: ``gradient`` kind only: ``callback(step, metrics)`` after every step (after
+        that step's checkpoint), ``metrics`` as floats (``forget_loss``, ``retain_loss``,
+        ``update_norm``); an exception it raises stops the run.
+
+    Returns:
+      The unlearned parameters (same structure as ``ctx.params``).
+
+    Raises:
+      ValueError: an unknown kind; ``checkpoint_dir``/``callback`` for a kind that does not run
+        in steps; a checkpoint directory of another run (naming the differing key); a batch size
+        not divisible by the mesh's data-parallel size.
+      KeyError: a missing option (named).
     """
     kind = cfg.get("kind")
     if kind not in KINDS:
         raise ValueError(f"unknown method kind {kind!r}; choose from {KINDS}")
+    if kind != "gradient" and (checkpoint_dir is not None or callback is not None):
+        raise ValueError(f"checkpoint_dir / callback need a step-wise run (kind 'gradient'); kind {kind!r} "
+                         "is not resumable")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    mesh = context_mesh(ctx)
+    if mesh is not None:
+        ctx = dataclasses.replace(ctx, params=_on_mesh(ctx.params, mesh))
     try:
         if kind == "task_vector":
             tau = task_vector(finetune_on_forget(ctx, cfg["finetune"]), ctx.params)
@@ -162,7 +387,8 @@ def run_method(ctx: UnlearnContext, cfg: Mapping) -> Any:
         if kind == "ssd":
             i_f, i_d = importances(ctx, cfg, "full")
             return ssd(ctx.params, i_f, i_d, alpha=float(cfg.get("alpha", 10.0)), lam=float(cfg.get("lam", 1.0)))
-        return _run_gradient(ctx, cfg)
+        return _run_gradient(ctx, cfg, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                             callback=callback)
     except KeyError as e:
         raise KeyError(f"method config (kind {kind!r}) lacks option {e}") from None
 

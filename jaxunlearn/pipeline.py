@@ -18,13 +18,16 @@ import tempfile
 from typing import Any, Mapping
 
 import datasets
+import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxunlearn.data import encode_split, generate_benchmark, train_tokenizer
 from jaxunlearn.data.tokenizer import benchmark_texts
 from jaxunlearn.eval.runner import evaluate_encoded
 from jaxunlearn.models import Decoder, ModelConfig
+from jaxunlearn.sharding import shard_params
 from jaxunlearn.train import TrainConfig, apply_fn_for, split_model, train
 
 __all__ = [
@@ -120,11 +123,24 @@ def model_config_for(cfg: DemoConfig, tokenizer, max_length: int) -> ModelConfig
     )
 
 
-def train_pair(cfg: DemoConfig, data: PreparedData, *, progress: bool = True) -> dict[str, tuple[Decoder, list]]:
+def train_pair(cfg: DemoConfig, data: PreparedData, *, progress: bool = True,
+               mesh: Mesh | None = None) -> dict[str, tuple[Decoder, list]]:
     """Train target (retain + forget + general) and reference (retain + general) from one init.
 
-    Returns ``{"target": (model, history), "reference": (model, history)}``.
+    Args:
+      cfg: the demo's sizes and training hyperparameters.
+      data: the prepared benchmark.
+      progress: progress bars.
+      mesh: shard both models' parameters on this mesh by
+        :func:`jaxunlearn.sharding.partition_rules` before training (the optimizer state
+        follows them). None: the mesh set by ``jax.set_mesh``, if any, else one device.
+
+    Returns:
+      ``{"target": (model, history), "reference": (model, history)}``.
     """
+    if mesh is None:
+        ambient = jax.sharding.get_mesh()
+        mesh = None if ambient.empty else ambient
     mcfg = model_config_for(cfg, data.tokenizer, data.max_length)
     e = data.encoded
     sets = {
@@ -134,6 +150,8 @@ def train_pair(cfg: DemoConfig, data: PreparedData, *, progress: bool = True) ->
     out = {}
     for name, train_data in sets.items():
         model = Decoder(mcfg, rngs=nnx.Rngs(cfg.seed))
+        if mesh is not None:
+            nnx.update(model, shard_params(nnx.state(model, nnx.Param), mesh))
         out[name] = train(model, train_data, cfg.train, progress=progress, desc=f"train {name}")
     return out
 
