@@ -75,7 +75,7 @@ class UnlearnConfig:
       retain_loss: ``"nll"`` or ``"kl"`` (KL to the reference on retain tokens).
       project: orthogonal projection of the forget gradient (GU).
       retain_k: number of retain gradients spanning the subspace (the retain batch is
-        split into this many micro-batches; must divide its size).
+        split into this many strided micro-batches, rows ``j::retain_k``; must divide its size).
       projection_per_tensor / projection_metric / projection_only_conflicting: see
         :func:`jaxunlearn.project_orthogonal`.
       sam_rho: SAM radius on the forget objective (0: off).
@@ -279,7 +279,9 @@ def make_unlearn_step(apply_fn: Callable, cfg: UnlearnConfig, *, mask: Any = Non
         lr = jnp.zeros((), jnp.float32)
         if cfg.project:
             k = cfg.retain_k
-            micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), rb)
+            # micro-batch j = rows j, j + k, j + 2k, ...: strided, so with the batch sharded over the
+            # data axes every micro-batch keeps rows on every shard (a contiguous split would not).
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), rb)
             lrs, R = jax.vmap(jax.value_and_grad(r_loss), in_axes=(None, 0))(params, micro)
             lr = jnp.mean(lrs)
             updates, opt_state = tx.update(gf, state.opt_state, params, retain_grads=R)

@@ -77,7 +77,7 @@ def test_projection_step_is_orthogonal_to_retain_gradient():
     cfg = UnlearnConfig(method="ga", project=True, alpha=0.0, retain_k=2, **SGD)
     new, _ = _one_step(cfg, p, fb, rb)
     delta = jt.sub(new, p)
-    for half in (slice(0, 3), slice(3, 6)):
+    for half in (slice(0, None, 2), slice(1, None, 2)):  # strided micro-batches rows j::k
         r = jax.grad(_mean_nll)(p, jax.tree.map(lambda x: x[half], rb))
         cos = jt.dot(delta, r) / (jt.global_norm(delta) * jt.global_norm(r))
         assert abs(float(cos)) < 1e-5
