@@ -35,6 +35,23 @@ Sums are accumulated in float32 and the results have float32 leaves whatever
 the parameter dtype (a bfloat16 Fisher loses most small entries; cast the result
 yourself if you need the parameter dtype).
 
+Sharded runs. With ``mesh=`` (or, when ``mesh`` is None, if the params, else the first
+batch, carry a ``NamedSharding``: that mesh), :func:`fisher_diagonal`,
+:func:`grad_importance`, :func:`mean_grad` and
+:func:`jaxunlearn.fisher_fused.fisher_diagonal_fused` are data-parallel: each batch runs
+under ``jax.shard_map`` manual over the mesh's data axes
+(:func:`jaxunlearn.sharding.data_axes`, ``"data"`` and ``"fsdp"``) only, the other axes
+(``"tp"``) staying automatic inside. Each data shard all-gathers its parameters over the
+data axes that split them (the FSDP gather: parameters, never per-example gradients),
+computes the local sums ``sum_n w_n g_n**2`` (or ``|g_n|``, ``g_n``) of its rows by the
+same chunked ``vmap`` (or the fused pass), and the sums are ``psum_scatter`` -ed over the
+data axes that split the parameter and ``psum`` -ed over the others, so each device
+receives only its block. Results carry the parameters' ``NamedSharding`` s (params not
+placed on the mesh count as replicated). The batch rows are split over the data axes;
+a batch whose size the data-parallel size does not divide is padded with weight-0 rows
+(its last row repeated). Per-example keys (``labels="sampled"``) depend on the global
+row index only, so sharded and unsharded runs draw the same labels.
+
 References:
   Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", 2017
   (diagonal Fisher as importance). Kunstner, Hennig, Balles, "Limitations of the
@@ -52,7 +69,9 @@ from typing import Any, Callable, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxunlearn import sharding as sh
 from jaxunlearn import tree as jt
 
 PyTree = Any
@@ -190,6 +209,173 @@ def _valid_rows(examples: PyTree, weight: jax.Array) -> PyTree:
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), examples)
 
 
+# ---------------------------------------------------------------- data parallelism over a mesh
+#
+# With a mesh, one batch's per-example work runs under ``jax.shard_map`` that is manual over
+# the mesh's data axes (``sharding.data_axes``: "data", "fsdp") only; other axes ("tp") stay
+# Auto inside, so XLA still partitions the model's forward over them. Each data shard:
+#   1. all-gathers its params over the data axes that shard them (FSDP: one O(P) gather of
+#      parameters, never of per-example gradients), tp sharding untouched;
+#   2. computes its local sums sum_n w_n r(g_n) (chunked vmap, or the fused pass);
+#   3. reduces them: psum over data axes that do not shard the leaf ("data"), psum_scatter over
+#      those that do ("fsdp"), so every device ends with its own block of the sum.
+# The result is constrained to the params' NamedShardings.
+
+
+def _mesh_of(tree: PyTree) -> Mesh | None:
+    """The mesh of the first leaf of ``tree`` that is a concrete array with a ``NamedSharding``."""
+    for x in jax.tree.leaves(tree):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and not isinstance(x, jax.core.Tracer) and isinstance(s.mesh, Mesh):
+            return s.mesh
+    return None
+
+
+def _placement(
+    mesh: Mesh | None, params: PyTree, examples: PyTree, name: str
+) -> tuple[Mesh | None, tuple[P, ...] | None]:
+    """``(mesh, PartitionSpec per params leaf)`` of a call, or ``(None, None)`` (unsharded).
+
+    ``mesh=None``: the mesh of the params' ``NamedSharding`` s, else of the first batch's;
+    none found: unsharded. A params leaf with a ``NamedSharding`` on the mesh keeps its spec;
+    any other leaf (host array, single-device array) is replicated (``P()``).
+
+    Raises:
+      TypeError: ``mesh`` is not a ``jax.sharding.Mesh``.
+      ValueError: a params leaf sharded on a different mesh.
+    """
+    if mesh is None:
+        mesh = _mesh_of(params) or _mesh_of(examples)
+        if mesh is None:
+            return None, None
+    elif not isinstance(mesh, Mesh):
+        raise TypeError(f"{name}: mesh must be a jax.sharding.Mesh (e.g. jaxunlearn.sharding.make_mesh("
+                        f"'fsdp=8')), got {type(mesh).__name__}")
+    specs = []
+    for path, x in jt.leaves_with_paths(params):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and not isinstance(x, jax.core.Tracer):
+            if s.mesh != mesh:
+                raise ValueError(
+                    f"{name}: params leaf '{path}' is sharded on mesh {dict(s.mesh.shape)} "
+                    f"({s.mesh.axis_names}), not on the mesh of this call {dict(mesh.shape)}; place the "
+                    "params on one mesh (jaxunlearn.sharding.shard_params)"
+                )
+            specs.append(s.spec)
+        else:
+            specs.append(P())
+    return mesh, tuple(specs)
+
+
+def _spec_dims(spec: P, axes: tuple[str, ...]) -> list[tuple[int, tuple[str, ...]]]:
+    """``[(dim, mesh axes among `axes` that split dim)]`` of a PartitionSpec, in spec order."""
+    out = []
+    for d, entry in enumerate(spec):
+        names = () if entry is None or entry is P.UNCONSTRAINED else (entry,) if isinstance(entry, str) else entry
+        ax = tuple(a for a in names if a in axes)
+        if ax:
+            out.append((d, ax))
+    return out
+
+
+def _manual_spec(spec: P, axes: tuple[str, ...]) -> P:
+    """``spec`` with only the mesh axes in ``axes`` (the shard_map's manual axes) kept."""
+    entries: list[Any] = [None] * len(spec)
+    for d, ax in _spec_dims(spec, axes):
+        entries[d] = ax[0] if len(ax) == 1 else ax
+    while entries and entries[-1] is None:
+        entries.pop()
+    return P(*entries)
+
+
+def _gather_param(x: jax.Array, spec: P, axes: tuple[str, ...], vary: bool) -> jax.Array:
+    """Inside the shard_map: the data-axis shards of a param leaf gathered (tiled); with ``vary``
+    (``check_vma=True``) typed as varying over every data axis, so ``jax.grad`` inside does not
+    ``psum`` its per-example cotangent across shards."""
+    dims = _spec_dims(spec, axes)
+    for d, ax in dims:  # all_gather keeps x varying over ax
+        x = jax.lax.all_gather(x, ax, axis=d, tiled=True)
+    used = {a for _, ax in dims for a in ax}
+    missing = tuple(a for a in axes if a not in used)  # replicated over these by the in_spec
+    return jax.lax.pcast(x, missing, to="varying") if missing and vary else x
+
+
+def _reduce_sum(x: jax.Array, spec: P, axes: tuple[str, ...]) -> jax.Array:
+    """Inside the shard_map: a per-shard sum reduced over the data axes, scattered like ``spec``."""
+    dims = _spec_dims(spec, axes)
+    used = {a for _, ax in dims for a in ax}
+    rest = tuple(a for a in axes if a not in used)
+    for d, ax in dims:  # scatter first: the psum below then moves only this device's block
+        x = jax.lax.psum_scatter(x, ax, scatter_dimension=d, tiled=True)
+    return jax.lax.psum(x, rest) if rest else x
+
+
+def _pad_batch_for_mesh(
+    examples: PyTree, weight: jax.Array, batch_key: jax.Array | None, mesh: Mesh
+) -> dict[str, Any]:
+    """``{"ex", "w", "key"}`` with rows padded to a multiple of the data-parallel size.
+
+    Padding rows repeat the last row and have weight 0 (they contribute nothing); the
+    per-example keys are those of the unpadded batch, ``fold_in(batch_key, n)``.
+    """
+    size = weight.shape[0]
+    pad = -size % sh.data_parallel_size(mesh)
+    return {
+        "ex": jax.tree.map(lambda x: _pad_rows(jnp.asarray(x), pad), examples),
+        "w": jnp.pad(weight, (0, pad)),
+        "key": _example_keys(batch_key, size + pad),
+    }
+
+
+def _data_parallel_sums(
+    local_fn: Callable[[PyTree, PyTree], tuple[PyTree, jax.Array]],
+    mesh: Mesh,
+    specs: tuple[P, ...],
+    params: PyTree,
+    data: PyTree,
+    *,
+    check_vma: bool = True,
+) -> tuple[PyTree, jax.Array]:
+    """Under ``jax.jit``: ``local_fn`` on each data shard of ``data``, sums reduced across shards.
+
+    ``local_fn(params, data_shard) -> (sums like params, weight sum)``. ``data``'s leaves
+    have a leading batch axis divisible by the data-parallel size (``None`` leaves allowed).
+    ``jax.shard_map`` is manual over the mesh's data axes only; the result's leaves are
+    constrained to ``NamedSharding(mesh, spec)``. Without data axes ``local_fn`` runs on the
+    global arrays (XLA partitions it). ``check_vma=False`` for a ``local_fn`` whose code is not
+    typed for manual axes (e.g. a ``lax.scan`` from an invariant zero carry, or a Pallas call);
+    the params are then still gathered and the sums reduced explicitly, so nothing changes
+    but the type checks.
+    """
+    axes = sh.data_axes(mesh)
+    leaves, treedef = jax.tree.flatten(params)
+    if not axes:
+        return local_fn(params, data)
+    manual = [_manual_spec(s, axes) for s in specs]
+
+    def body(local_leaves, shard):
+        full = [_gather_param(x, s, axes, check_vma) for x, s in zip(local_leaves, manual)]
+        sums, wsum = local_fn(jax.tree.unflatten(treedef, full), shard)
+        out = [_reduce_sum(x, s, axes) for x, s in zip(treedef.flatten_up_to(sums), manual)]
+        return out, jax.lax.psum(wsum, axes)
+
+    batch_spec = P(axes if len(axes) > 1 else axes[0])
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(manual, batch_spec), out_specs=(manual, P()),
+                       axis_names=frozenset(axes), check_vma=check_vma)
+    out, total = fn(leaves, data)
+    return jax.tree.unflatten(treedef, out), total
+
+
+def _add_sums(acc: PyTree, sums: PyTree | None, mesh: Mesh | None, specs: tuple[P, ...] | None) -> PyTree:
+    """``acc + sums`` (``acc`` if ``sums`` is None), constrained to the params' shardings with a mesh."""
+    out = acc if sums is None else jax.tree.map(jnp.add, acc, sums)
+    if mesh is None:
+        return out
+    leaves, treedef = jax.tree.flatten(out)
+    leaves = [jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s)) for x, s in zip(leaves, specs)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
 # ---------------------------------------------------------------- per-example accumulation
 
 
@@ -199,22 +385,28 @@ def _pad_rows(x: jax.Array, pad: int) -> jax.Array:
     return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "sample_fn", "chunk_size", "reduce"))
-def _accumulate_batch(
-    acc: PyTree,
-    total: jax.Array,
+def _example_keys(batch_key: jax.Array | None, size: int) -> jax.Array | None:
+    """``fold_in(batch_key, n)`` for ``n < size``: one key per example index (chunk/shard invariant)."""
+    if batch_key is None:
+        return None
+    return jax.vmap(lambda i: jax.random.fold_in(batch_key, i))(jnp.arange(size, dtype=jnp.uint32))
+
+
+def _chunked_sums(
     params: PyTree,
-    examples: PyTree,
-    weight: jax.Array,
-    batch_key: jax.Array | None,
+    data: Mapping[str, Any],
     *,
     loss_fn: LossFn,
     sample_fn: SampleFn | None,
     chunk_size: int,
     reduce: str,
-) -> PyTree:
-    """``(acc + sum_n w_n reduce(g_n), total + sum_n w_n)`` over one batch, by chunks."""
-    weight = jnp.asarray(weight).astype(jnp.float32)
+) -> tuple[PyTree, jax.Array]:
+    """``(sum_n w_n reduce(g_n), sum_n w_n)`` over the rows of ``data`` (``"ex"``, ``"w"``,
+    optional ``"key"``), by a ``lax.scan`` over chunks of ``vmap(grad)``; float32 sums.
+
+    Used on a whole batch (unsharded) and on one data shard inside ``jax.shard_map``.
+    """
+    examples, weight, keys = data["ex"], data["w"], data.get("key")
     size = weight.shape[0]
     n_chunks = -(-size // chunk_size)
     pad = n_chunks * chunk_size - size
@@ -226,10 +418,7 @@ def _accumulate_batch(
 
     xs: dict[str, Any] = {"ex": jax.tree.map(chunked, examples), "w": chunked(weight)}
     if sample_fn is not None:
-        # one key per example index: independent of chunk_size and padding.
-        idx = jnp.arange(size + pad, dtype=jnp.uint32)
-        keys = jax.vmap(lambda i: jax.random.fold_in(batch_key, i))(idx)
-        xs["key"] = chunked(keys)
+        xs["key"] = chunked(_take_rows(keys, size + pad))
 
     def one_grad(example, key):
         if sample_fn is not None:
@@ -255,9 +444,43 @@ def _accumulate_batch(
 
         return jax.tree.map(add, carry, grads), None
 
-    total = total + jnp.sum(weight)
-    acc, _ = jax.lax.scan(body, acc, xs)
-    return acc, total
+    acc, _ = jax.lax.scan(body, jt.zeros_like(params, dtype=jnp.float32), xs)
+    return acc, jnp.sum(weight)
+
+
+def _take_rows(x: jax.Array, n: int) -> jax.Array:
+    """The first ``n`` rows of ``x``, repeating its last row past its end (works for key arrays)."""
+    return jnp.take(x, jnp.minimum(jnp.arange(n), x.shape[0] - 1), axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "sample_fn", "chunk_size", "reduce", "mesh", "specs"))
+def _accumulate_batch(
+    acc: PyTree,
+    total: jax.Array,
+    params: PyTree,
+    examples: PyTree,
+    weight: jax.Array,
+    batch_key: jax.Array | None,
+    *,
+    loss_fn: LossFn,
+    sample_fn: SampleFn | None,
+    chunk_size: int,
+    reduce: str,
+    mesh: Mesh | None = None,
+    specs: tuple[P, ...] | None = None,
+) -> PyTree:
+    """``(acc + sum_n w_n reduce(g_n), total + sum_n w_n)`` over one batch, by chunks;
+    with ``mesh``, data-parallel over its data axes (:func:`_data_parallel_sums`)."""
+    weight = jnp.asarray(weight).astype(jnp.float32)
+    local = functools.partial(_chunked_sums, loss_fn=loss_fn, sample_fn=sample_fn, chunk_size=chunk_size,
+                              reduce=reduce)
+    if mesh is None:
+        data = {"ex": examples, "w": weight, "key": _example_keys(batch_key, weight.shape[0])}
+        sums, wsum = local(params, data)
+    else:
+        data = _pad_batch_for_mesh(examples, weight, batch_key, mesh)
+        sums, wsum = _data_parallel_sums(local, mesh, specs, params, data)
+    return _add_sums(acc, sums, mesh, specs), total + wsum
 
 
 def _per_example_reduce(
@@ -270,9 +493,13 @@ def _per_example_reduce(
     reduce: str,
     sample_fn: SampleFn | None,
     rng: jax.Array | None,
+    mesh: Mesh | None = None,
 ) -> tuple[PyTree, jax.Array]:
-    acc, total = _zeros_f32(params)
+    acc = total = specs = None
     for i, examples, weight in _iter_checked(batches, name):
+        if i == 0:
+            mesh, specs = _placement(mesh, params, examples, name)
+            acc, total = _zeros_f32(params, mesh, specs)
         key = None if sample_fn is None else jax.random.fold_in(rng, i)
         acc, total = _accumulate_batch(
             acc,
@@ -285,13 +512,22 @@ def _per_example_reduce(
             sample_fn=sample_fn,
             chunk_size=int(chunk_size),
             reduce=reduce,
+            mesh=mesh,
+            specs=specs,
         )
     return acc, total
 
 
-@jax.jit
-def _zeros_f32(params: PyTree) -> tuple[PyTree, jax.Array]:
-    return jt.zeros_like(params, dtype=jnp.float32), jnp.zeros((), jnp.float32)
+def _zeros_f32(params: PyTree, mesh: Mesh | None = None, specs: tuple[P, ...] | None = None
+               ) -> tuple[PyTree, jax.Array]:
+    """Float32 zeros like ``params`` (placed by ``specs`` on ``mesh`` when given) and a zero total."""
+    return _zeros_jit(params, mesh=mesh, specs=specs)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "specs"))
+def _zeros_jit(params, *, mesh, specs):
+    zeros = jt.zeros_like(params, dtype=jnp.float32)
+    return _add_sums(zeros, None, mesh, specs), jnp.zeros((), jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("op",))
@@ -345,6 +581,7 @@ def fisher_diagonal(
     sample_fn: SampleFn | None = None,
     method: Literal["vmap", "auto", "fused"] = "auto",
     check_finite: bool = True,
+    mesh: Mesh | None = None,
 ) -> PyTree:
     """Diagonal Fisher information: the mean over examples of squared per-example gradients.
 
@@ -376,13 +613,19 @@ def fisher_diagonal(
         ``chunk_size`` (the whole batch is one pass); ``"auto"``: ``"fused"`` for
         that loss, ``"vmap"`` otherwise.
       check_finite: raise ``FloatingPointError`` naming the first leaf with NaN/Inf.
+      mesh: run data-parallel on this ``jax.sharding.Mesh`` (see "Sharded runs" in the
+        module docstring); ``None``: the mesh the params (else the first batch) are
+        sharded on, unsharded if they are not.
 
     Returns:
-      A pytree like ``params`` with float32 leaves.
+      A pytree like ``params`` with float32 leaves; with a mesh, each leaf has its
+      parameter's ``NamedSharding`` (replicated for params not placed on the mesh).
 
     Raises:
       ValueError: empty ``batches``, batches with different keys or inconsistent batch
-        sizes, zero total weight, unknown ``labels``/``method``, missing ``rng``/``sample_fn``.
+        sizes, zero total weight, unknown ``labels``/``method``, missing ``rng``/``sample_fn``,
+        params sharded on a mesh other than ``mesh``.
+      TypeError: ``mesh`` is not a ``jax.sharding.Mesh``.
       NotImplementedError: ``method="fused"`` with a loss other than ``decoder_nll(model)``.
       FloatingPointError: NaN or Inf in the result (names the leaf path).
 
@@ -407,7 +650,7 @@ def fisher_diagonal(
         if isinstance(loss_fn, fisher_fused.DecoderNLL):
             return fisher_fused.fisher_diagonal_fused(
                 loss_fn.graphdef, params, batches, labels=labels, rng=rng, sample_fn=sample_fn,
-                check_finite=check_finite,
+                check_finite=check_finite, mesh=mesh,
             )
         if method == "fused":
             raise NotImplementedError(
@@ -435,34 +678,60 @@ def fisher_diagonal(
         reduce="square",
         sample_fn=sample_fn if labels == "sampled" else None,
         rng=rng,
+        mesh=mesh,
     )
     return _finish(acc, total, "fisher_diagonal", check_finite)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn",))
-def _batch_grad_sum(acc, total, params, examples, weight, *, loss_fn):
-    """``(acc + grad sum_n w_n l_n, total + sum_n w_n)`` for one batch."""
-    weight = jnp.asarray(weight).astype(jnp.float32)
-    examples = _valid_rows(examples, weight)
+def _grad_sums(params: PyTree, data: Mapping[str, Any], *, loss_fn: LossFn) -> tuple[PyTree, jax.Array]:
+    """``(grad sum_n w_n l_n, sum_n w_n)`` over the rows of ``data`` (float32), one batch gradient.
+
+    Rows of weight 0 are replaced by a row of positive weight (finite loss); if no row has a
+    positive weight (a data shard of padding only), the gradient is zero.
+    """
+    weight = data["w"]
+    examples = _valid_rows(data["ex"], weight)
+    wsum = jnp.sum(weight)
 
     def total_loss(p):
         losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, examples).astype(jnp.float32)
         return jnp.sum(weight * losses)
 
     g = jax.grad(total_loss)(params)
-    acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
-    return acc, total + jnp.sum(weight)
+    return jax.tree.map(lambda x: jnp.where(wsum > 0, x.astype(jnp.float32), 0.0), g), wsum
 
 
-def _batch_grad_reduce(name, loss_fn, params, batches):
-    acc, total = _zeros_f32(params)
-    for _, examples, weight in _iter_checked(batches, name):
-        acc, total = _batch_grad_sum(acc, total, params, examples, weight, loss_fn=loss_fn)
+@functools.partial(jax.jit, static_argnames=("loss_fn", "mesh", "specs"))
+def _batch_grad_sum(acc, total, params, examples, weight, *, loss_fn, mesh=None, specs=None):
+    """``(acc + grad sum_n w_n l_n, total + sum_n w_n)`` for one batch (data-parallel with ``mesh``)."""
+    weight = jnp.asarray(weight).astype(jnp.float32)
+    local = functools.partial(_grad_sums, loss_fn=loss_fn)
+    if mesh is None:
+        sums, wsum = local(params, {"ex": examples, "w": weight})
+    else:
+        data = _pad_batch_for_mesh(examples, weight, None, mesh)
+        sums, wsum = _data_parallel_sums(local, mesh, specs, params, data)
+    return _add_sums(acc, sums, mesh, specs), total + wsum
+
+
+def _batch_grad_reduce(name, loss_fn, params, batches, mesh=None):
+    acc = total = specs = None
+    for i, examples, weight in _iter_checked(batches, name):
+        if i == 0:
+            mesh, specs = _placement(mesh, params, examples, name)
+            acc, total = _zeros_f32(params, mesh, specs)
+        acc, total = _batch_grad_sum(acc, total, params, examples, weight, loss_fn=loss_fn, mesh=mesh,
+                                     specs=specs)
     return acc, total
 
 
 def mean_grad(
-    loss_fn: LossFn, params: PyTree, batches: Iterable[PyTree], *, check_finite: bool = True
+    loss_fn: LossFn,
+    params: PyTree,
+    batches: Iterable[PyTree],
+    *,
+    check_finite: bool = True,
+    mesh: Mesh | None = None,
 ) -> PyTree:
     """Weighted mean gradient over all examples of all batches.
 
@@ -476,12 +745,14 @@ def mean_grad(
       params: pytree of floating-point arrays.
       batches: iterable of batches (see the module docstring).
       check_finite: raise ``FloatingPointError`` naming the first leaf with NaN/Inf.
+      mesh: data-parallel mesh, as in :func:`fisher_diagonal` (each data shard takes the
+        gradient of its rows; the sums are reduced across shards).
 
     Returns:
-      A pytree like ``params`` with float32 leaves.
+      A pytree like ``params`` with float32 leaves (with the params' shardings on a mesh).
     """
     _check_params(params, "mean_grad")
-    acc, total = _batch_grad_reduce("mean_grad", loss_fn, params, batches)
+    acc, total = _batch_grad_reduce("mean_grad", loss_fn, params, batches, mesh)
     return _finish(acc, total, "mean_grad", check_finite)
 
 
@@ -493,6 +764,7 @@ def grad_importance(
     kind: Literal["squared_mean", "abs_mean", "abs_sum", "mean_abs"] = "squared_mean",
     chunk_size: int = 8,
     check_finite: bool = True,
+    mesh: Mesh | None = None,
 ) -> PyTree:
     """Gradient-based parameter importance (PerTA-grad, SalUn saliency).
 
@@ -513,9 +785,11 @@ def grad_importance(
       kind: one of the formulas above.
       chunk_size: chunk size of the per-example path (``"mean_abs"`` only).
       check_finite: raise ``FloatingPointError`` naming the first leaf with NaN/Inf.
+      mesh: data-parallel mesh, as in :func:`fisher_diagonal`.
 
     Returns:
-      A pytree like ``params`` with float32, non-negative leaves.
+      A pytree like ``params`` with float32, non-negative leaves (with the params'
+      shardings on a mesh).
 
     References:
       Fan et al., "SalUn: Empowering machine unlearning via gradient-based weight
@@ -535,9 +809,10 @@ def grad_importance(
             reduce="abs",
             sample_fn=None,
             rng=None,
+            mesh=mesh,
         )
         return _finish(acc, total, "grad_importance", check_finite)
-    acc, total = _batch_grad_reduce("grad_importance", loss_fn, params, batches)
+    acc, total = _batch_grad_reduce("grad_importance", loss_fn, params, batches, mesh)
     op = {"squared_mean": "mean_square", "abs_mean": "mean_abs", "abs_sum": "abs"}[kind]
     return _finish(acc, total, "grad_importance", check_finite, op)
 

@@ -45,6 +45,13 @@ matmuls), so about one ordinary gradient computation. Memory: the activations of
 one gradient computation plus the taps' cotangents (the size of the dense outputs);
 ``microbatch`` bounds it for large batches.
 
+Sharded (``mesh=``, or params/batches placed on a mesh): the pass runs per data shard under
+``jax.shard_map`` with the parameters gathered over the data axes, exactly as the vmap path
+(module docstring of :mod:`jaxunlearn.fisher`); a data shard holding only weight-0 rows
+contributes zeros. With a ``tp`` axis, XLA partitions the forward over it; a Pallas
+``dense_fisher`` (GPU/TPU) is a custom call XLA cannot split over ``tp``, so its operands
+are gathered over ``tp`` (activation-sized), not the parameters.
+
 References:
   Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
   Curvature", 2015 (per-example dense gradients ``a^T g``); Goodfellow, "Efficient
@@ -61,6 +68,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxunlearn import fisher as fi
 from jaxunlearn import tree as jt
@@ -278,15 +286,16 @@ def _fused_sums(params, examples, weight, *, graphdef, impl) -> list[jax.Array]:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sample_fn", "impl", "microbatch"))
-def _accumulate_fused(acc, total, params, examples, weight, batch_key, *, graphdef, sample_fn, impl,
-                      microbatch):
-    """``(acc + sum_n w_n (grad l_n)**2, total + sum_n w_n)`` over one batch."""
-    weight = jnp.asarray(weight).astype(jnp.float32)
-    examples = {k: jnp.asarray(examples[k]) for k in REQUIRED_KEYS}
+def _fused_local(params, data, *, graphdef, sample_fn, impl, microbatch):
+    """``(per params leaf sum_n w_n (grad l_n)**2, sum_n w_n)`` over the rows of ``data``
+    (``"ex"``, ``"w"``, optional ``"key"``): the whole batch, or one data shard under ``shard_map``.
+
+    Rows are sampled first (``labels="sampled"``), rows of weight 0 then replaced by a row of
+    positive weight (so no NaN reaches ``F``); a shard without such a row contributes zeros.
+    """
+    examples, weight, keys = data["ex"], data["w"], data.get("key")
     size = weight.shape[0]
     if sample_fn is not None:  # the vmap path's keys: fold_in(batch_key, n)
-        keys = jax.vmap(lambda i: jax.random.fold_in(batch_key, i))(jnp.arange(size, dtype=jnp.uint32))
         examples = jax.vmap(sample_fn, in_axes=(None, 0, 0))(jax.lax.stop_gradient(params), examples, keys)
         examples = {k: examples[k] for k in REQUIRED_KEYS}
     examples = fi._valid_rows(examples, weight)  # weight-0 rows: a valid row, so no NaN reaches F
@@ -294,9 +303,10 @@ def _accumulate_fused(acc, total, params, examples, weight, batch_key, *, graphd
     n_chunks = -(-size // mb)
     pad = n_chunks * mb - size
     examples = jax.tree.map(lambda x: fi._pad_rows(x, pad), examples)
-    weight = jnp.pad(weight, (0, pad))
-    xs = jax.tree.map(lambda x: x.reshape((n_chunks, mb) + x.shape[1:]), (examples, weight))
-    acc_leaves, treedef = jax.tree_util.tree_flatten(acc)
+    padded = jnp.pad(weight, (0, pad))
+    xs = jax.tree.map(lambda x: x.reshape((n_chunks, mb) + x.shape[1:]), (examples, padded))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    zeros = [jnp.zeros(x.shape, jnp.float32) for x in leaves]
 
     def body(carry, chunk):
         ex, w = chunk
@@ -304,10 +314,32 @@ def _accumulate_fused(acc, total, params, examples, weight, batch_key, *, graphd
         return [c + s for c, s in zip(carry, sums)], None
 
     if n_chunks == 1:
-        acc_leaves, _ = body(acc_leaves, jax.tree.map(lambda x: x[0], xs))
+        sums, _ = body(zeros, jax.tree.map(lambda x: x[0], xs))
     else:
-        acc_leaves, _ = jax.lax.scan(body, acc_leaves, xs)
-    return jax.tree_util.tree_unflatten(treedef, acc_leaves), total + jnp.sum(weight)
+        sums, _ = jax.lax.scan(body, zeros, xs)
+    wsum = jnp.sum(weight)
+    sums = [jnp.where(wsum > 0, x, 0.0) for x in sums]
+    return jax.tree_util.tree_unflatten(treedef, sums), wsum
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sample_fn", "impl", "microbatch", "mesh", "specs"))
+def _accumulate_fused(acc, total, params, examples, weight, batch_key, *, graphdef, sample_fn, impl,
+                      microbatch, mesh=None, specs=None):
+    """``(acc + sum_n w_n (grad l_n)**2, total + sum_n w_n)`` over one batch; with ``mesh``,
+    each data shard runs :func:`_fused_local` on its rows (``jaxunlearn.fisher`` sharding)."""
+    weight = jnp.asarray(weight).astype(jnp.float32)
+    examples = {k: jnp.asarray(examples[k]) for k in REQUIRED_KEYS}
+    local = functools.partial(_fused_local, graphdef=graphdef, sample_fn=sample_fn, impl=impl,
+                              microbatch=microbatch)
+    if mesh is None:
+        data = {"ex": examples, "w": weight, "key": fi._example_keys(batch_key, weight.shape[0])}
+        sums, wsum = local(params, data)
+    else:
+        data = fi._pad_batch_for_mesh(examples, weight, batch_key, mesh)
+        # check_vma=False: dense_fisher's scan starts from an invariant zero carry (and a Pallas
+        # call has no manual-axis typing); the gathers and reductions are explicit either way.
+        sums, wsum = fi._data_parallel_sums(local, mesh, specs, params, data, check_vma=False)
+    return fi._add_sums(acc, sums, mesh, specs), total + wsum
 
 
 # ---------------------------------------------------------------- public API
@@ -324,6 +356,7 @@ def fisher_diagonal_fused(
     microbatch: int | None = None,
     impl: str = "auto",
     check_finite: bool = True,
+    mesh: Mesh | None = None,
 ) -> PyTree:
     """Diagonal Fisher of a decoder's answer NLL, by one forward/backward pass per batch.
 
@@ -352,9 +385,14 @@ def fisher_diagonal_fused(
       impl: :func:`jaxunlearn.kernels.fisher.dense_fisher` path (``"auto"``: Pallas on
         TPU/GPU, the XLA scan on CPU; ``"pallas"``, ``"xla"``, ``"reference"``).
       check_finite: raise ``FloatingPointError`` naming the first leaf with NaN/Inf.
+      mesh: run data-parallel on this mesh, as :func:`jaxunlearn.fisher.fisher_diagonal`
+        (``None``: the mesh the params, else the first batch, are sharded on): each data
+        shard runs the fused pass on its rows with the params gathered over the data axes,
+        the sums are ``psum`` / ``psum_scatter`` -ed back to the params' shardings.
 
     Returns:
-      A pytree like ``params`` with float32 leaves. With a bfloat16 compute dtype the
+      A pytree like ``params`` with float32 leaves (with the params' shardings on a
+      mesh). With a bfloat16 compute dtype the
       dense layers' ``a^T g`` products accumulate in float32 (more accurate than the
       vmap path's bfloat16 per-example gradients) and the example weights enter
       ``dense_fisher`` as ``sqrt(w_n)`` rounded to bfloat16 (exact for 0/1 weights).
@@ -382,12 +420,15 @@ def fisher_diagonal_fused(
         fi._check_chunk_size(microbatch)
     fi._check_params(params, "fisher_diagonal_fused")
     _classify(params, graphdef)  # unknown leaves / wrong shapes fail before any compilation
-    acc, total = fi._zeros_f32(params)
+    acc = total = specs = None
     for i, examples, weight in fi._iter_checked(batches, "fisher_diagonal_fused"):
         _check_keys(examples, f"batch {i}")
+        if i == 0:
+            mesh, specs = fi._placement(mesh, params, examples, "fisher_diagonal_fused")
+            acc, total = fi._zeros_f32(params, mesh, specs)
         key = None if sample_fn is None else jax.random.fold_in(rng, i)
         acc, total = _accumulate_fused(
             acc, total, params, examples, weight, key, graphdef=graphdef, sample_fn=sample_fn, impl=impl,
-            microbatch=None if microbatch is None else int(microbatch),
+            microbatch=None if microbatch is None else int(microbatch), mesh=mesh, specs=specs,
         )
     return fi._finish(acc, total, "fisher_diagonal_fused", check_finite)
