@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxunlearn import checkpoint as ckpt
 from jaxunlearn.losses import sequence_nll
-from jaxunlearn.sharding import jit_keeping_state_sharding
+from jaxunlearn.sharding import jit_keeping_state_sharding, shard_batch
 
 __all__ = [
     "TrainConfig",
@@ -151,6 +151,14 @@ def batch_at(data: Mapping[str, np.ndarray], batch_size: int, step: int, seed: i
     return {k: np.asarray(data[k])[idx] for k in BATCH_KEYS}
 
 
+def _mesh_of(tree) -> jax.sharding.Mesh | None:
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return sharding.mesh
+    return None
+
+
 def train(
     model: nnx.Module,
     data: Mapping[str, np.ndarray],
@@ -161,6 +169,7 @@ def train(
     desc: str = "train",
     log_every: int = 25,
     callback: Callable[[int, dict], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[nnx.Module, list[dict]]:
     """Fine-tune ``model`` on encoded QA data (loss on answer tokens only).
 
@@ -174,6 +183,9 @@ def train(
       progress: show a tqdm bar with the loss.
       log_every: record the metrics every this many steps.
       callback: called as ``callback(step, metrics)`` after each logged step.
+      mesh: split every batch over this mesh's data-parallel axes
+        (:func:`jaxunlearn.sharding.shard_batch`); default: the mesh the model's parameters
+        are sharded on, if any. The batch size must be a multiple of the data-parallel size.
 
     Returns:
       ``(trained_model, history)``, history a list of ``{"step", "loss", "grad_norm"}``.
@@ -185,6 +197,8 @@ def train(
         raise ValueError(f"steps must be positive, got {cfg.steps}")
     graphdef, params, rest = split_model(model)
     params = jax.tree.map(jnp.copy, params)  # the step donates its state: keep the caller's model alive
+    if mesh is None:
+        mesh = _mesh_of(params)
     tx = make_optimizer(cfg)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     mngr = ckpt.run_manager(checkpoint_dir) if checkpoint_dir else None
@@ -196,7 +210,10 @@ def train(
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     try:
         for s in bar:
-            state, metrics = step_fn(state, batch_at(data, cfg.batch_size, s, cfg.seed))
+            batch = batch_at(data, cfg.batch_size, s, cfg.seed)
+            if mesh is not None:
+                batch = shard_batch(batch, mesh)
+            state, metrics = step_fn(state, batch)
             if (s + 1) % log_every == 0 or s + 1 == cfg.steps:
                 m = {k: float(v) for k, v in metrics.items()}
                 history.append({"step": s + 1, **m})

@@ -104,3 +104,18 @@ def test_bad_training_input():
     empty = {k: v[:0] for k, v in data.items()}
     with pytest.raises(ValueError, match="empty"):
         tr.train(Bigram(16, nnx.Rngs(0)), empty, tr.TrainConfig(steps=2, batch_size=4), progress=False)
+
+
+def test_training_on_a_mesh_splits_batches_and_matches_one_device():
+    from jaxunlearn import sharding
+
+    data = _data(n=32)
+    cfg = tr.TrainConfig(steps=6, batch_size=8, learning_rate=0.1, warmup_steps=1)
+    ref, _ = tr.train(Bigram(16, nnx.Rngs(0)), data, cfg, progress=False)
+    mesh = sharding.make_mesh("fsdp=8")
+    model = Bigram(16, nnx.Rngs(0))
+    nnx.update(model, sharding.shard_params(nnx.state(model, nnx.Param), mesh))
+    got, _ = tr.train(model, data, cfg, progress=False)
+    np.testing.assert_allclose(got.table.embedding[...], ref.table.embedding[...], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible"):
+        tr.train(Bigram(16, nnx.Rngs(0)), data, tr.TrainConfig(steps=1, batch_size=6), progress=False, mesh=mesh)
