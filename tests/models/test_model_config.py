@@ -7,8 +7,8 @@ import pytest
 
 from jaxunlearn.models import ModelConfig, rope_inv_freq
 
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
+import transformers  # noqa: E402
+import torch  # noqa: E402
 
 _BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
 _LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
