@@ -1,7 +1,8 @@
 """Run every throughput benchmark (``make bench``): the kernels, the fused Fisher, then device scaling.
 
-* ``experiments/bench_kernels.py``: ``dense_fisher`` paths and the projection passes
-  (bytes/s, fraction of the measured copy bandwidth) -> ``results/bench/kernels.json``.
+* ``experiments/bench_kernels.py``: ``dense_fisher`` paths and the projection passes at
+  k = 1, 4, 8, 16 (as multiples of the machine's measured read / copy / matmul floors)
+  -> ``results/bench/kernels.json``.
 * ``experiments/bench_fisher.py``: fused vs chunked-vmap diagonal Fisher on the demo
   decoder and a ~100M-parameter Llama-shaped decoder (time per example, XLA temp
   memory, ratios to one gradient) -> ``results/bench/fisher.json`` and ``fisher.md``.
@@ -41,7 +42,7 @@ def run_scaling(argv: list[str]) -> dict:
     return json.loads(Path(out).read_text())
 
 
-KERNELS_FULL = ["--batch", "32", "--seq", "128", "--d-in", "1024", "--d-out", "1024", "--k", "8",
+KERNELS_FULL = ["--batch", "32", "--seq", "128", "--d-in", "1024", "--d-out", "1024", "--k", "4,8,16",
                 "--p", "16000000"]
 
 

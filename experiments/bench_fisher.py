@@ -54,7 +54,8 @@ MODELS = {
 }
 # (model, batch, seq) run by default on CPU, and with --full; the rest of the 8/32/128 x 128/512
 # grid is listed as skipped with the reason.
-SMALL = [("demo", 8, 128), ("demo", 32, 128), ("demo", 128, 128), ("demo", 8, 512), ("llama100m", 8, 128)]
+SMALL = [("demo", 8, 128), ("demo", 32, 128), ("demo", 128, 128), ("demo", 8, 512), ("llama100m", 8, 128),
+         ("llama100m", 32, 128)]
 FULL = [(m, b, t) for m in MODELS for b in (8, 32, 128) for t in (128, 512)]
 SKIP_REASON = "skipped by default on CPU (time budget); run with --full"
 
@@ -161,10 +162,23 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _parse_case(text: str) -> tuple[str, int, int]:
+    try:
+        name, b, t = text.split(":")
+        case = (name, int(b), int(t))
+    except ValueError:
+        raise SystemExit(f"--cases entries are model:batch:seq, got {text!r}") from None
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r} in --cases; choose from {sorted(MODELS)}")
+    return case
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="the whole 8/32/128 x 128/512 grid for both models")
     p.add_argument("--only", default=None, help="comma-separated model names to run (default: all)")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated model:batch:seq cases to run instead of the grid, e.g. llama100m:32:128")
     p.add_argument("--chunk", type=int, default=8, help="vmap chunk size (fisher_diagonal's default)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -172,6 +186,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     grid = FULL if args.full else SMALL
+    if args.cases:
+        grid = [_parse_case(c) for c in args.cases.split(",")]
     keep = set(MODELS)
     if args.only:
         keep = set(args.only.split(","))
