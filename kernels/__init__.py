@@ -6,7 +6,9 @@
   vectors and the pytree projection ``g - R^T (R R^T)^+ R g``.
 
 Every function takes ``impl="auto" | "pallas" | "xla" | "reference"``; ``"auto"``
-runs Pallas on TPU/GPU and XLA on CPU (Pallas on CPU only in interpret mode).
+runs Pallas on TPU/GPU and XLA on CPU (Pallas on CPU only in interpret mode), chosen
+when the computation is lowered, so ``jax.export`` for TPU/GPU from a CPU host carries
+the compiled kernels (:mod:`jaxunlearn.kernels._common`).
 """
 
 from jaxunlearn.kernels.fisher import (

@@ -9,16 +9,29 @@ Dispatch rule used by every kernel module (``impl`` argument):
   (``interpret=None`` means "interpret on CPU, compile on TPU/GPU").
 * ``"auto"``: Pallas on TPU and GPU, XLA on CPU.
 
-The platform is read from ``jax.default_backend()`` when the function is traced.
+Platform choice happens at *lowering*, not at trace time: every path that depends on
+the platform (``"auto"``, ``interpret=None``, block defaults, compiler parameters) is
+built once per platform and staged with ``lax.platform_dependent`` (:func:`per_platform`),
+which keeps the branch of the platform the computation is lowered for. A traced
+function (and its jit cache entry) is therefore valid everywhere, and
+``jax.export(..., platforms=["tpu"])`` or ``["cuda"]`` from a CPU host lowers the
+compiled Mosaic / Triton kernels (one platform per export: a multi-platform export
+that lists ``"cpu"`` fails, as JAX then lowers the Pallas branches for every listed
+platform). A configuration that is invalid on one platform
+(a block size Triton or Mosaic refuses) raises its ``ValueError`` when, and only
+when, the computation is lowered for that platform.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
 
 Impl = Literal["auto", "pallas", "xla", "reference"]
 IMPLS = ("auto", "pallas", "xla", "reference")
@@ -28,8 +41,11 @@ __all__ = [
     "Impl",
     "IMPLS",
     "SUPPORTED_DTYPES",
+    "PLATFORMS",
     "platform",
-    "resolve_impl",
+    "per_platform",
+    "check_impl",
+    "check_pallas_platform",
     "resolve_interpret",
     "check_float_dtype",
     "compute_dtype",
@@ -41,34 +57,87 @@ __all__ = [
 ]
 
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+_LOWERING_NAMES = {"cpu": ("cpu",), "gpu": ("cuda", "rocm"), "tpu": ("tpu",)}
+
+
 def platform() -> str:
-    """``"cpu"``, ``"gpu"`` or ``"tpu"``: the default backend at trace time."""
+    """``"cpu"``, ``"gpu"`` or ``"tpu"``: the default backend (where a jit call runs by default)."""
     p = jax.default_backend()
     return "gpu" if p in ("cuda", "rocm", "gpu") else p
 
 
-def resolve_impl(impl: str, interpret: bool | None) -> str:
-    """Map ``impl`` (``"auto"`` included) to one of pallas / xla / reference.
-
-    Raises:
-      ValueError: unknown ``impl``, or ``impl="pallas"`` with ``interpret=False``
-        on CPU (Pallas has no compiled CPU backend).
-    """
+def check_impl(impl: str) -> str:
+    """Return ``impl`` if it names a path (``IMPLS``), else raise ``ValueError``."""
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
-    plat = platform()
-    if impl == "auto":
-        return "pallas" if plat in ("tpu", "gpu") else "xla"
-    if impl == "pallas" and plat == "cpu" and interpret is False:
-        raise ValueError(
-            "impl='pallas' on CPU needs interpret=True (or None): Pallas has no compiled CPU backend"
-        )
     return impl
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-    """``interpret=None`` -> True on CPU, False on TPU/GPU."""
-    return platform() == "cpu" if interpret is None else bool(interpret)
+def resolve_interpret(interpret: bool | None, plat: str) -> bool:
+    """``interpret=None`` -> True on CPU, False on TPU/GPU (for the platform ``plat``)."""
+    return plat == "cpu" if interpret is None else bool(interpret)
+
+
+def check_pallas_platform(plat: str, interpret: bool) -> None:
+    """Raise ``ValueError`` for compiled Pallas on CPU (there is no compiled CPU backend)."""
+    if plat == "cpu" and not interpret:
+        raise ValueError(
+            "impl='pallas' on CPU needs interpret=True (or None): Pallas has no compiled CPU backend"
+        )
+
+
+# A marker that raises, with its message, when it is lowered (or run eagerly): the
+# branch of a platform on which the requested configuration is invalid.
+_invalid_p = Primitive("jaxunlearn_invalid_for_platform")
+_invalid_p.def_abstract_eval(lambda x, *, message: x)
+
+
+def _raise_invalid(*_, message: str, **__):
+    raise ValueError(message)
+
+
+_invalid_p.def_impl(lambda x, *, message: _raise_invalid(message=message))
+mlir.register_lowering(_invalid_p, lambda ctx, x, *, message: _raise_invalid(message=message))
+
+
+def _invalid_branch(fn: Callable[..., Any], message: str) -> Callable[..., Any]:
+    """``fn`` with its array arguments routed through the raising marker (same output types)."""
+
+    def branch(*args):
+        args = jax.tree.map(lambda x: _invalid_p.bind(x, message=message), args)
+        return fn(*args)
+
+    return branch
+
+
+def per_platform(build: Callable[[str], Callable[..., Any]], *args: Any) -> Any:
+    """``build(plat)(*args)`` for the platform ``plat`` the computation is lowered for.
+
+    ``build`` is called for each of ``PLATFORMS``; it validates the configuration for
+    that platform (raising ``ValueError`` if it is invalid there) and returns the
+    branch, a function of ``args`` with the same output types on every platform. The
+    branches are staged with ``lax.platform_dependent`` (``"gpu"`` serves ``cuda`` and
+    ``rocm``), so the choice is made at lowering (module docstring). A platform whose
+    ``build`` raised gets a branch that raises that error if it is ever lowered.
+
+    Raises:
+      ValueError: the configuration is invalid on every platform (the error of the
+        default backend's platform).
+    """
+    branches, errors = {}, {}
+    for plat in PLATFORMS:
+        try:
+            branches[plat] = build(plat)
+        except ValueError as e:
+            errors[plat] = e
+    if not branches:
+        raise errors[platform()]
+    valid = next(iter(branches.values()))
+    for plat, err in errors.items():
+        branches[plat] = _invalid_branch(valid, str(err))
+    kw = {name: branches[plat] for plat, names in _LOWERING_NAMES.items() for name in names}
+    return lax.platform_dependent(*args, **kw)
 
 
 def check_float_dtype(x: jax.Array, name: str) -> jnp.dtype:

@@ -35,11 +35,14 @@ Paths (``impl``):
   Shapes that are not block multiples are zero-padded (padding adds 0 to ``F``).
   Blocks that divide ``d_in``, ``d_out`` and ``T`` avoid the padding copy.
 
-* ``"auto"``: Pallas on TPU/GPU, ``"xla"`` on CPU.
+* ``"auto"``: Pallas on TPU/GPU, ``"xla"`` on CPU, chosen when the computation is
+  lowered (``lax.platform_dependent``), so ``jax.export`` for TPU or GPU from a CPU host
+  carries the compiled kernels.
 
 Hardware status: both schedules are tested on CPU in Pallas interpret mode
-against the reference and an independent per-example loop. Neither compiled
-path (Mosaic TPU, Triton GPU) has been run on hardware yet; the GPU path uses
+against the reference and an independent per-example loop, and lowered from CPU for
+TPU (Mosaic) and GPU (Triton) by ``jax.export`` (``tests/kernels/test_lowering.py``).
+Neither compiled path has been compiled or run on hardware yet; the GPU path uses
 ``pallas.triton.CompilerParams`` explicitly because jax 0.10 otherwise lowers
 ``pallas_call`` to Mosaic GPU.
 
@@ -52,7 +55,7 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -242,38 +245,21 @@ def _pad(x, axis: int, to: int):
     return jnp.pad(x, widths)
 
 
-@functools.partial(jax.jit, static_argnames=("block_in", "block_out", "block_t", "schedule", "interpret"))
-def dense_fisher_pallas(
-    a: jax.Array,
-    g: jax.Array,
-    mask: jax.Array | None = None,
-    *,
-    block_in: int | None = None,
-    block_out: int | None = None,
-    block_t: int | None = None,
-    schedule: Schedule | None = None,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """Pallas path of :func:`dense_fisher` (see the module docstring for the schedules).
+class _Plan(NamedTuple):
+    """A validated Pallas configuration for one platform."""
 
-    Args:
-      a, g, mask: as in :func:`dense_fisher_reference`.
-      block_in, block_out: output tile. Defaults: the full dimension up to 512,
-        else 256 (grid schedule); 16-64, powers of two (loop schedule).
-      block_t: token chunk per step. Default: ``T`` up to 512, else 256 (grid);
-        16-32 (loop).
-      schedule: ``"grid"`` or ``"loop"``; default ``"loop"`` on GPU, else ``"grid"``.
-        ``"grid"`` is refused on GPU (its reduction axes would race).
-      interpret: run the Pallas interpreter; default True on CPU only.
+    plat: str
+    schedule: str
+    bi: int
+    bo: int
+    bt: int
+    interpret: bool
 
-    Returns:
-      ``(d_in, d_out)`` float32 array.
-    """
-    B, T, d_in, d_out = _check_inputs(a, g, mask)
-    for v, n in ((block_in, "block_in"), (block_out, "block_out"), (block_t, "block_t")):
-        C.check_block(v, n)
-    plat = C.platform()
-    interpret = C.resolve_interpret(interpret)
+
+def _plan(plat: str, T: int, d_in: int, d_out: int, *, block_in, block_out, block_t, schedule,
+          interpret: bool | None) -> _Plan:
+    """Blocks, schedule and mode of the kernel on ``plat``; ``ValueError`` if invalid there."""
+    interpret = C.resolve_interpret(interpret, plat)
     if plat == "cpu" and not interpret:
         raise ValueError("dense_fisher_pallas on CPU needs interpret=True (or None)")
     if schedule is None:
@@ -282,13 +268,25 @@ def dense_fisher_pallas(
         raise ValueError(f"unknown schedule {schedule!r}; expected 'grid' or 'loop'")
     if schedule == "grid" and plat == "gpu" and not interpret:
         raise ValueError("schedule='grid' relies on sequential grid axes (TPU); use 'loop' on GPU")
-
     dbi, dbo, dbt = _default_blocks(schedule, T, d_in, d_out)
     bi, bo, bt = block_in or dbi, block_out or dbo, block_t or dbt
     if schedule == "loop" and plat == "gpu" and not interpret:
         for v, n in ((bi, "block_in"), (bo, "block_out"), (bt, "block_t")):
             if v < 16 or v != C.next_power_of_2(v):
                 raise ValueError(f"{n} must be a power of two >= 16 for the Triton (GPU) kernel; got {v}")
+    if plat == "tpu" and not interpret:  # (8, 128) tiles: bi and bo are lane dims, bt a sublane dim
+        for v, n, full, tile in ((bi, "block_in", d_in, 128), (bo, "block_out", d_out, 128), (bt, "block_t", T, 8)):
+            if v % tile and v < full:
+                raise ValueError(f"{n} = {v} must be a multiple of {tile} (or cover the whole dimension, "
+                                 f"{full}) for the Mosaic (TPU) kernel")
+    return _Plan(plat, schedule, bi, bo, bt, interpret)
+
+
+def _run(plan: _Plan, a: jax.Array, g: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The ``pallas_call`` of ``plan`` (inputs zero-padded to block multiples)."""
+    B, T, d_in = a.shape
+    d_out = g.shape[2]
+    plat, schedule, bi, bo, bt, interpret = plan
     Pi, Po, Pt = C.round_up(d_in, bi), C.round_up(d_out, bo), C.round_up(T, bt)
     n_i, n_j, n_t = Pi // bi, Po // bo, Pt // bt
 
@@ -321,7 +319,7 @@ def dense_fisher_pallas(
 
             if n_t > 1:
                 scratch = [pltpu.VMEM((bi, bo), jnp.float32)]
-            if plat == "tpu":
+            if plat == "tpu" and not interpret:
                 params = pltpu.CompilerParams(
                     dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")
                 )
@@ -365,6 +363,62 @@ def dense_fisher_pallas(
             name="dense_fisher_loop",
         )(*operands)
     return out[:d_in, :d_out]
+
+
+def _pallas_branches(T, d_in, d_out, *, blocks, schedule, interpret, cpu=None):
+    """``build(plat)`` for :func:`jaxunlearn.kernels._common.per_platform`: the kernel of each
+    platform, or ``cpu`` (a function) on CPU."""
+
+    def build(plat):
+        if plat == "cpu" and cpu is not None:
+            return cpu
+        return functools.partial(_run, _plan(plat, T, d_in, d_out, **blocks, schedule=schedule,
+                                             interpret=interpret))
+
+    return build
+
+
+@functools.partial(jax.jit, static_argnames=("block_in", "block_out", "block_t", "schedule", "interpret"))
+def dense_fisher_pallas(
+    a: jax.Array,
+    g: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    block_in: int | None = None,
+    block_out: int | None = None,
+    block_t: int | None = None,
+    schedule: Schedule | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Pallas path of :func:`dense_fisher` (see the module docstring for the schedules).
+
+    The configuration is chosen per platform at lowering
+    (:func:`jaxunlearn.kernels._common.per_platform`): compiled Mosaic on TPU,
+    compiled Triton on GPU, the interpreter on CPU.
+
+    Args:
+      a, g, mask: as in :func:`dense_fisher_reference`.
+      block_in, block_out: output tile. Defaults: the full dimension up to 512,
+        else 256 (grid schedule); 16-64, powers of two (loop schedule).
+      block_t: token chunk per step. Default: ``T`` up to 512, else 256 (grid);
+        16-32 (loop).
+      schedule: ``"grid"`` or ``"loop"``; default ``"loop"`` on GPU, else ``"grid"``.
+        ``"grid"`` is refused on GPU (its reduction axes would race).
+      interpret: run the Pallas interpreter; default True on CPU only.
+
+    Returns:
+      ``(d_in, d_out)`` float32 array.
+
+    Raises:
+      ValueError: bad shapes or blocks; when lowered for a platform, a configuration
+        that platform's kernel cannot take (e.g. non-power-of-two blocks on GPU).
+    """
+    B, T, d_in, d_out = _check_inputs(a, g, mask)
+    for v, n in ((block_in, "block_in"), (block_out, "block_out"), (block_t, "block_t")):
+        C.check_block(v, n)
+    blocks = dict(block_in=block_in, block_out=block_out, block_t=block_t)
+    build = _pallas_branches(T, d_in, d_out, blocks=blocks, schedule=schedule, interpret=interpret)
+    return C.per_platform(build, a, g, mask)
 
 
 # ---------------------------------------------------------------- front end
@@ -412,12 +466,19 @@ def dense_fisher(
       >>> dense_fisher(a, g)[0, 0]   # two examples, each gradient entry 3
       Array(18., dtype=float32)
     """
-    _check_inputs(a, g, mask)
-    path = C.resolve_impl(impl, interpret)
-    if path == "reference":
+    B, T, d_in, d_out = _check_inputs(a, g, mask)
+    C.check_impl(impl)
+    if impl == "reference":
         return dense_fisher_reference(a, g, mask)
-    if path == "xla":
+    if impl == "xla":
         return dense_fisher_xla(a, g, mask)
-    return dense_fisher_pallas(
-        a, g, mask, block_in=block_in, block_out=block_out, block_t=block_t, interpret=interpret
-    )
+    if impl == "pallas":
+        return dense_fisher_pallas(
+            a, g, mask, block_in=block_in, block_out=block_out, block_t=block_t, interpret=interpret
+        )
+    for v, n in ((block_in, "block_in"), (block_out, "block_out"), (block_t, "block_t")):
+        C.check_block(v, n)
+    blocks = dict(block_in=block_in, block_out=block_out, block_t=block_t)
+    build = _pallas_branches(T, d_in, d_out, blocks=blocks, schedule=None, interpret=interpret,
+                             cpu=dense_fisher_xla)
+    return C.per_platform(build, a, g, mask)

@@ -18,7 +18,10 @@ not on their norms; never a ``P x P`` matrix.
 Paths (``impl``): ``"reference"`` (float32 ``jnp`` at ``Precision.HIGHEST``),
 ``"xla"`` (``dot_general`` on the native dtype with float32 accumulation),
 ``"pallas"``, ``"auto"`` (Pallas on TPU; on GPU Pallas when ``k`` is a power of
-two >= 16, as ``tl.dot`` needs, else XLA; XLA on CPU).
+two >= 16, as ``tl.dot`` needs, else XLA; XLA on CPU). The platform-dependent choices
+are made when the computation is lowered (``lax.platform_dependent``, see
+:mod:`jaxunlearn.kernels._common`), so ``jax.export`` for TPU/GPU from a CPU host
+carries the compiled kernels.
 
 Pallas kernels: ``P`` is cut in blocks of ``block_p``. The ``floor(P / block_p)``
 full blocks go through the kernel; the remaining ``P mod block_p`` columns (the
@@ -33,8 +36,9 @@ operands, float32 accumulation); the dots and ``R^T c`` are elementwise in
 float32.
 
 Hardware status: tested on CPU in Pallas interpret mode against numpy and the
-``jnp`` reference; the compiled Mosaic TPU and Triton GPU paths have not been
-run on hardware yet.
+``jnp`` reference, and lowered from CPU for TPU (Mosaic) and GPU (Triton) by
+``jax.export`` (``tests/kernels/test_lowering.py``); the compiled paths have not
+been compiled or run on hardware yet.
 
 Sharding: the kernels see whole arrays. Inside ``jax.shard_map`` with ``P``
 sharded, pass ``axis_name`` to the tree functions so the Gram and dots are
@@ -45,7 +49,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -199,8 +203,12 @@ def _block_p(block_p: int | None, plat: str, interpret: bool) -> int:
     return bp
 
 
+def _triton_k_ok(k: int) -> bool:
+    return k >= 16 and k == C.next_power_of_2(k)  # Triton tl.dot needs power-of-two dims >= 16
+
+
 def _check_triton_k(k: int, plat: str, interpret: bool) -> None:
-    if plat == "gpu" and not interpret and (k < 16 or k != C.next_power_of_2(k)):
+    if plat == "gpu" and not interpret and not _triton_k_ok(k):
         raise ValueError(
             f"the Triton (GPU) kernels need k to be a power of two >= 16; got k = {k} "
             "(use impl='xla' or 'auto')"
@@ -231,19 +239,47 @@ def _compiler_params(plat: str, interpret: bool, semantics: tuple[str, ...]):
     return None
 
 
-def _pallas_reduce(R, g, *, want_gram: bool, block_p, interpret, splits):
-    k, P = R.shape
-    plat = C.platform()
-    interpret = C.resolve_interpret(interpret)
+class _Plan(NamedTuple):
+    """A validated Pallas configuration for one platform (``splits`` only for reductions)."""
+
+    plat: str
+    bp: int
+    interpret: bool
+    splits: int
+
+
+def _plan(plat: str, k: int, P: int, *, block_p, interpret, splits=None) -> _Plan:
+    """Block length, mode and partial sums on ``plat``; ``ValueError`` if invalid there."""
+    interpret = C.resolve_interpret(interpret, plat)
+    C.check_pallas_platform(plat, interpret)
     bp = _block_p(block_p, plat, interpret)
     _check_triton_k(k, plat, interpret)
+    n_full = P // bp
+    return _Plan(plat, bp, interpret, _splits(n_full, splits, plat) if n_full else 1)
+
+
+def _branches(impl: str, k: int, P: int, xla_fn, pallas_fn, **opts):
+    """``build(plat)`` for :func:`jaxunlearn.kernels._common.per_platform`: ``xla_fn`` where
+    ``impl="auto"`` picks XLA (CPU; GPU when ``k`` does not suit ``tl.dot``), else
+    ``pallas_fn`` bound to the platform's plan."""
+
+    def build(plat):
+        if impl == "auto" and (plat == "cpu" or (plat == "gpu" and not _triton_k_ok(k))):
+            return xla_fn
+        return functools.partial(pallas_fn, _plan(plat, k, P, **opts))
+
+    return build
+
+
+def _pallas_reduce(plan: _Plan, R, g, *, want_gram: bool):
+    k, P = R.shape
+    plat, bp, interpret, S = plan
     n_full = P // bp
     want_dots = g is not None
     G = jnp.zeros((k, k), jnp.float32) if want_gram else None
     d = jnp.zeros((k,), jnp.float32) if want_dots else None
 
     if n_full:
-        S = _splits(n_full, splits, plat)
         n = n_full // S
         cdt = C.compute_dtype(R.dtype, *((g.dtype,) if want_dots else ()))
         operands = [R]
@@ -293,12 +329,9 @@ def _pallas_reduce(R, g, *, want_gram: bool, block_p, interpret, splits):
     return G, d
 
 
-def _pallas_subtract(g, R, c, *, block_p, interpret):
+def _pallas_subtract(plan: _Plan, g, R, c):
     k, P = R.shape
-    plat = C.platform()
-    interpret = C.resolve_interpret(interpret)
-    bp = _block_p(block_p, plat, interpret)
-    _check_triton_k(k, plat, interpret)
+    plat, bp, interpret, _ = plan
     n_full = P // bp
     c32 = c.astype(jnp.float32)
     if n_full == 0:
@@ -331,14 +364,6 @@ def _pallas_subtract(g, R, c, *, block_p, interpret):
 # ---------------------------------------------------------------- array front ends
 
 
-def _path(impl: str, interpret, k: int) -> str:
-    path = C.resolve_impl(impl, interpret)
-    if impl == "auto" and path == "pallas" and C.platform() == "gpu":
-        if k < 16 or k != C.next_power_of_2(k):  # Triton tl.dot needs power-of-two dims >= 16
-            path = "xla"
-    return path
-
-
 _STATIC = ("impl", "block_p", "interpret", "splits")
 
 
@@ -347,13 +372,17 @@ def _gram_and_dots(R, g, *, want_gram=True, impl="auto", block_p=None, interpret
     k, P = _check_r(R)
     if g is not None:
         _check_g(g, P)
-    path = _path(impl, interpret, k)
-    if path == "reference":
+    C.check_impl(impl)
+    C.check_block(block_p, "block_p")
+    if impl == "reference":
         G, d = gram_and_dots_reference(R, g)
         return (G if want_gram else None), d
-    if path == "xla":
-        return _xla_gram_and_dots(R, g, want_gram)
-    return _pallas_reduce(R, g, want_gram=want_gram, block_p=block_p, interpret=interpret, splits=splits)
+    xla_fn = functools.partial(_xla_gram_and_dots, want_gram=want_gram)
+    if impl == "xla":
+        return xla_fn(R, g)
+    pallas_fn = functools.partial(_pallas_reduce, want_gram=want_gram)
+    build = _branches(impl, k, P, xla_fn, pallas_fn, block_p=block_p, interpret=interpret, splits=splits)
+    return C.per_platform(build, R, g)
 
 
 def gram_and_dots(
@@ -450,12 +479,14 @@ def subtract(
     k, P = _check_r(R)
     _check_g(g, P)
     _check_c(c, k)
-    path = _path(impl, interpret, k)
-    if path == "reference":
+    C.check_impl(impl)
+    C.check_block(block_p, "block_p")
+    if impl == "reference":
         return subtract_reference(g, R, c)
-    if path == "xla":
+    if impl == "xla":
         return _xla_subtract(g, R, c)
-    return _pallas_subtract(g, R, c, block_p=block_p, interpret=interpret)
+    return C.per_platform(_branches(impl, k, P, _xla_subtract, _pallas_subtract, block_p=block_p,
+                                    interpret=interpret), g, R, c)
 
 
 # ---------------------------------------------------------------- k x k solve

@@ -14,27 +14,19 @@ from jaxunlearn.methods import (
     run_method,
 )
 
+from toy_lm import bigram_apply as apply
+from toy_lm import bigram_params, lm_batch
+
 V, T = 9, 6
 
 
-def apply(params, ids, mask):
-    return params["E"][ids] @ params["W"]
-
-
 def _data(n, seed):
-    rng = np.random.default_rng(seed)
-    lm = np.zeros((n, T), np.float32)
-    lm[:, 2:] = 1
-    return {"input_ids": rng.integers(0, V, (n, T)).astype(np.int32), "attention_mask": np.ones((n, T), np.int32),
-            "loss_mask": lm}
+    return lm_batch(n, seed, vocab=V, seq=T, prompt=2)
 
 
 @pytest.fixture
 def ctx():
-    rng = np.random.default_rng(0)
-    params = {"E": jnp.asarray(rng.normal(size=(V, 4)), jnp.float32),
-              "W": jnp.asarray(rng.normal(size=(4, V)), jnp.float32)}
-    return UnlearnContext(apply, params, _data(10, 1), _data(14, 2))
+    return UnlearnContext(apply, bigram_params(V, 4), _data(10, 1), _data(14, 2))
 
 
 FT = {"steps": 3, "learning_rate": 0.05, "batch_size": 4}

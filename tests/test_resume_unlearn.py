@@ -19,6 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxunlearn import sharding as sh
 from jaxunlearn.checkpoint import latest_step, save_pytree
 from jaxunlearn.methods import RUN_CONFIG_FILE, UnlearnContext, context_mesh, place_batch, run_method
+from toy_lm import bigram_apply as apply
+from toy_lm import bigram_params, lm_batch
 
 V, D, T = 8, 4, 6
 SPECS = {"E": P("fsdp", "tp"), "W": P("tp", "fsdp")}
@@ -26,23 +28,12 @@ CFG = {"kind": "gradient", "batch_size": 8, "retain_batch_size": 8,
        "unlearn": {"method": "npo", "steps": 10, "learning_rate": 0.05, "project": True, "retain_k": 2}}
 
 
-def apply(params, ids, mask):
-    """A bigram language model: logits = E[ids] @ W."""
-    return params["E"][ids] @ params["W"]
-
-
 def _data(n, seed):
-    rng = np.random.default_rng(seed)
-    lm = np.zeros((n, T), np.float32)
-    lm[:, 2:] = 1
-    return {"input_ids": rng.integers(0, V, (n, T)).astype(np.int32), "attention_mask": np.ones((n, T), np.int32),
-            "loss_mask": lm}
+    return lm_batch(n, seed, vocab=V, seq=T, prompt=2)
 
 
 def _params():
-    rng = np.random.default_rng(0)
-    return {"E": jnp.asarray(rng.normal(size=(V, D)), jnp.float32),
-            "W": jnp.asarray(rng.normal(size=(D, V)), jnp.float32)}
+    return bigram_params(V, D)
 
 
 def _ctx(mesh=None, params=None):

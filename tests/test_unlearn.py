@@ -8,28 +8,18 @@ import pytest
 from jaxunlearn import tree as jt
 from jaxunlearn.losses import sequence_nll
 from jaxunlearn.unlearn import UnlearnConfig, init_unlearn_state, make_unlearn_step
+from toy_lm import bigram_apply as apply
+from toy_lm import bigram_params, lm_batch
 
 V, T = 11, 6
 
 
-def apply(params, ids, mask):
-    """A tiny causal "LM": logits_t = E[x_t] @ W + b (bigram, differentiable in all leaves)."""
-    return params["E"][ids] @ params["W"] + params["b"]
-
-
 def _params(seed=0):
-    rng = np.random.default_rng(seed)
-    return {"E": jnp.asarray(rng.normal(size=(V, 5)), jnp.float32),
-            "W": jnp.asarray(rng.normal(size=(5, V)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(V,)) * 0.1, jnp.float32)}
+    return bigram_params(V, 5, seed=seed, bias=True)
 
 
 def _batch(n, seed):
-    rng = np.random.default_rng(seed)
-    lm = np.zeros((n, T), np.float32)
-    lm[:, 3:] = 1
-    return {"input_ids": jnp.asarray(rng.integers(0, V, (n, T)), jnp.int32),
-            "attention_mask": jnp.ones((n, T), jnp.int32), "loss_mask": jnp.asarray(lm)}
+    return jax.tree.map(jnp.asarray, lm_batch(n, seed, vocab=V, seq=T, prompt=3))
 
 
 def _mean_nll(p, b):
