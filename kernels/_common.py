@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Primitive
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 Impl = Literal["auto", "pallas", "xla", "reference"]
 IMPLS = ("auto", "pallas", "xla", "reference")
@@ -99,6 +99,8 @@ def _raise_invalid(*_, message: str, **__):
 
 _invalid_p.def_impl(lambda x, *, message: _raise_invalid(message=message))
 mlir.register_lowering(_invalid_p, lambda ctx, x, *, message: _raise_invalid(message=message))
+batching.primitive_batchers[_invalid_p] = lambda args, dims, *, message: (
+    _invalid_p.bind(args[0], message=message), dims[0])
 
 
 def _invalid_branch(fn: Callable[..., Any], message: str) -> Callable[..., Any]:

@@ -131,6 +131,10 @@ def test_invalid_configuration_fails_only_for_its_platform():
         _lower(functools.partial(kf.dense_fisher, impl="pallas", block_in=100), a, a, platforms=["tpu"])
     with pytest.raises(ValueError, match="power of two >= 16 for the Triton"):
         _lower(functools.partial(kf.dense_fisher, impl="pallas", block_in=24), a, a, platforms=["cuda"])
+    # vmap over layers of a block size valid here (interpret) but not on TPU: the marker batches
+    a3 = _rand(3, 2, 8, 24)
+    f_vm = jax.jit(jax.vmap(functools.partial(kf.dense_fisher, impl="pallas", block_in=24)))(a3, a3)
+    np.testing.assert_allclose(np.asarray(f_vm[1]), np.asarray(kf.dense_fisher_reference(a3[1], a3[1])), rtol=1e-5)
     with pytest.raises(ValueError, match="needs interpret=True"):  # compiled Pallas on CPU: nowhere to run
         jax.jit(functools.partial(kp.gram_and_dots, impl="pallas", interpret=False))(R, g)
 
