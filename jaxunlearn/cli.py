@@ -1,6 +1,8 @@
 """The ``jaxunlearn`` command line.
 
     jaxunlearn demo    [--out results/demo] [--overwrite] [--steps N] [--forget-split forget10] [--methods ...]
+    jaxunlearn train   --model DIR --data PATH --splits SPLIT [SPLIT ...] --out DIR [--steps N]
+                       [--learning-rate LR] [--batch-size B] [--resume-dir DIR [--checkpoint-every N]]
     jaxunlearn unlearn --model DIR --data PATH --forget SPLIT --retain SPLIT --method NAME --out DIR
                        [--resume-dir DIR [--checkpoint-every N]]
     jaxunlearn eval    --model DIR --data PATH --forget SPLIT [--retain ...] [--general ...] [--holdout SPLIT]
@@ -35,6 +37,8 @@ def _set_offline_env() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxunlearn.train import TrainConfig
+
     """The argument parser (one sub-command per job)."""
     p = argparse.ArgumentParser(prog="jaxunlearn", description="Machine unlearning for language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +86,32 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--checkpoint-every", type=int, default=0,
                    help="with --resume-dir: save every N steps (default 0: only at the end)")
     _add_mesh(u)
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune a Hugging Face checkpoint on QA splits (e.g. the target on full, the reference on "
+             "retain90) and write the result as a checkpoint",
+        description="Fine-tune a model on the answer tokens of one or more QA splits (AdamW, warmup + cosine; "
+                    "resumable with --resume-dir) and save it as a Hugging Face checkpoint.",
+    )
+    _add_model_data(t)
+    t.add_argument("--splits", nargs="+", required=True, help="split names to train on (rows concatenated)")
+    t.add_argument("--out", required=True, help="output checkpoint directory")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    t.add_argument("--steps", type=int, default=TrainConfig.steps)
+    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    t.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate,
+                   help="peak AdamW learning rate (default %(default)s, for training a small model from scratch; "
+                        "about 1e-5 fine-tunes a pretrained LLM)")
+    t.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    t.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    t.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume-dir", default=None,
+                   help="keep the run state here (orbax) and resume from its latest step")
+    t.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save the run state every N steps (needs --resume-dir; the end is always saved)")
+    _add_mesh(t)
 
     e = sub.add_parser(
         "eval",
@@ -181,35 +211,80 @@ def _split(dd, name: str):
     return dd[name]
 
 
+def _encode_splits(model, tok, dd, names, separator) -> dict:
+    """``{name: encoded split}``, all padded to one length, refused if longer than the model's context."""
+    from jaxunlearn.data import encode_split
+
+    def enc(n, max_length):
+        return encode_split(tok, _split(dd, n), max_length=max_length, separator=separator, fact_column=None)
+
+    longest = max(enc(n, None)["input_ids"].shape[-1] for n in names)
+    if longest > model.config.max_position_embeddings:
+        raise ValueError(f"the splits have rows of {longest} tokens, longer than the model's context "
+                         f"({model.config.max_position_embeddings})")
+    return {n: enc(n, longest) for n in names}
+
+
+def _check_resume_args(args) -> None:
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.checkpoint_every and not args.resume_dir:
+        raise ValueError("--checkpoint-every needs --resume-dir (where to keep the checkpoints)")
+
+
+def _train(args, mesh) -> int:
+    from jaxunlearn.models import save_pretrained
+    from jaxunlearn.pipeline import concat_encoded
+    from jaxunlearn.train import train
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"output '{args.out}' exists (pass --overwrite to replace it)")
+    _check_resume_args(args)
+    from jaxunlearn.train import TrainConfig
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                      seed=args.seed, checkpoint_every=args.checkpoint_every)
+    if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.learning_rate <= 0 or cfg.warmup_steps < 0:
+        raise ValueError(f"need steps, batch size and learning rate > 0 and warmup >= 0; got {cfg}")
+    model, tok, dd = _load_model_and_data(args)
+    enc = _encode_splits(model, tok, dd, args.splits, args.separator)
+    data = concat_encoded(*enc.values())
+    if mesh is not None:
+        _shard_model(model, mesh)
+    model, hist = train(model, data, cfg, checkpoint_dir=args.resume_dir, progress=not args.no_progress,
+                        mesh=mesh)
+    from flax import nnx
+
+    nnx.update(model, _host(nnx.state(model, nnx.Param)))
+    if _is_main():
+        save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
+        loss = f", final loss {hist[-1]['loss']:.4f}" if hist else ""
+        print(f"trained on {'+'.join(args.splits)} ({len(data['input_ids'])} rows) for {cfg.steps} steps"
+              + loss + f"; wrote {args.out}")
+    return 0
+
+
 def _unlearn(args, mesh) -> int:
     import json
 
     from flax import nnx
 
     from jaxunlearn.benchmark import load_method_configs
-    from jaxunlearn.data import encode_split
     from jaxunlearn.methods import UnlearnContext, run_method
     from jaxunlearn.models import save_pretrained
     from jaxunlearn.train import apply_fn_for, split_model
 
     if os.path.exists(args.out) and not args.overwrite:
         raise FileExistsError(f"output '{args.out}' exists (pass --overwrite to replace it)")
-    if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    if args.checkpoint_every and not args.resume_dir:
-        raise ValueError("--checkpoint-every needs --resume-dir (where to keep the checkpoints)")
+    _check_resume_args(args)
     if args.config:
         with open(args.config) as f:
             cfg = json.load(f)
     else:
         cfg = load_method_configs([args.method], args.configs)[args.method]
     model, tok, dd = _load_model_and_data(args)
-    enc = {n: encode_split(tok, _split(dd, n), max_length=None, separator=args.separator, fact_column=None)
-           for n in (args.forget, args.retain)}
-    for n, e in enc.items():
-        if e["input_ids"].shape[-1] > model.config.max_position_embeddings:
-            raise ValueError(f"split {n!r} has rows of {e['input_ids'].shape[-1]} tokens, longer than the model's "
-                             f"context ({model.config.max_position_embeddings})")
+    enc = _encode_splits(model, tok, dd, (args.forget, args.retain), args.separator)
     if mesh is not None:
         _shard_model(model, mesh)
     graphdef, params, rest = split_model(model)
@@ -311,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         # under jax.set_mesh, arrays the commands create land on the mesh, the demo's models are sharded
         # on it (pipeline.train_pair) and the unlearning methods split their batches over it
         with _mesh_context(mesh):
-            return {"demo": _demo, "unlearn": _unlearn, "eval": _eval}[args.command](args, mesh)
+            return {"demo": _demo, "train": _train, "unlearn": _unlearn, "eval": _eval}[args.command](args, mesh)
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"jaxunlearn {args.command}: error: {e}", file=sys.stderr)
         return 2

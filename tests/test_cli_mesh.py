@@ -139,3 +139,18 @@ def test_bad_mesh_and_batch_are_named(demo_dir, tmp_path, capsys):
     assert main(_unlearn_args(demo_dir, cfg, tmp_path / "x", "--checkpoint-every", "2")) == 2
     assert "--checkpoint-every needs --resume-dir" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()
+
+
+def test_train_on_a_mesh_matches_one_device(demo_dir, tmp_path, capsys):
+    args = ["train", "--model", str(demo_dir / "models" / "target"), "--data", str(demo_dir / "data"),
+            "--splits", "retain90", "general", "--steps", "3", "--batch-size", "8", "--learning-rate", "1e-2",
+            "--warmup-steps", "1", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    assert main([*args, "--out", str(tmp_path / "mesh"), "--mesh", "fsdp=4,tp=2"]) == 0
+    assert "trained on retain90+general" in capsys.readouterr().out
+    single = load_file(tmp_path / "single" / "model.safetensors")
+    mesh = load_file(tmp_path / "mesh" / "model.safetensors")
+    target = load_file(demo_dir / "models" / "target" / "model.safetensors")
+    for k in single:
+        np.testing.assert_allclose(mesh[k], single[k], atol=1e-5, rtol=0, err_msg=k)
+    assert max(float(np.max(np.abs(single[k] - target[k]))) for k in single) > 1e-3  # training moved the weights
