@@ -29,6 +29,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _demo_run import load_demo_run  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -42,29 +45,14 @@ def main(argv=None) -> int:
 
     from jaxunlearn import tree as jt
     from jaxunlearn.benchmark import plot_forget_vs_utility, summarize
-    from jaxunlearn.data import encode_split, load_benchmark
-    from jaxunlearn.eval.runner import encode_eval_splits, evaluate_model
-    from jaxunlearn.methods import UnlearnContext, finetune_on_forget, importances
-    from jaxunlearn.models import from_pretrained
+    from jaxunlearn.eval.runner import evaluate_model
+    from jaxunlearn.methods import finetune_on_forget, importances
     from jaxunlearn.pipeline import write_json_atomic
     from jaxunlearn.task_vector import apply_task_vector, perta
-    from jaxunlearn.train import apply_fn_for, split_model
 
     t0 = time.perf_counter()
-    res = json.load(open(os.path.join(args.demo, "results.json")))
-    fs = res["config"]["forget_split"]
-    rs = f"retain{100 - int(fs.removeprefix('forget')):02d}"
-    dd, tok = load_benchmark(os.path.join(args.demo, "data"))
-    target, _ = from_pretrained(os.path.join(args.demo, "models", "target"))
-    reference, _ = from_pretrained(os.path.join(args.demo, "models", "reference"))
-    graphdef, params, rest = split_model(target)
-    max_len = res["max_length"]
-    ctx = UnlearnContext(apply_fn_for(graphdef, rest), params,
-                         encode_split(tok, dd[fs], max_length=max_len), encode_split(tok, dd[rs], max_length=max_len))
-    roles = {fs: "forget", rs: "retain", "general": "general", "holdout": "holdout"}
-    enc = encode_eval_splits(tok, {s: dd[s] for s in roles}, roles=roles)
-    ev = dict(forget=fs, retain=rs, general="general", holdout="holdout", rouge_examples=args.rouge_examples)
-    ref_res = evaluate_model(reference, tok, enc, **ev)
+    run = load_demo_run(args.demo, rouge_examples=args.rouge_examples)
+    target, tok, params, ctx, enc, ev, ref_res = run.target, run.tok, run.params, run.ctx, run.enc, run.ev, run.ref_res
 
     cfg_f = json.load(open(os.path.join(args.configs, "perta_fisher.json")))
     cfg_g = json.load(open(os.path.join(args.configs, "perta_grad.json")))
