@@ -32,7 +32,7 @@ from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair, write_json
 from jaxunlearn.train import apply_fn_for, split_model
 
 __all__ = ["DEFAULT_METHODS", "load_method_configs", "summarize", "format_results_table", "plot_forget_vs_utility",
-           "run_benchmark", "benchmark_methods", "write_benchmark", "default_configs_dir"]
+           "run_benchmark", "benchmark_methods", "compare_methods", "write_benchmark", "default_configs_dir"]
 
 DEFAULT_METHODS = ("task_vector", "perta_grad", "perta_fisher", "ssd", "ga", "ga_proj", "grad_diff",
                    "grad_diff_proj", "npo", "npo_proj", "simnpo", "simnpo_proj", "saf", "salun")
@@ -191,9 +191,8 @@ def benchmark_methods(
     data=None,
 ) -> dict[str, Any]:
     """The benchmark without file output (see :func:`run_benchmark`); returns the results dict."""
-    methods = list(configs)
     t_start = time.perf_counter()
-    bar = tqdm(total=3 + len(methods), desc="benchmark", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=3 + len(configs), desc="benchmark", disable=not progress, dynamic_ncols=True)
     if data is None:
         bar.set_postfix_str("data")
         data = prepare_data(cfg)
@@ -207,47 +206,90 @@ def benchmark_methods(
     enc = encode_eval_splits(tok, {s: data.dataset[s] for s in roles}, roles=roles)
     ev = dict(forget=fs, retain=rs, general="general", holdout="holdout", rouge_examples=rouge_examples)
     target, reference = trained["target"][0], trained["reference"][0]
-    bar.set_postfix_str("evaluate target/reference")
-    ref_res = evaluate_model(reference, tok, enc, **ev)
-    rows: dict[str, dict] = {"reference": summarize(ref_res, None, None)}
-    ref_tr = ref_res.splits[fs]["truth_ratio"]
-    rows["reference"]["forget_quality"] = float(forget_quality(ref_tr, ref_tr))  # 1 against itself
-    truth_ratios = {"reference": ref_res.splits[fs]["truth_ratio"].tolist()}
     graphdef, params, rest = split_model(target)
-    tgt_res = evaluate_model(target, tok, enc, reference=ref_res, **ev)
-    tgt_rec = quantization_recovery(target, tok, enc, forget=fs, holdout="holdout", schemes=quant_schemes,
-                                    reference=ref_res, baseline=tgt_res, rouge_examples=0)
-    rows["target"] = summarize(tgt_res, tgt_rec, None)
-    truth_ratios["target"] = tgt_res.splits[fs]["truth_ratio"].tolist()
-    bar.update(1)
-    details: dict[str, Any] = {"target": {"aggregates": to_jsonable(tgt_res.aggregates), "quant": tgt_rec},
-                               "reference": {"aggregates": to_jsonable(ref_res.aggregates)}}
     ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, data.encoded[fs], data.encoded[rs], seed=cfg.seed)
-    for m in methods:
-        bar.set_postfix_str(m)
-        t0 = time.perf_counter()
-        new_params = run_method(ctx, configs[m])
-        new_params = _block(new_params)
-        seconds = time.perf_counter() - t0
-        res = evaluate_model(target, tok, enc, params=new_params, reference=ref_res, **ev)
-        rec = quantization_recovery(target, tok, enc, forget=fs, holdout="holdout", schemes=quant_schemes,
-                                    params=new_params, reference=ref_res, baseline=res, rouge_examples=0)
-        rows[m] = summarize(res, rec, seconds)
-        truth_ratios[m] = res.splits[fs]["truth_ratio"].tolist()
-        details[m] = {"aggregates": to_jsonable(res.aggregates), "quant": rec}
-        bar.update(1)
+    out = compare_methods(target, reference, tok, enc, ev, ctx, configs, quant_schemes=quant_schemes, bar=bar)
     bar.close()
-    total = time.perf_counter() - t_start
-    return {
-        "demo_config": to_jsonable(cfg),
-        "method_configs": configs,
-        "forget_split": fs,
-        "retain_split": rs,
-        "table": rows,
-        "forget_truth_ratios": truth_ratios,
-        "details": to_jsonable(details),
-        "seconds_total": total,
-    }
+    return {"demo_config": to_jsonable(cfg), "method_configs": dict(configs), "forget_split": fs, "retain_split": rs,
+            **out, "seconds_total": time.perf_counter() - t_start}
+
+
+def compare_methods(
+    target,
+    reference,
+    tokenizer,
+    encoded: Mapping[str, Any],
+    eval_kwargs: Mapping[str, Any],
+    ctx: UnlearnContext,
+    configs: Mapping[str, Mapping],
+    *,
+    quant_schemes: Sequence[str] = ("int4",),
+    bar=None,
+) -> dict[str, Any]:
+    """Evaluate the target (and reference), then run each method on ``ctx`` and evaluate it.
+
+    The core of :func:`benchmark_methods` for any models and data: every method of
+    ``configs`` (``{name: config}``, as :func:`load_method_configs` returns) is run by
+    :func:`jaxunlearn.methods.run_method` from the target's parameters in ``ctx``, evaluated
+    by :func:`jaxunlearn.eval.runner.evaluate_model` (forget quality against the reference's
+    evaluation) and by :func:`jaxunlearn.eval.quant_recovery.quantization_recovery` after
+    fake quantisation (``quant_schemes``; forget-side metrics only).
+
+    Args:
+      target: the model to unlearn (its parameters are ``ctx.params``).
+      reference: the model never trained on the forget split, or None (then no forget quality).
+      tokenizer: the models' tokenizer.
+      encoded: :func:`jaxunlearn.eval.runner.encode_eval_splits` output.
+      eval_kwargs: ``evaluate_model`` keywords (``forget``, ``retain``, ``general``, ``holdout``,
+        ``rouge_examples``).
+      ctx: the unlearning context (target parameters, forget/retain training encodings, seed, mesh).
+      configs: method name -> config.
+      quant_schemes: fake-quantisation schemes for the recovery evaluation (may be empty).
+      bar: an optional tqdm bar, advanced once for the target/reference and once per method.
+
+    Returns:
+      ``{"table": {name: row}, "forget_truth_ratios": {name: [...]}, "details": {...}}``:
+      one :func:`summarize` row each for ``reference`` (if given), ``target`` and the methods.
+    """
+    fs = eval_kwargs["forget"]
+    ev = dict(eval_kwargs)
+    holdout = ev.get("holdout")
+    if bar is not None:
+        bar.set_postfix_str("evaluate target/reference")
+    rows: dict[str, dict] = {}
+    truth_ratios: dict[str, list] = {}
+    details: dict[str, Any] = {}
+    ref_res = None
+    if reference is not None:
+        ref_res = evaluate_model(reference, tokenizer, encoded, **ev)
+        rows["reference"] = summarize(ref_res, None, None)
+        ref_tr = ref_res.splits[fs]["truth_ratio"]
+        rows["reference"]["forget_quality"] = float(forget_quality(ref_tr, ref_tr))  # 1 against itself
+        truth_ratios["reference"] = ref_tr.tolist()
+        details["reference"] = {"aggregates": to_jsonable(ref_res.aggregates)}
+
+    def evaluate(name, params, seconds):
+        res = evaluate_model(target, tokenizer, encoded, params=params, reference=ref_res, **ev)
+        rec = None
+        if quant_schemes:
+            rec = quantization_recovery(target, tokenizer, encoded, forget=fs, holdout=holdout, schemes=quant_schemes,
+                                        params=params, reference=ref_res, baseline=res, rouge_examples=0)
+        rows[name] = summarize(res, rec, seconds)
+        truth_ratios[name] = res.splits[fs]["truth_ratio"].tolist()
+        details[name] = {"aggregates": to_jsonable(res.aggregates), "quant": rec}
+
+    evaluate("target", None, None)
+    if bar is not None:
+        bar.update(1)
+    for m, cfg in configs.items():
+        if bar is not None:
+            bar.set_postfix_str(m)
+        t0 = time.perf_counter()
+        new_params = _block(run_method(ctx, cfg))
+        evaluate(m, new_params, time.perf_counter() - t0)
+        if bar is not None:
+            bar.update(1)
+    return {"table": rows, "forget_truth_ratios": truth_ratios, "details": to_jsonable(details)}
 
 
 def _block(tree):

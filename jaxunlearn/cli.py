@@ -5,6 +5,8 @@
                        [--learning-rate LR] [--batch-size B] [--resume-dir DIR [--checkpoint-every N]]
     jaxunlearn unlearn --model DIR --data PATH --forget SPLIT --retain SPLIT --method NAME --out DIR
                        [--resume-dir DIR [--checkpoint-every N]]
+    jaxunlearn bench   --model DIR --data PATH --forget SPLIT --retain SPLIT [--reference DIR] [--general ...]
+                       [--holdout SPLIT] [--methods NAME ...] --out DIR
     jaxunlearn eval    --model DIR --data PATH --forget SPLIT [--retain ...] [--general ...] [--holdout SPLIT]
                        [--reference DIR] --out FILE.json
 
@@ -24,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 __all__ = ["main", "build_parser"]
 
@@ -112,6 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=0,
                    help="save the run state every N steps (needs --resume-dir; the end is always saved)")
     _add_mesh(t)
+
+    b = sub.add_parser(
+        "bench",
+        help="run unlearning methods on a trained target and compare them in one table (TOFU-style "
+             "metrics, MIA, quantisation recovery)",
+        description="Run each method (a config under --configs) on the target, evaluate every result against "
+                    "the reference, and write results.json, forget_vs_utility.png and the printed table to --out.",
+    )
+    _add_model_data(b)
+    b.add_argument("--reference", default=None, help="reference checkpoint (never trained on the forget split)")
+    b.add_argument("--forget", required=True, help="forget split: trained on by the methods and evaluated "
+                   "(needs paraphrased/perturbed answers)")
+    b.add_argument("--retain", required=True, help="retain split: the methods' retain data and evaluated")
+    b.add_argument("--general", nargs="*", default=[], help="further retain-side sets for model utility")
+    b.add_argument("--holdout", default=None, help="never-trained split for membership inference")
+    b.add_argument("--methods", nargs="*", default=None,
+                   help="config names under --configs (default: the demo's 14 methods)")
+    b.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
+    b.add_argument("--quant", nargs="*", default=["int4"], choices=["int8", "int4", "nf4"],
+                   help="fake-quantisation schemes for the recovery columns (default: int4)")
+    b.add_argument("--rouge-examples", type=int, default=32, help="generate for the first N rows per split")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", required=True, help="results directory")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
+    _add_mesh(b)
 
     e = sub.add_parser(
         "eval",
@@ -299,6 +327,56 @@ def _unlearn(args, mesh) -> int:
     return 0
 
 
+def _bench(args, mesh) -> int:
+    from jaxunlearn.benchmark import DEFAULT_METHODS, compare_methods, format_results_table, load_method_configs
+    from jaxunlearn.benchmark import write_benchmark
+    from jaxunlearn.eval.runner import encode_eval_splits
+    from jaxunlearn.methods import UnlearnContext
+    from jaxunlearn.models import from_pretrained
+    from jaxunlearn.train import apply_fn_for, split_model
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"results directory '{args.out}' exists (pass --overwrite to replace it)")
+    methods = list(DEFAULT_METHODS if args.methods is None else args.methods)
+    configs = load_method_configs(methods, args.configs)  # a bad name fails before any loading
+    model, tok, dd = _load_model_and_data(args)
+    train_enc = _encode_splits(model, tok, dd, (args.forget, args.retain), args.separator)
+    roles = {args.forget: "forget", args.retain: "retain", **{g: "general" for g in args.general}}
+    if args.holdout:
+        roles[args.holdout] = "holdout"
+    enc = encode_eval_splits(tok, {n: _split(dd, n) for n in roles}, roles=roles, separator=args.separator)
+    reference = None
+    if args.reference:
+        reference, _ = from_pretrained(args.reference, load_tokenizer=False)
+    if mesh is not None:
+        _shard_model(model, mesh)
+        if reference is not None:
+            _shard_model(reference, mesh)
+    graphdef, params, rest = split_model(model)
+    ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, train_enc[args.forget], train_enc[args.retain],
+                         seed=args.seed, mesh=mesh)
+    ev = dict(forget=args.forget, retain=args.retain, general=args.general or None, holdout=args.holdout,
+              rouge_examples=args.rouge_examples)
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=1 + len(configs), desc="bench", disable=args.no_progress, dynamic_ncols=True)
+    out = compare_methods(model, reference, tok, enc, ev, ctx, configs, quant_schemes=args.quant, bar=bar)
+    bar.close()
+    results = {"model": os.path.abspath(args.model), "reference": args.reference and os.path.abspath(args.reference),
+               "data": os.path.abspath(args.data), "roles": roles, "seed": args.seed, "method_configs": configs,
+               "forget_split": args.forget, "retain_split": args.retain, **out,
+               "seconds_total": time.perf_counter() - t0}
+    if not _is_main():
+        return 0
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    write_benchmark(args.out, results)
+    print(format_results_table(results["table"]))
+    print(f"wrote {os.path.join(args.out, 'results.json')}")
+    return 0
+
+
 def _eval(args, mesh) -> int:
     from jaxunlearn.eval.quant_recovery import quantization_recovery
     from jaxunlearn.eval.runner import encode_eval_splits, evaluate_model
@@ -386,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         # under jax.set_mesh, arrays the commands create land on the mesh, the demo's models are sharded
         # on it (pipeline.train_pair) and the unlearning methods split their batches over it
         with _mesh_context(mesh):
-            return {"demo": _demo, "train": _train, "unlearn": _unlearn, "eval": _eval}[args.command](args, mesh)
+            commands = {"demo": _demo, "train": _train, "unlearn": _unlearn, "bench": _bench, "eval": _eval}
+            return commands[args.command](args, mesh)
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"jaxunlearn {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from jaxunlearn.cli import main
@@ -80,7 +81,6 @@ def test_train_command_equals_the_library_run_and_learns(demo_dir, tmp_path, cap
     """`jaxunlearn train` on forget10 from the reference == `train.train` with the same settings
     (bitwise: batches are a pure function of (seed, step)), and the answer loss on the split drops."""
     import jax
-    import numpy as np
     from flax import nnx
 
     from jaxunlearn.checkpoint import latest_step
@@ -123,3 +123,45 @@ def test_train_bad_input_is_named(demo_dir, tmp_path, capsys):
     assert main([*base, "--splits", "forget10", "--checkpoint-every", "5"]) == 2
     assert "--checkpoint-every needs --resume-dir" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_bench_rows_equal_unlearn_then_eval(demo_dir, tmp_path, capsys):
+    """`jaxunlearn bench`'s row for a method == `unlearn` with that config, then `eval` (same seed,
+    same splits): the table is the two commands' numbers, for every method it lists."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "ga.json").write_text(json.dumps({"kind": "gradient", "batch_size": 8,
+                                                 "unlearn": {"method": "ga", "steps": 3, "learning_rate": 1e-2}}))
+    (configs / "task_vector.json").write_text(json.dumps({"kind": "task_vector", "alpha": 1.0, "finetune": {
+        "steps": 3, "learning_rate": 1e-2, "batch_size": 8}}))
+    model, ref, data = (str(demo_dir / "models" / "target"), str(demo_dir / "models" / "reference"),
+                        str(demo_dir / "data"))
+    splits = ["--forget", "forget10", "--retain", "retain90", "--general", "general", "--holdout", "holdout",
+              "--rouge-examples", "2"]
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", model, "--reference", ref, "--data", data, *splits, "--methods", "ga",
+                 "task_vector", "--configs", str(configs), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "task_vector" in printed and "int4_rec" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["table"]) == ["reference", "target", "ga", "task_vector"]
+    assert (out / "forget_vs_utility.png").is_file()
+
+    unl, ev_out = tmp_path / "ga_model", tmp_path / "ga_eval.json"
+    assert main(["unlearn", "--model", model, "--data", data, "--forget", "forget10", "--retain", "retain90",
+                 "--method", "ga", "--configs", str(configs), "--out", str(unl)]) == 0
+    assert main(["eval", "--model", str(unl), "--reference", ref, "--data", data, *splits,
+                 "--out", str(ev_out)]) == 0
+    agg = json.loads(ev_out.read_text())["aggregates"]
+    row = res["table"]["ga"]
+    np.testing.assert_allclose(row["forget_probability"], agg["forget"]["probability"], rtol=1e-5)
+    np.testing.assert_allclose(row["model_utility"], agg["model_utility"], rtol=1e-5)
+    np.testing.assert_allclose(row["forget_quality"], agg["forget_quality"], rtol=1e-5)
+    assert row["forget_probability"] < res["table"]["target"]["forget_probability"]
+    # an unknown method is named before any model is loaded; an existing directory is refused
+    assert main(["bench", "--model", model, "--data", data, *splits, "--methods", "rmu", "--configs", str(configs),
+                 "--out", str(tmp_path / "b2")]) == 2
+    assert "unknown method 'rmu'" in capsys.readouterr().err
+    assert main(["bench", "--model", model, "--data", data, *splits, "--methods", "ga", "--configs", str(configs),
+                 "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
