@@ -197,7 +197,7 @@ def partition_rules(*, fsdp_axis: str = "fsdp", tp_axis: str = "tp") -> list[tup
     ==================================  ===================  =============================
     path                                spec                 why
     ==================================  ===================  =============================
-    ``embed/embedding`` (V, D)          ``(tp, fsdp)``       vocabulary-parallel rows
+    ``embed/embedding`` (V, D)          ``((tp, fsdp), -)``  vocabulary-parallel rows (1)
     ``attn/{q,k,v}_proj/kernel``        ``(fsdp, tp)``       column parallel: heads on tp
     ``attn/{q,k,v}_proj/bias``          ``(tp,)``            follows the output columns
     ``attn/o_proj/kernel``              ``(tp, fsdp)``       row parallel: heads on tp
@@ -207,6 +207,11 @@ def partition_rules(*, fsdp_axis: str = "fsdp", tp_axis: str = "tp") -> list[tup
     ``lm_head/kernel`` (D, V)           ``(fsdp, tp)``       vocabulary-parallel columns
     everything else (norm scales, o/down biases)  replicated
     ==================================  ===================  =============================
+
+    (1) The rows are split over tp and fsdp together and the hidden dimension is kept whole:
+    with ``(tp, fsdp)`` the lookup's output came out hidden-sharded over fsdp while the
+    batch is sharded over data and fsdp, and XLA re-sharded that activation by a full
+    rematerialisation ("Involuntary full rematerialization") on meshes with a data axis.
 
     Axis names absent from the mesh are dropped when the rules are applied, so the
     same rules serve ``fsdp=8`` (FSDP only), ``tp=8`` and ``fsdp=4,tp=2``; the
@@ -226,7 +231,7 @@ def partition_rules(*, fsdp_axis: str = "fsdp", tp_axis: str = "tp") -> list[tup
     """
     f, t = fsdp_axis, tp_axis
     return [
-        (r"(^|/)embed/embedding$", P(t, f)),
+        (r"(^|/)embed/embedding$", P((t, f), None)),
         (r"(^|/)attn/(q|k|v)_proj/kernel$", P(f, t)),
         (r"(^|/)attn/(q|k|v)_proj/bias$", P(t)),
         (r"(^|/)attn/o_proj/kernel$", P(t, f)),

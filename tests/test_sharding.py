@@ -171,7 +171,7 @@ def test_param_shardings_follow_the_rules(setup):
         warnings.simplefilter("error")  # everything divides: no fallback warning
         specs = dict(jt.leaves_with_paths(sh.param_specs(params, mesh)))
     # hand-written expectations from the Megatron/FSDP layout (Dense kernels are (in, out))
-    assert specs["embed/embedding"] == P("tp", "fsdp")
+    assert specs["embed/embedding"] == P(("tp", "fsdp"))  # rows over tp x fsdp, hidden whole
     assert specs["lm_head/kernel"] == P("fsdp", "tp")
     for i in range(CFG.num_layers):
         for n in ("q", "k", "v"):
@@ -324,6 +324,19 @@ def test_npo_projected_unlearn_step_sharded(setup, spec):
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
                zip(jax.tree.leaves(new), jax.tree.leaves(setup.params))) > 1e-4
     _assert_sharded_like_rules(new, setup.params, mesh, matrices_only=True)
+
+
+def test_unlearn_step_on_data_fsdp_tp_mesh_has_no_involuntary_remat(setup, capfd):
+    """data=2,fsdp=2,tp=2: the step matches one device, and XLA re-shards no activation by a full
+    rematerialisation (with the embedding rule (tp, fsdp) it did: the lookup came out
+    hidden-sharded over fsdp while the batch is sharded over data and fsdp)."""
+    mesh = sh.make_mesh("data=2,fsdp=2,tp=2")
+    params = sh.shard_params(setup.params, mesh)
+    capfd.readouterr()
+    new, metrics = setup.unlearn_step(params, mesh)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    _close(new, setup.step_params, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(metrics["forget_loss"], setup.step_metrics["forget_loss"], rtol=1e-5)
 
 
 def test_shard_map_projection_pallas_and_errors(setup):
