@@ -196,7 +196,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODELS)}")
         grid = [g for g in grid if g[0] in keep]
     skipped = [
-        {"model": m, "batch": b, "seq": t, "reason": SKIP_REASON if m in keep else "model not selected (--only)"}
+        {"model": m, "batch": b, "seq": t,
+         "reason": "not selected (--cases)" if args.cases else SKIP_REASON if m in keep else "model not selected (--only)"}
         for (m, b, t) in FULL
         if (m, b, t) not in grid
     ]
