@@ -30,9 +30,8 @@ Results: ``results/bench/fisher.json`` and a Markdown table ``results/bench/fish
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform as pyplatform
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +44,10 @@ from jaxunlearn import fisher as fi
 from jaxunlearn import fisher_fused as ff
 from jaxunlearn.losses import sequence_nll
 from jaxunlearn.models import Decoder, ModelConfig, apply, count_params
+from jaxunlearn.pipeline import write_json_atomic
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import machine_info  # noqa: E402
 
 MODELS = {
     "demo": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
@@ -213,21 +216,14 @@ def main(argv=None) -> dict:
               f"(case wall {time.perf_counter() - t0:.0f}s incl. compiles)", flush=True)
 
     res = {
-        "machine": {
-            "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__,
-            "cpu_count": os.cpu_count(),
-            "python": pyplatform.python_version(),
-        },
+        "machine": machine_info(),
         "dtype": args.dtype,
         "memory_measure": "compiled.memory_analysis().temp_size_in_bytes",
         "results": results,
         "skipped": skipped,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    write_json_atomic(out, res)
     table = _table(results)
     m = res["machine"]
     header = (f"Fused vs chunked-vmap diagonal Fisher ({args.dtype}, vmap chunk {args.chunk}); backend "

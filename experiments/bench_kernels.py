@@ -26,9 +26,8 @@ Usage: ``python experiments/bench_kernels.py [--batch 16 --seq 32 --d-in 256 ...
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform as pyplatform
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +38,10 @@ import numpy as np
 from jaxunlearn import tree as jt
 from jaxunlearn.kernels import fisher as kf
 from jaxunlearn.kernels import projection as kp
+from jaxunlearn.pipeline import write_json_atomic
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import machine_info  # noqa: E402
 
 
 def _times(fn, *args, repeats: int) -> tuple[float, float]:
@@ -246,13 +249,7 @@ def main(argv=None) -> dict:
     mm = matmul_flops(args.repeats)
     ks = [int(x) for x in str(args.k).split(",")]
     res = {
-        "machine": {
-            "backend": backend,
-            "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__,
-            "cpu_count": os.cpu_count(),
-            "python": pyplatform.python_version(),
-        },
+        "machine": machine_info(),
         "copy_bandwidth_bytes_per_s": bw,
         "read_bandwidth_bytes_per_s": rbw,
         "matmul_flops_per_s": mm,
@@ -260,8 +257,7 @@ def main(argv=None) -> dict:
         "projection": [bench_projection(args, accel, rbw, mm, k) for k in ks],
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    write_json_atomic(out, res)
 
     m = res["machine"]
     print(f"backend {m['backend']} ({m['device']}), jax {m['jax']}; copy (x*1.0001) {bw / 1e9:.2f} GB/s, "

@@ -36,8 +36,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import platform as pyplatform  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -53,6 +52,10 @@ from jaxunlearn.losses import sequence_nll  # noqa: E402
 from jaxunlearn.models import Decoder, ModelConfig, count_params  # noqa: E402
 from jaxunlearn.train import apply_fn_for, split_model  # noqa: E402
 from jaxunlearn.unlearn import UnlearnConfig, init_unlearn_state, make_unlearn_step  # noqa: E402
+from jaxunlearn.pipeline import write_json_atomic  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import machine_info  # noqa: E402
 
 DEMO = dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2)
 FORCED_NOTE = ("forced CPU devices are slices of one host sharing its {cores} cores: more devices add no "
@@ -186,9 +189,7 @@ def main(argv=None) -> dict:
                                                                                                1e-30)
     note = FORCED_NOTE.format(cores=os.cpu_count()) if forced else f"{available} {backend} devices"
     res = {
-        "machine": {"backend": backend, "device": jax.devices()[0].device_kind, "num_devices": available,
-                    "forced_cpu_devices": forced, "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                    "python": pyplatform.python_version()},
+        "machine": machine_info(num_devices=available, forced_cpu_devices=forced),
         "note": note,
         "model": {**DEMO, "params": count_params(params)},
         "batch": args.batch, "seq": args.seq, "retain_k": args.retain_k, "fisher_chunk": args.chunk,
@@ -198,8 +199,7 @@ def main(argv=None) -> dict:
         "skipped_device_counts": skipped,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    write_json_atomic(out, res)
     print(f"\nScaling on {backend} ({res['machine']['device']}), demo decoder ({res['model']['params']:,} params), "
           f"batch {args.batch} x seq {args.seq}, NPO + projection (k={args.retain_k}) and vmap Fisher; best of "
           f"{args.repeats}; ratio = examples/s over 1 device.\n")

@@ -83,11 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True, help="output checkpoint directory")
     u.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     u.add_argument("--seed", type=int, default=0)
-    u.add_argument("--resume-dir", default=None,
-                   help="gradient methods: keep the run state here (orbax) and resume from it when it holds a "
+    _add_resume(u, "gradient methods: keep the run state here (orbax) and resume from it when it holds a "
                    "checkpoint of the same run")
-    u.add_argument("--checkpoint-every", type=int, default=0,
-                   help="with --resume-dir: save every N steps (default 0: only at the end)")
     _add_mesh(u)
 
     t = sub.add_parser(
@@ -110,10 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     t.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume-dir", default=None,
-                   help="keep the run state here (orbax) and resume from its latest step")
-    t.add_argument("--checkpoint-every", type=int, default=0,
-                   help="save the run state every N steps (needs --resume-dir; the end is always saved)")
+    _add_resume(t, "keep the run state here (orbax) and resume from its latest step")
     _add_mesh(t)
 
     b = sub.add_parser(
@@ -161,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_mesh(e)
     return p
+
+
+def _add_resume(p: argparse.ArgumentParser, resume_help: str) -> None:
+    p.add_argument("--resume-dir", default=None, help=resume_help)
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="with --resume-dir: save the run state every N steps (default 0: only at the end)")
 
 
 def _add_mesh(p: argparse.ArgumentParser) -> None:
@@ -261,6 +261,8 @@ def _check_resume_args(args) -> None:
 
 
 def _train(args, mesh) -> int:
+    from flax import nnx
+
     from jaxunlearn.models import save_pretrained
     from jaxunlearn.pipeline import concat_encoded
     from jaxunlearn.train import train
@@ -282,8 +284,6 @@ def _train(args, mesh) -> int:
         _shard_model(model, mesh)
     model, hist = train(model, data, cfg, checkpoint_dir=args.resume_dir, progress=not args.no_progress,
                         mesh=mesh)
-    from flax import nnx
-
     nnx.update(model, _host(nnx.state(model, nnx.Param)))
     if _is_main():
         save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
@@ -328,8 +328,10 @@ def _unlearn(args, mesh) -> int:
 
 
 def _bench(args, mesh) -> int:
-    from jaxunlearn.benchmark import DEFAULT_METHODS, compare_methods, format_results_table, load_method_configs
-    from jaxunlearn.benchmark import write_benchmark
+    from tqdm.auto import tqdm
+
+    from jaxunlearn.benchmark import (DEFAULT_METHODS, compare_methods, format_results_table,
+                                      load_method_configs, write_benchmark)
     from jaxunlearn.eval.runner import encode_eval_splits
     from jaxunlearn.methods import UnlearnContext
     from jaxunlearn.models import from_pretrained
@@ -357,8 +359,6 @@ def _bench(args, mesh) -> int:
                          seed=args.seed, mesh=mesh)
     ev = dict(forget=args.forget, retain=args.retain, general=args.general or None, holdout=args.holdout,
               rouge_examples=args.rouge_examples)
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     bar = tqdm(total=1 + len(configs), desc="bench", disable=args.no_progress, dynamic_ncols=True)
     out = compare_methods(model, reference, tok, enc, ev, ctx, configs, quant_schemes=args.quant, bar=bar)

@@ -26,6 +26,7 @@ def build():
     from jaxunlearn.models import Decoder, ModelConfig
     from jaxunlearn.train import apply_fn_for, split_model
     from jaxunlearn.unlearn import UnlearnConfig
+    from toy_lm import lm_batch  # tests/ is on sys.path: the script's directory, or pytest's pythonpath
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
                       num_kv_heads=2)
@@ -33,11 +34,7 @@ def build():
     apply = apply_fn_for(graphdef)
 
     def batch(seed):
-        r = np.random.default_rng(seed)
-        lm = np.zeros((B, T), np.float32)
-        lm[:, 4:] = 1
-        return {"input_ids": r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
-                "attention_mask": np.ones((B, T), np.int32), "loss_mask": lm}
+        return lm_batch(B, seed, vocab=cfg.vocab_size, seq=T, prompt=4)
 
     def example_loss(p, ex):
         logits = apply(p, ex["input_ids"][None], ex["attention_mask"][None])

@@ -29,6 +29,7 @@ from jaxunlearn.projection import orthogonal_projection
 from jaxunlearn.task_vector import perta
 from jaxunlearn.train import answer_loss, apply_fn_for, split_model
 from jaxunlearn.unlearn import UnlearnConfig, UnlearnState, make_unlearn_optimizer, make_unlearn_step
+from toy_lm import lm_batch
 
 MESHES = ["fsdp=8", "fsdp=4,tp=2", "fsdp=2,tp=4"]
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -51,11 +52,7 @@ class _Setup:
         rng = np.random.default_rng(0)
 
         def batch(seed):
-            r = np.random.default_rng(seed)
-            lm = np.zeros((B, T), np.float32)
-            lm[:, 4:] = 1
-            return {"input_ids": r.integers(0, CFG.vocab_size, (B, T)).astype(np.int32),
-                    "attention_mask": np.ones((B, T), np.int32), "loss_mask": lm}
+            return lm_batch(B, seed, vocab=CFG.vocab_size, seq=T, prompt=4)
 
         self.forget, self.retain = batch(1), batch(2)
         apply = self.apply
