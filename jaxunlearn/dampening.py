@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxunlearn import tree as jt
+from jaxunlearn import validate as V
 from jaxunlearn.task_vector import _check_nonnegative
 from jaxunlearn.tree import PyTree
 
@@ -30,14 +31,20 @@ def _f32(x) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
 
 
-def _check(params: PyTree, importance_forget: PyTree, importance_full: PyTree, alpha, lam) -> None:
-    if alpha < 0 or lam < 0:
-        raise ValueError(f"alpha and lam must be >= 0, got alpha={alpha}, lam={lam}")
-    jt.check_nonempty(params, "params")
-    jt.check_same_shapes(params, importance_forget, ("params", "importance_forget"))
-    jt.check_same_shapes(params, importance_full, ("params", "importance_full"))
-    jt.check_finite(importance_forget, "importance_forget")
-    jt.check_finite(importance_full, "importance_full")
+def _check(owner: str, params: PyTree | None, importance_forget: PyTree, importance_full: PyTree,
+           alpha, lam) -> None:
+    """Argument checks of ``ssd`` / ``ssd_factors``; value checks on concrete inputs only."""
+    V.check_scalar(owner, "alpha", alpha, min=0.0)
+    V.check_scalar(owner, "lam", lam, min=0.0)
+    first = "params" if params is not None else "importance_forget"
+    params = importance_forget if params is None else params
+    jt.check_nonempty(params, first)
+    jt.check_same_shapes(params, importance_forget, (first, "importance_forget"))
+    jt.check_same_shapes(params, importance_full, (first, "importance_full"))
+    if first == "params":
+        V.check_finite_tree(params, "params")
+    V.check_finite_tree(importance_forget, "importance_forget")
+    V.check_finite_tree(importance_full, "importance_full")
     _check_nonnegative(importance_forget, "importance_forget")
     _check_nonnegative(importance_full, "importance_full")
 
@@ -55,8 +62,12 @@ def ssd_factors(
 
     Returns:
       A float32 pytree of factors in [0, 1].
+
+    Raises:
+      ValueError: as :func:`ssd` (without ``params``).
+      TypeError: ``alpha`` or ``lam`` not a real scalar.
     """
-    _check(importance_forget, importance_forget, importance_full, alpha, lam)
+    _check("ssd_factors", None, importance_forget, importance_full, alpha, lam)
     return _factors(importance_forget, importance_full, alpha, lam)
 
 
@@ -84,19 +95,22 @@ def ssd(
       params: theta, any pytree of floating arrays.
       importance_forget: I_f >= 0 (e.g. the diagonal Fisher on the forget set).
       importance_full: I_D >= 0 (e.g. the diagonal Fisher on the full training set).
-      alpha: selection threshold (default 10).
-      lam: dampening constant (default 1).
+      alpha: selection threshold (default 10), >= 0; a scalar, may be traced.
+      lam: dampening constant (default 1), >= 0; a scalar, may be traced.
 
     Returns:
       The dampened parameters, in the dtypes of ``params`` (multiplied in float32).
 
     Raises:
-      ValueError: mismatched pytrees (naming the path), negative importances or negative
-      ``alpha``/``lam``; FloatingPointError: NaN/Inf importances (concrete inputs only).
+      ValueError: mismatched pytrees (naming the path), negative importances, a concrete
+        ``alpha``/``lam`` that is negative, NaN or Inf (``"ssd.alpha must be ..."``);
+        NaN/Inf in a concrete ``params`` or importance, naming the argument and leaf (a
+        ``NonFiniteError``, also a ``FloatingPointError``). Traced values are not checked.
+      TypeError: ``alpha`` or ``lam`` not a real scalar.
 
     References:
       Foster et al., AAAI 2024 (see the module docstring).
     """
-    _check(params, importance_forget, importance_full, alpha, lam)
+    _check("ssd", params, importance_forget, importance_full, alpha, lam)
     beta = _factors(importance_forget, importance_full, alpha, lam)
     return jax.tree.map(lambda p, b: (_f32(p) * b).astype(jnp.result_type(p)), params, beta)

@@ -20,7 +20,12 @@ are dropped and ``c = S (S G S)^+ S b``. This is the exact projector onto the sp
 of the retain gradients that remain after dropping nearly dependent directions;
 the row normalisation makes the rank decision depend on the angles between the
 retain gradients only, not on their (often very different) norms: retain
-gradients whose norms differ 1000x are all kept. Duplicated, linearly dependent
+gradients whose norms differ 1000x are all kept. Before the Gram matrix is formed,
+every retain gradient is multiplied by a power of two bringing its largest entry to
+``[0.5, 1)`` (:func:`jaxunlearn.kernels.projection.pow2_row_scales`; exact, and the
+projection is invariant to it), so retain gradients of norm ``1e-19`` or ``1e19``,
+whose float32 Gram would underflow to 0 or overflow to Inf, are projected as
+accurately as unit ones (per leaf with ``per_tensor``). Duplicated, linearly dependent
 or zero retain gradients give no NaN; all-zero retain gradients leave ``g``
 unchanged. All sums are accumulated in float32; results have the dtype of ``g``.
 In float32 the cosine Gram is resolved to about ``1e-7 k``, so directions kept
@@ -61,11 +66,13 @@ import optax
 
 from jaxunlearn import tree as jt
 from jaxunlearn.kernels import projection as kp
+from jaxunlearn.validate import check_finite_tree
 
 PyTree = Any
 ProjectionCore = Callable[..., PyTree]
 
 __all__ = [
+    "METRICS",
     "ProjectOrthogonalState",
     "gram_pinv_coefficients",
     "orthogonal_projection",
@@ -74,7 +81,8 @@ __all__ = [
 ]
 
 _HI = jax.lax.Precision.HIGHEST
-_METRICS = ("euclidean", "adam")
+METRICS = ("euclidean", "adam")
+_METRICS = METRICS
 _IMPLS = ("auto", "pallas", "xla", "jnp")
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 DEFAULT_RCOND = kp.DEFAULT_RCOND
@@ -163,10 +171,18 @@ def _leaf_update(x: jax.Array, r: jax.Array, c: jax.Array, dtype) -> jax.Array:
     return (x - jnp.tensordot(c, r, axes=1, precision=_HI)).astype(dtype)
 
 
+def _scale_leaf(r: jax.Array, s: jax.Array) -> jax.Array:
+    """``diag(s) r`` for a stacked leaf ``r`` of shape ``(k, ...)``."""
+    return r * s.reshape((-1,) + (1,) * (r.ndim - 1))
+
+
 def _project_jnp(g: PyTree, retain: PyTree, *, rcond: float) -> PyTree:
-    """Global projection of ``g`` against stacked ``retain`` (pure jnp, float32)."""
+    """Global projection of ``g`` against stacked ``retain`` (pure jnp, float32), in the basis
+    of the row-scaled retain gradients (powers of two, see the module docstring)."""
     g_leaves, treedef = jax.tree_util.tree_flatten(g)
     r_leaves = [_f32(r) for r in jax.tree_util.tree_leaves(retain)]
+    s = kp.pow2_row_scales(functools.reduce(jnp.maximum, [kp.row_absmax(r) for r in r_leaves]))
+    r_leaves = [_scale_leaf(r, s) for r in r_leaves]
     dtypes = [jnp.result_type(x) for x in g_leaves]
     g_leaves = [_f32(x) for x in g_leaves]
     gram = functools.reduce(jnp.add, [_leaf_gram(r) for r in r_leaves])
@@ -177,9 +193,11 @@ def _project_jnp(g: PyTree, retain: PyTree, *, rcond: float) -> PyTree:
 
 
 def _project_jnp_per_tensor(g: PyTree, retain: PyTree, *, rcond: float) -> PyTree:
-    """Per-leaf projection (pure jnp): one k x k Gram per leaf, one batched ``eigh``."""
+    """Per-leaf projection (pure jnp): one k x k Gram per leaf (of the leaf's row-scaled retain
+    gradients), one batched ``eigh``."""
     g_leaves, treedef = jax.tree_util.tree_flatten(g)
     r_leaves = [_f32(r) for r in jax.tree_util.tree_leaves(retain)]
+    r_leaves = [_scale_leaf(r, kp.pow2_row_scales(kp.row_absmax(r))) for r in r_leaves]
     dtypes = [jnp.result_type(x) for x in g_leaves]
     g_leaves = [_f32(x) for x in g_leaves]
     grams = jnp.stack([_leaf_gram(r) for r in r_leaves])
@@ -263,8 +281,9 @@ def orthogonal_projection(
 
     Raises:
       ValueError: mismatched structures or shapes (naming the path), k = 0, bad rcond.
-      FloatingPointError: NaN/Inf in ``g`` or ``retain_grads`` (checked when the
-        inputs are concrete, i.e. outside ``jit``).
+      FloatingPointError: NaN/Inf in ``g`` or ``retain_grads``, naming the leaf (checked
+        when the inputs are concrete, i.e. outside ``jit``; a
+        :class:`jaxunlearn.validate.NonFiniteError`, also a ``ValueError``).
 
     References:
       Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020.
@@ -277,8 +296,8 @@ def orthogonal_projection(
     _check_rcond(rcond)
     core = _resolve_core(impl)
     retain, _ = stack_retain_grads(g, retain_grads)
-    jt.check_finite(g, "updates")
-    jt.check_finite(retain, "retain_grads")
+    check_finite_tree(g, "updates")
+    check_finite_tree(retain, "retain_grads")
     return _apply(core, g, retain, float(rcond), per_tensor)
 
 

@@ -22,6 +22,12 @@ In the block schemes the tail of the flattened leaf is zero-padded to a whole bl
 padding never changes the absmax of the last block, and it is cut off on dequantisation.
 A block (or channel) that is all zeros gets scale 0 and dequantises to zeros.
 
+Non-finite inputs. One NaN (or Inf) weight makes its block's absmax NaN, so the whole block
+(64 weights for int4/nf4, a whole channel for int8) dequantises to NaN. The public entry
+points therefore check concrete inputs first and raise ``ValueError`` naming the first
+leaf with NaN/Inf (:func:`jaxunlearn.validate.check_finite_tree`); under ``jax.jit`` the
+inputs are tracers and the check is skipped (check at the boundary).
+
 References:
   Dettmers et al., "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale", 2022.
   Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs", 2023.
@@ -38,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.tree import PyTree, path_str
+from jaxunlearn.validate import check_finite_tree
 
 __all__ = [
     "SCHEMES",
@@ -124,9 +131,20 @@ def quantize_leaf(
       0-/1-D ``x``). int4: ``codes`` int8 in [-7, 7] of shape (n_blocks, block_size), ``scales``
       (n_blocks, 1). nf4: ``codes`` uint8 indices into ``NF4_LEVELS`` of shape
       (n_blocks, block_size), ``scales`` (n_blocks, 1). Dequantise with ``dequantize_leaf``.
+
+    Raises:
+      ValueError: unknown ``scheme``, bad ``block_size``, or NaN/Inf in a concrete ``x``
+        (a :class:`jaxunlearn.validate.NonFiniteError`).
+      TypeError: ``x`` is not floating point.
     """
     _check_scheme(scheme)
     _check_float(x, "array")
+    check_finite_tree(x, "x")
+    return _quantize_leaf(x, scheme, block_size=block_size, channel_axis=channel_axis)
+
+
+def _quantize_leaf(x: jax.Array, scheme: str, *, block_size: int, channel_axis: int) -> tuple[jax.Array, jax.Array]:
+    """``quantize_leaf`` without the scheme, dtype and NaN checks (``block_size`` is checked)."""
     if scheme == "int8":
         xf = jnp.asarray(x).astype(jnp.float32)
         if xf.ndim >= 2:
@@ -204,8 +222,19 @@ def fake_quantize_leaf(
 
     Returns:
       An array with the shape and dtype of ``x``.
+
+    Raises:
+      ValueError / TypeError: as :func:`quantize_leaf` (NaN/Inf in a concrete ``x``).
     """
-    codes, scales = quantize_leaf(x, scheme, block_size=block_size, channel_axis=channel_axis)
+    _check_scheme(scheme)
+    _check_float(x, "array")
+    check_finite_tree(x, "x")
+    return _fake_quantize_leaf(x, scheme, block_size=block_size, ste=ste, channel_axis=channel_axis)
+
+
+def _fake_quantize_leaf(x: jax.Array, scheme: str, *, block_size: int, ste: bool, channel_axis: int) -> jax.Array:
+    """``fake_quantize_leaf`` without the NaN check."""
+    codes, scales = _quantize_leaf(x, scheme, block_size=block_size, channel_axis=channel_axis)
     q = dequantize_leaf(codes, scales, scheme, shape=jnp.shape(x), dtype=jnp.result_type(x))
     if ste:
         q = jax.lax.stop_gradient(q) + (x - jax.lax.stop_gradient(x))
@@ -244,13 +273,17 @@ def fake_quantize(
       leaf's dtype.
 
     Raises:
-      ValueError: unknown ``scheme`` or bad ``block_size``.
+      ValueError: unknown ``scheme`` or bad ``block_size``; NaN/Inf in a concrete leaf of
+        ``params``, naming its path (``"params has NaN values at 'layers/0/kernel'"``; a
+        :class:`jaxunlearn.validate.NonFiniteError`, also a ``FloatingPointError``). Leaves
+        that are traced (inside ``jax.jit``) are not checked.
 
     >>> import jax.numpy as jnp
     >>> q = fake_quantize({"w": jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)}, "int4", block_size=4)
     """
     _check_scheme(scheme)
     _check_block_size(block_size)
+    check_finite_tree(params, "params")
 
     def one(path, x):
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
@@ -258,7 +291,7 @@ def fake_quantize(
         selected = where(path_str(path), x) if where is not None else jnp.ndim(x) >= min_ndim
         if not selected:
             return x
-        return fake_quantize_leaf(
+        return _fake_quantize_leaf(
             x, scheme, block_size=block_size, ste=ste, channel_axis=channel_axis
         )
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxunlearn import tree as jt
+from jaxunlearn import validate as V
 from jaxunlearn.tree import PyTree
 
 __all__ = ["salun_mask", "masked_updates"]
@@ -120,7 +121,8 @@ def salun_mask(saliency: PyTree, *, fraction: float) -> PyTree:
 
     Raises:
       ValueError: ``fraction`` outside (0, 1], an empty pytree, a leaf too large for int32
-        counting; FloatingPointError: NaN/Inf saliency (concrete inputs only).
+        counting, NaN/Inf saliency naming the leaf (concrete inputs only; a
+        ``NonFiniteError``, also a ``FloatingPointError``).
 
     References:
       Fan et al., "SalUn", ICLR 2024.
@@ -128,7 +130,7 @@ def salun_mask(saliency: PyTree, *, fraction: float) -> PyTree:
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
     jt.check_nonempty(saliency, "saliency")
-    jt.check_finite(saliency, "saliency")
+    V.check_finite_tree(saliency, "saliency")
     paths_leaves = jt.leaves_with_paths(saliency)
     for p, x in paths_leaves:
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):

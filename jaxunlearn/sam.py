@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from jaxunlearn import tree as jt
+from jaxunlearn import validate as V
 from jaxunlearn.quant import fake_quantize
 from jaxunlearn.tree import PyTree
 
@@ -72,9 +73,15 @@ def sam_perturbation(
     Returns:
       e, a pytree like ``grads``.
 
+    Raises:
+      ValueError: a concrete ``rho``, ``eta`` or ``eps`` that is negative, NaN or Inf
+        (traced values are not checked); adaptive without ``params``; mismatched pytrees.
+      TypeError: ``rho``, ``eta`` or ``eps`` not a real scalar.
+
     References:
       Foret et al., 2021; Kwon et al., 2021 (see the module docstring).
     """
+    _check_radius("sam_perturbation", rho, eta, eps)
     jt.check_nonempty(grads, "grads")
     rho = _f32(rho)
     if not adaptive:
@@ -90,6 +97,13 @@ def sam_perturbation(
         grads,
         params,
     )
+
+
+def _check_radius(owner: str, rho, eta, eps) -> None:
+    """``rho, eta, eps >= 0`` and finite (concrete values only; tracers pass)."""
+    V.check_scalar(owner, "rho", rho, min=0.0)
+    V.check_scalar(owner, "eta", eta, min=0.0)
+    V.check_scalar(owner, "eps", eps, min=0.0)
 
 
 def _add_f32(params: PyTree, delta: PyTree) -> PyTree:
@@ -147,7 +161,11 @@ def sam_adversary(
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.EmptyState``.
+
+    Raises:
+      ValueError / TypeError: as :func:`sam_perturbation` (checked here, at construction).
     """
+    _check_radius("sam_adversary", rho, eta, eps)
 
     def init_fn(params):
         del params
@@ -192,9 +210,13 @@ def sam(
     References:
       Foret et al., 2021; Kwon et al., 2021.
 
+    Raises:
+      ValueError / TypeError: a bad ``rho``, ``eta`` or ``eps``, as :func:`sam_perturbation`.
+
     >>> import optax
     >>> tx = sam(optax.sgd(0.1), rho=0.05, opaque_mode=True)
     """
+    _check_radius("sam", rho, eta, eps)
     return optax.contrib.sam(
         optimizer,
         sam_adversary(rho, adaptive=adaptive, eta=eta, eps=eps),
@@ -281,9 +303,17 @@ def saf_loss(
       The scalar ``L(Q(theta) + e)``; its gradient with respect to ``params`` is
       ``grad L(Q(theta) + e)``.
 
+    Raises:
+      ValueError: a concrete ``rho`` or ``eps`` that is negative, NaN or Inf; NaN/Inf in
+        concrete ``params`` (from :func:`jaxunlearn.fake_quantize`, naming the leaf); a bad
+        ``scheme`` or ``block_size``.
+
     References:
       Foret et al., 2021 (SAM); Bengio et al., 2013 (straight-through estimator).
     """
+    if rho is not None:
+        V.check_scalar("saf_loss", "rho", rho, min=0.0)
+    V.check_scalar("saf_loss", "eps", eps, min=0.0)
     theta_q = fake_quantize(params, scheme, block_size=block_size, ste=True, min_ndim=min_ndim)
     if rho is None:  # = saf_perturbation_radius(params, ...), from the values already computed
         rho = _step_radius(theta_q, params, min_ndim)

@@ -12,6 +12,13 @@ set, tau = theta_ft - theta_0 the forget task vector.
 
 Arithmetic is done in float32 and the result is cast back to the dtype of ``base``.
 
+Checks. Every function checks concrete inputs for NaN/Inf and raises
+:class:`jaxunlearn.validate.NonFiniteError` (a ``ValueError`` and a ``FloatingPointError``)
+naming the argument and the first bad leaf, e.g. ``"importance_forget has NaN values at
+'layers/0/kernel'"``. Scalars (``strength``, ``scale``) may be traced: their values are
+checked only when concrete, so the functions work under ``jax.jit`` with traced scalars
+and skip the value checks of traced arrays (check at the boundary).
+
 References:
   Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
 """
@@ -25,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn import tree as jt
+from jaxunlearn import validate as V
 from jaxunlearn.tree import PyTree
 
 __all__ = [
@@ -49,19 +57,22 @@ def _is_scalar(s) -> bool:
 
 
 def _check_nonnegative(t: PyTree, name: str) -> None:
-    """Raise ``ValueError`` naming the first leaf with a negative entry (concrete leaves only)."""
+    """Raise ``ValueError`` naming the first leaf with a negative entry (concrete leaves only,
+    also when closed over inside a ``jit`` trace: the test is evaluated eagerly)."""
     for p, x in jt.leaves_with_paths(t):
         if isinstance(x, jax.core.Tracer):
             continue
-        if bool(jnp.any(jnp.asarray(x) < 0)):
+        with jax.ensure_compile_time_eval():
+            negative = bool(jnp.any(jnp.asarray(x) < 0))
+        if negative:
             raise ValueError(f"{name} must be >= 0, but has negative values at '{p}'")
 
 
 def _check_importances(importance_forget: PyTree, importance_retain: PyTree) -> None:
     jt.check_nonempty(importance_forget, "importance_forget")
     jt.check_same_shapes(importance_forget, importance_retain, ("importance_forget", "importance_retain"))
-    jt.check_finite(importance_forget, "importance_forget")
-    jt.check_finite(importance_retain, "importance_retain")
+    V.check_finite_tree(importance_forget, "importance_forget")
+    V.check_finite_tree(importance_retain, "importance_retain")
     _check_nonnegative(importance_forget, "importance_forget")
     _check_nonnegative(importance_retain, "importance_retain")
 
@@ -77,13 +88,16 @@ def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
       ``finetuned - base`` in the dtype of ``base`` (computed in float32).
 
     Raises:
-      ValueError: naming the first path where structure, shape or dtype differ.
+      ValueError: naming the first path where structure, shape or dtype differ, or the
+        first leaf with NaN/Inf (concrete inputs; a ``NonFiniteError``).
 
     References:
       Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
     """
     jt.check_nonempty(base, "base")
     jt.check_same_shapes(finetuned, base, ("finetuned", "base"), dtypes=True)
+    V.check_finite_tree(finetuned, "finetuned")
+    V.check_finite_tree(base, "base")
     return jax.tree.map(lambda f, b: (_f32(f) - _f32(b)).astype(jnp.result_type(b)), finetuned, base)
 
 
@@ -101,7 +115,8 @@ def apply_task_vector(base: PyTree, tau: PyTree, scale) -> PyTree:
       ``base + scale * tau`` in the dtypes of ``base`` (computed in float32).
 
     Raises:
-      ValueError: mismatched structure or shapes (naming the path).
+      ValueError: mismatched structure or shapes (naming the path); NaN/Inf in a concrete
+        ``base``, ``tau`` or ``scale`` (naming the argument and leaf; a ``NonFiniteError``).
 
     References:
       Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
@@ -112,12 +127,17 @@ def apply_task_vector(base: PyTree, tau: PyTree, scale) -> PyTree:
     """
     jt.check_nonempty(base, "base")
     jt.check_same_shapes(base, tau, ("base", "tau"))
-
-    def one(b, t, s):
-        return (_f32(b) + _f32(s) * _f32(t)).astype(jnp.result_type(b))
-
+    V.check_finite_tree(base, "base")
+    V.check_finite_tree(tau, "tau")
     if _is_scalar(scale):
-        return jax.tree.map(lambda b, t: one(b, t, scale), base, tau)
+        V.check_scalar("apply_task_vector", "scale", scale)
+    else:
+        _check_scale_tree(base, scale)
+        V.check_finite_tree(scale, "scale")
+    return _apply_task_vector(base, tau, scale)
+
+
+def _check_scale_tree(base: PyTree, scale: PyTree) -> None:
     jt.check_same_structure(base, scale, ("base", "scale"))
     for (p, b), (_, s) in zip(jt.leaves_with_paths(base), jt.leaves_with_paths(scale)):
         try:
@@ -129,6 +149,16 @@ def apply_task_vector(base: PyTree, tau: PyTree, scale) -> PyTree:
                 f"scale at '{p}' has shape {jnp.shape(s)}, which does not broadcast to the "
                 f"parameter shape {jnp.shape(b)}"
             )
+
+
+def _apply_task_vector(base: PyTree, tau: PyTree, scale) -> PyTree:
+    """``base + scale * tau`` in float32, cast to ``base``'s dtypes (no checks)."""
+
+    def one(b, t, s):
+        return (_f32(b) + _f32(s) * _f32(t)).astype(jnp.result_type(b))
+
+    if _is_scalar(scale):
+        return jax.tree.map(lambda b, t: one(b, t, scale), base, tau)
     return jax.tree.map(one, base, tau, scale)
 
 
@@ -155,12 +185,13 @@ def perta_weights(
       A pytree of weights with the dtypes of ``importance_forget`` (computed in float32).
 
     Raises:
-      ValueError: mismatched pytrees (naming the path) or negative importances;
-      FloatingPointError: NaN/Inf importances (checks on concrete inputs only).
+      ValueError: mismatched pytrees (naming the path), negative importances, a negative or
+        non-finite ``retain_scale`` / ``eps`` (when concrete); NaN/Inf importances
+        (concrete inputs only; a ``NonFiniteError``, also a ``FloatingPointError``).
     """
     _check_importances(importance_forget, importance_retain)
-    if retain_scale < 0 or eps < 0:
-        raise ValueError(f"retain_scale and eps must be >= 0, got {retain_scale} and {eps}")
+    V.check_scalar("perta_weights", "retain_scale", retain_scale, min=0.0)
+    V.check_scalar("perta_weights", "eps", eps, min=0.0)
 
     def one(f, r):
         ff, rr = _f32(f), _f32(r)
@@ -230,7 +261,9 @@ def perta(
       tau: the forget task vector ``task_vector(theta_ft, theta_0)``.
       importance_forget: I_f >= 0, structure and shapes of ``base``.
       importance_retain: I_r >= 0, same.
-      strength: lambda (a scalar, may be traced); about 3.5 was reported on TOFU.
+      strength: lambda >= 0 (a scalar, may be traced: then its value is not checked);
+        about 3.5 was reported on TOFU. A negative strength would add the task vector
+        back (re-learning the forget set) and is refused.
       retain_scale: a in the default weight function (ignored if ``weight_fn`` is given).
       eps: stabiliser in the default weight function (ignored if ``weight_fn`` is given).
       weight_fn: optional ``fn(I_f_leaf, I_r_leaf) -> w_leaf``.
@@ -239,14 +272,27 @@ def perta(
       The unlearned parameters, dtypes of ``base``.
 
     Raises:
-      ValueError / FloatingPointError: as ``perta_weights`` and ``apply_task_vector``.
+      ValueError: as ``perta_weights`` and ``apply_task_vector``; a concrete ``strength``
+        that is negative, NaN or Inf (``"perta.strength must be ..."``); NaN/Inf in a
+        concrete ``base``, ``tau`` or importance (naming the argument and leaf; a
+        ``NonFiniteError``, also a ``FloatingPointError``).
+      TypeError: ``strength`` is not a real scalar.
     """
+    V.check_scalar("perta", "strength", strength)
+    if V.is_concrete(strength) and float(strength) < 0:
+        raise ValueError(f"perta.strength must be a finite number >= 0, got {strength!r}: a negative "
+                         "strength adds the task vector back (re-learning, not unlearning)")
+    jt.check_nonempty(base, "base")
+    jt.check_same_shapes(base, tau, ("base", "tau"))
     jt.check_same_shapes(base, importance_forget, ("base", "importance_forget"))
+    V.check_finite_tree(base, "base")
+    V.check_finite_tree(tau, "tau")
     if weight_fn is None:
         w = perta_weights(importance_forget, importance_retain, retain_scale=retain_scale, eps=eps)
     else:
         _check_importances(importance_forget, importance_retain)
         w = jax.tree.map(lambda f, r: weight_fn(_f32(f), _f32(r)), importance_forget, importance_retain)
         jt.check_same_shapes(importance_forget, w, ("importance_forget", "weight_fn output"))
+        V.check_finite_tree(w, "weight_fn output")
     s = -_f32(strength)
-    return apply_task_vector(base, tau, jax.tree.map(lambda x: s * _f32(x), w))
+    return _apply_task_vector(base, tau, jax.tree.map(lambda x: s * _f32(x), w))

@@ -41,8 +41,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxunlearn import tree as jt
+from jaxunlearn import validate as V
 from jaxunlearn.losses import gradient_ascent, kl_to_reference, npo, sequence_nll, simnpo
+from jaxunlearn.projection import METRICS as PROJECTION_METRICS
 from jaxunlearn.projection import project_orthogonal
+from jaxunlearn.quant import SCHEMES as SAF_SCHEMES
 from jaxunlearn.saliency import masked_updates
 from jaxunlearn.sharding import jit_keeping_state_sharding
 from jaxunlearn.sam import saf_loss, sam_gradient
@@ -51,6 +54,8 @@ __all__ = ["METHODS", "UnlearnConfig", "UnlearnState", "make_unlearn_optimizer",
            "init_unlearn_state", "forget_loss_fn", "retain_loss_fn"]
 
 METHODS = ("ga", "grad_diff", "npo", "simnpo")
+OPTIMIZERS = ("adamw", "sgd")
+RETAIN_LOSSES = ("nll", "kl")
 _NEEDS_REF = ("npo",)
 
 
@@ -82,6 +87,18 @@ class UnlearnConfig:
       saf: sharpness-aware forgetting through fake quantisation.
       saf_scheme / saf_block_size / saf_rho: quantiser and radius of :func:`jaxunlearn.saf_loss`
         (``saf_rho=None``: the quantisation displacement ``||Q(theta) - theta||``).
+
+    Every field is validated at construction (see :mod:`jaxunlearn.validate`):
+    ``learning_rate > 0``; ``steps, warmup_steps >= 0`` and ``retain_k, saf_block_size >= 1``
+    (ints, not bools or floats); ``weight_decay, grad_clip, gamma, alpha, sam_rho >= 0``
+    (a negative ``gamma`` would run the forget objective backwards, i.e. re-learn);
+    ``beta`` and ``saf_rho`` ``None`` or ``> 0``; ``delta`` any finite number; every float
+    finite; the string fields one of their choices; the flags bools; and not both
+    ``saf`` and ``sam_rho > 0``.
+
+    Raises:
+      TypeError: a field of the wrong type (message ``"UnlearnConfig.<field> must be ..., got <value>"``).
+      ValueError: a field with a bad value (same message form), or ``saf`` with ``sam_rho > 0``.
     """
 
     method: str = "npo"
@@ -108,16 +125,7 @@ class UnlearnConfig:
     saf_rho: float | None = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown unlearning method {self.method!r}; choose from {METHODS}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if self.retain_loss not in ("nll", "kl"):
-            raise ValueError(f"retain_loss must be 'nll' or 'kl', got {self.retain_loss!r}")
-        if self.steps < 0 or self.retain_k < 1:
-            raise ValueError(f"steps must be >= 0 and retain_k >= 1 (got {self.steps}, {self.retain_k})")
-        if self.saf and self.sam_rho > 0:
-            raise ValueError("saf already includes a SAM-style perturbation: set sam_rho=0 with saf=True")
+        _validate_unlearn_config(self)
 
     @property
     def uses_retain(self) -> bool:
@@ -128,6 +136,35 @@ class UnlearnConfig:
     def needs_reference(self) -> bool:
         """Whether the frozen reference model is evaluated (NPO, or the KL retain loss)."""
         return self.method in _NEEDS_REF or (self.uses_retain and self.retain_loss == "kl")
+
+
+def _validate_unlearn_config(cfg: UnlearnConfig) -> None:
+    """Check the type and range of every field of ``cfg`` and store it as a plain Python value.
+
+    Raises ``TypeError`` / ``ValueError`` naming the field (``"UnlearnConfig.<field> must be
+    ..., got <value>"``); numpy scalars are stored as ``int`` / ``float`` / ``bool``.
+    """
+    o = "UnlearnConfig"
+    out = {}
+    for name, choices in (("method", METHODS), ("optimizer", OPTIMIZERS), ("retain_loss", RETAIN_LOSSES),
+                          ("projection_metric", PROJECTION_METRICS), ("saf_scheme", SAF_SCHEMES)):
+        out[name] = V.check_choice(o, name, getattr(cfg, name), choices)
+    for name, lo in (("steps", 0), ("warmup_steps", 0), ("retain_k", 1), ("saf_block_size", 1)):
+        out[name] = V.check_int(o, name, getattr(cfg, name), min=lo)
+    out["learning_rate"] = V.check_float(o, "learning_rate", cfg.learning_rate, min=0.0, min_exclusive=True)
+    for name in ("weight_decay", "grad_clip", "gamma", "alpha", "sam_rho"):
+        out[name] = V.check_float(o, name, getattr(cfg, name), min=0.0)
+    out["delta"] = V.check_float(o, "delta", cfg.delta)
+    for name in ("beta", "saf_rho"):
+        out[name] = V.check_float(o, name, getattr(cfg, name), min=0.0, min_exclusive=True, allow_none=True)
+    for name in ("project", "projection_per_tensor", "projection_only_conflicting", "saf"):
+        out[name] = V.check_bool(o, name, getattr(cfg, name))
+    for name, value in out.items():
+        if type(value) is not type(getattr(cfg, name)):  # e.g. np.float32 -> float, 1 -> 1.0
+            object.__setattr__(cfg, name, value)
+    if cfg.saf and cfg.sam_rho > 0:
+        raise ValueError("UnlearnConfig.saf=True already includes a SAM-style perturbation: set sam_rho=0 "
+                         f"(got sam_rho={cfg.sam_rho!r})")
 
 
 class UnlearnState(NamedTuple):

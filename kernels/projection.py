@@ -35,6 +35,18 @@ tail are summed by XLA. The Gram update is a matrix-unit ``dot_general`` (bf16
 operands, float32 accumulation); the dots and ``R^T c`` are elementwise in
 float32.
 
+Scaling. A float32 Gram matrix of retain vectors with entries around ``1e-19`` underflows
+(``||r||^2 < 1.2e-38``: the vector looks like zero) and one of entries around ``1e19``
+overflows to Inf, and the projection would silently do nothing. Every pass takes an
+optional per-row ``scale`` (``s``, shape ``(k,)``) and then works on the scaled rows
+``s_i r_i`` (``scale`` multiplies ``R`` inside the kernel, nothing is materialised);
+:func:`project_tree` uses ``s = pow2_row_scales(tree_row_absmax(R))``, the powers of two
+that bring every row's largest magnitude to ``[0.5, 1)``. The projection is invariant
+to this scaling (``span(S R) = span(R)``: ``g - (SR)^T ((SR)(SR)^T)^+ (SR) g`` is the same
+vector), powers of two scale exactly (also in bfloat16), and the scaled Gram has entries
+in ``[0, P]``, so retain gradients of any magnitude representable in float32 are projected
+correctly. It costs one extra read of ``R`` (the row maxima), before the Gram pass.
+
 Hardware status: tested on CPU in Pallas interpret mode against numpy and the
 ``jnp`` reference, and lowered from CPU for TPU (Mosaic) and GPU (Triton) by
 ``jax.export`` (``tests/kernels/test_lowering.py``); the compiled paths have not
@@ -70,6 +82,9 @@ __all__ = [
     "gram_and_dots_reference",
     "subtract_reference",
     "pinv_solve",
+    "row_absmax",
+    "tree_row_absmax",
+    "pow2_row_scales",
     "tree_gram_and_dots",
     "tree_subtract",
     "project_tree",
@@ -107,6 +122,15 @@ def _check_c(c, k: int) -> None:
         raise TypeError(f"c must be a float array; got {jnp.result_type(c)}")
 
 
+def _check_scale(scale, k: int) -> None:
+    if scale is None:
+        return
+    if jnp.shape(scale) != (k,):
+        raise ValueError(f"scale must have shape (k,) = ({k},); got {jnp.shape(scale)}")
+    if not jnp.issubdtype(jnp.result_type(scale), jnp.floating):
+        raise TypeError(f"scale must be a float array; got {jnp.result_type(scale)}")
+
+
 def _check_rcond(rcond) -> float:
     if isinstance(rcond, bool) or not isinstance(rcond, numbers.Real) or not 0.0 <= rcond < 1.0:
         raise ValueError(f"rcond must be a Python float in [0, 1); got {rcond!r}")
@@ -116,26 +140,35 @@ def _check_rcond(rcond) -> float:
 # ---------------------------------------------------------------- XLA / reference
 
 
-def gram_and_dots_reference(R: jax.Array, g: jax.Array | None = None):
-    """``(R R^T, R g)`` in float32 at ``Precision.HIGHEST`` (``R g`` is None if ``g`` is)."""
-    R32 = R.astype(jnp.float32)
+def _scale_rows(R: jax.Array, scale: jax.Array | None, dtype=None) -> jax.Array:
+    """``diag(scale) R`` in ``dtype`` (default ``R``'s): exact for power-of-two scales."""
+    dtype = R.dtype if dtype is None else dtype
+    if scale is None:
+        return R.astype(dtype)
+    return R.astype(dtype) * scale.astype(dtype)[:, None]
+
+
+def gram_and_dots_reference(R: jax.Array, g: jax.Array | None = None, scale: jax.Array | None = None):
+    """``(S R (S R)^T, S R g)`` with ``S = diag(scale)`` (identity if None), float32 at
+    ``Precision.HIGHEST`` (the dots are None if ``g`` is)."""
+    R32 = _scale_rows(R, scale, jnp.float32)
     G = jnp.matmul(R32, R32.T, precision=lax.Precision.HIGHEST)
     d = None if g is None else jnp.matmul(R32, g.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return G, d
 
 
-def subtract_reference(g: jax.Array, R: jax.Array, c: jax.Array) -> jax.Array:
-    """``g - R^T c`` computed in float32, returned in ``g``'s dtype."""
+def subtract_reference(g: jax.Array, R: jax.Array, c: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """``g - (S R)^T c`` (``S = diag(scale)``, identity if None) in float32, in ``g``'s dtype."""
     out = g.astype(jnp.float32) - jnp.matmul(
-        c.astype(jnp.float32), R.astype(jnp.float32), precision=lax.Precision.HIGHEST
+        c.astype(jnp.float32), _scale_rows(R, scale, jnp.float32), precision=lax.Precision.HIGHEST
     )
     return out.astype(g.dtype)
 
 
-def _xla_gram_and_dots(R, g, want_gram: bool):
+def _xla_gram_and_dots(R, g, scale, want_gram: bool):
     cdt = C.compute_dtype(R.dtype, *(() if g is None else (g.dtype,)))
     prec = C.dot_precision(cdt)
-    Rc = R.astype(cdt)
+    Rc = _scale_rows(R, scale).astype(cdt)
     G = None
     if want_gram:
         G = lax.dot_general(Rc, Rc, _CONTRACT_P, precision=prec, preferred_element_type=jnp.float32)
@@ -147,8 +180,8 @@ def _xla_gram_and_dots(R, g, want_gram: bool):
     return G, d
 
 
-def _xla_subtract(g, R, c):
-    Rg = R.astype(jnp.float32)
+def _xla_subtract(g, R, c, scale=None):
+    Rg = _scale_rows(R, scale, jnp.float32)
     corr = lax.dot_general(
         c.astype(jnp.float32), Rg, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST
     )
@@ -158,10 +191,12 @@ def _xla_subtract(g, R, c):
 # ---------------------------------------------------------------- Pallas kernels
 
 
-def _reduce_kernel(*refs, want_gram: bool, want_dots: bool, cdt, precision):
-    """One ``(k, block_p)`` block of ``R`` (and ``(1, block_p)`` of ``g``) per step."""
+def _reduce_kernel(*refs, want_gram: bool, want_dots: bool, scaled: bool, cdt, precision):
+    """One ``(k, block_p)`` block of ``R`` (and ``(1, block_p)`` of ``g``) per step; with
+    ``scaled``, the rows are first multiplied by the ``(k, 1)`` scales."""
     refs = list(refs)
     r_ref = refs.pop(0)
+    s_ref = refs.pop(0) if scaled else None
     g_ref = refs.pop(0) if want_dots else None
     gram_ref = refs.pop(0) if want_gram else None
     dots_ref = refs.pop(0) if want_dots else None
@@ -174,6 +209,8 @@ def _reduce_kernel(*refs, want_gram: bool, want_dots: bool, cdt, precision):
             dots_ref[...] = jnp.zeros(dots_ref.shape, jnp.float32)
 
     r = r_ref[...]
+    if s_ref is not None:  # power-of-two scales: exact, also when cast back to bfloat16
+        r = r.astype(jnp.float32) * s_ref[...]
     if gram_ref is not None:
         rc = r.astype(cdt)
         gram_ref[...] += lax.dot_general(
@@ -184,8 +221,12 @@ def _reduce_kernel(*refs, want_gram: bool, want_dots: bool, cdt, precision):
         dots_ref[...] += jnp.sum(prod, axis=1, keepdims=True)
 
 
-def _subtract_kernel(g_ref, r_ref, c_ref, o_ref):
-    corr = jnp.sum(c_ref[...] * r_ref[...].astype(jnp.float32), axis=0, keepdims=True)  # (1, bp)
+def _subtract_kernel(g_ref, r_ref, c_ref, *refs):
+    s_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
+    r = r_ref[...].astype(jnp.float32)
+    if s_ref is not None:
+        r = r * s_ref[...]  # (k, bp) * (k, 1)
+    corr = jnp.sum(c_ref[...] * r, axis=0, keepdims=True)  # (1, bp)
     o_ref[...] = (g_ref[...].astype(jnp.float32) - corr).astype(o_ref.dtype)
 
 
@@ -271,7 +312,7 @@ def _branches(impl: str, k: int, P: int, xla_fn, pallas_fn, **opts):
     return build
 
 
-def _pallas_reduce(plan: _Plan, R, g, *, want_gram: bool):
+def _pallas_reduce(plan: _Plan, R, g, scale, *, want_gram: bool):
     k, P = R.shape
     plat, bp, interpret, S = plan
     n_full = P // bp
@@ -284,6 +325,9 @@ def _pallas_reduce(plan: _Plan, R, g, *, want_gram: bool):
         cdt = C.compute_dtype(R.dtype, *((g.dtype,) if want_dots else ()))
         operands = [R]
         in_specs = [pl.BlockSpec((k, bp), lambda s, p: (0, s * n + p))]
+        if scale is not None:
+            operands.append(scale.astype(jnp.float32).reshape(k, 1))
+            in_specs.append(pl.BlockSpec((k, 1), lambda s, p: (0, 0)))
         if want_dots:
             operands.append(g.reshape(1, P))
             in_specs.append(pl.BlockSpec((1, bp), lambda s, p: (0, s * n + p)))
@@ -301,6 +345,7 @@ def _pallas_reduce(plan: _Plan, R, g, *, want_gram: bool):
                 _reduce_kernel,
                 want_gram=want_gram,
                 want_dots=want_dots,
+                scaled=scale is not None,
                 cdt=cdt,
                 precision=C.dot_precision(cdt),
             ),
@@ -323,28 +368,33 @@ def _pallas_reduce(plan: _Plan, R, g, *, want_gram: bool):
 
     if n_full * bp < P:  # tail: fewer than block_p columns, by XLA on a small slice
         lo = n_full * bp
-        Gt, dt = _xla_gram_and_dots(R[:, lo:], None if g is None else g[lo:], want_gram)
+        Gt, dt = _xla_gram_and_dots(R[:, lo:], None if g is None else g[lo:], scale, want_gram)
         G = G + Gt if want_gram else None
         d = d + dt if want_dots else None
     return G, d
 
 
-def _pallas_subtract(plan: _Plan, g, R, c):
+def _pallas_subtract(plan: _Plan, g, R, c, scale=None):
     k, P = R.shape
     plat, bp, interpret, _ = plan
     n_full = P // bp
     c32 = c.astype(jnp.float32)
     if n_full == 0:
-        return _xla_subtract(g, R, c32)
+        return _xla_subtract(g, R, c32, scale)
+    operands = [g.reshape(1, P), R, c32.reshape(k, 1)]
+    in_specs = [
+        pl.BlockSpec((1, bp), lambda p: (0, p)),
+        pl.BlockSpec((k, bp), lambda p: (0, p)),
+        pl.BlockSpec((k, 1), lambda p: (0, 0)),
+    ]
+    if scale is not None:
+        operands.append(scale.astype(jnp.float32).reshape(k, 1))
+        in_specs.append(pl.BlockSpec((k, 1), lambda p: (0, 0)))
     out = pl.pallas_call(
         _subtract_kernel,
-        out_shape=C.out_struct((1, P), g.dtype, g, R, c32),
+        out_shape=C.out_struct((1, P), g.dtype, *operands),
         grid=(n_full,),
-        in_specs=[
-            pl.BlockSpec((1, bp), lambda p: (0, p)),
-            pl.BlockSpec((k, bp), lambda p: (0, p)),
-            pl.BlockSpec((k, 1), lambda p: (0, 0)),
-        ],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((1, bp), lambda p: (0, p)),
         compiler_params=_compiler_params(plat, interpret, ("parallel",)),
         cost_estimate=pl.CostEstimate(
@@ -354,10 +404,10 @@ def _pallas_subtract(plan: _Plan, g, R, c):
         ),
         interpret=interpret,
         name="subtract",
-    )(g.reshape(1, P), R, c32.reshape(k, 1))[0]
+    )(*operands)[0]
     lo = n_full * bp
     if lo < P:
-        out = lax.dynamic_update_slice(out, _xla_subtract(g[lo:], R[:, lo:], c32), (lo,))
+        out = lax.dynamic_update_slice(out, _xla_subtract(g[lo:], R[:, lo:], c32, scale), (lo,))
     return out
 
 
@@ -368,21 +418,22 @@ _STATIC = ("impl", "block_p", "interpret", "splits")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("want_gram",))
-def _gram_and_dots(R, g, *, want_gram=True, impl="auto", block_p=None, interpret=None, splits=None):
+def _gram_and_dots(R, g, scale=None, *, want_gram=True, impl="auto", block_p=None, interpret=None, splits=None):
     k, P = _check_r(R)
     if g is not None:
         _check_g(g, P)
+    _check_scale(scale, k)
     C.check_impl(impl)
     C.check_block(block_p, "block_p")
     if impl == "reference":
-        G, d = gram_and_dots_reference(R, g)
+        G, d = gram_and_dots_reference(R, g, scale)
         return (G if want_gram else None), d
     xla_fn = functools.partial(_xla_gram_and_dots, want_gram=want_gram)
     if impl == "xla":
-        return xla_fn(R, g)
+        return xla_fn(R, g, scale)
     pallas_fn = functools.partial(_pallas_reduce, want_gram=want_gram)
     build = _branches(impl, k, P, xla_fn, pallas_fn, block_p=block_p, interpret=interpret, splits=splits)
-    return C.per_platform(build, R, g)
+    return C.per_platform(build, R, g, scale)
 
 
 def gram_and_dots(
@@ -393,8 +444,14 @@ def gram_and_dots(
     block_p: int | None = None,
     interpret: bool | None = None,
     splits: int | None = None,
+    scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Gram matrix and dot products in one pass: ``(R R^T, R g)``.
+    """Gram matrix and dot products in one pass: ``(R R^T, R g)``, or of the scaled rows.
+
+    With ``scale`` (``s``, shape ``(k,)``) the rows are ``s_i r_i``: the result is
+    ``(S R R^T S, S R g)`` with ``S = diag(s)``, the scaling applied to each block of ``R``
+    inside the pass (before the products, so a Gram that would under/overflow in float32
+    does not; see the module docstring and :func:`pow2_row_scales`).
 
     Args:
       R: ``(k, P)`` retain vectors (rows), float32 or bfloat16, ``1 <= k <= P``.
@@ -407,15 +464,17 @@ def gram_and_dots(
       splits: number of independent partial sums of the Pallas reduction (must
         divide the number of full blocks); default 2 on TPU when possible, one per
         block on GPU, 1 otherwise.
+      scale: optional ``(k,)`` float row scales (may be traced; powers of two are exact).
 
     Returns:
       ``(gram, dots)``: ``(k, k)`` and ``(k,)`` float32 arrays.
 
     Raises:
-      ValueError: ``R`` not 2-D or empty, ``k > P``, ``g`` not ``(P,)``, bad blocks.
+      ValueError: ``R`` not 2-D or empty, ``k > P``, ``g`` not ``(P,)``, ``scale`` not
+        ``(k,)``, bad blocks.
       TypeError: dtypes other than float32/bfloat16.
     """
-    return _gram_and_dots(R, g, impl=impl, block_p=block_p, interpret=interpret, splits=splits)
+    return _gram_and_dots(R, g, scale, impl=impl, block_p=block_p, interpret=interpret, splits=splits)
 
 
 def gram(
@@ -425,12 +484,14 @@ def gram(
     block_p: int | None = None,
     interpret: bool | None = None,
     splits: int | None = None,
+    scale: jax.Array | None = None,
 ) -> jax.Array:
-    """Gram matrix ``R R^T`` (``(k, k)`` float32) in one pass over ``R`` (``(k, P)``).
+    """Gram matrix ``R R^T`` (``(k, k)`` float32) in one pass over ``R`` (``(k, P)``);
+    ``S R R^T S`` with ``scale``.
 
     Args and Raises as in :func:`gram_and_dots` (without ``g``).
     """
-    return _gram_and_dots(R, None, impl=impl, block_p=block_p, interpret=interpret, splits=splits)[0]
+    return _gram_and_dots(R, None, scale, impl=impl, block_p=block_p, interpret=interpret, splits=splits)[0]
 
 
 def dots(
@@ -441,13 +502,15 @@ def dots(
     block_p: int | None = None,
     interpret: bool | None = None,
     splits: int | None = None,
+    scale: jax.Array | None = None,
 ) -> jax.Array:
-    """Dot products ``R g`` (``(k,)`` float32), one pass over ``R`` and ``g``.
+    """Dot products ``R g`` (``(k,)`` float32), one pass over ``R`` and ``g``; ``S R g``
+    with ``scale``.
 
     Args and Raises as in :func:`gram_and_dots`.
     """
     return _gram_and_dots(
-        R, g, want_gram=False, impl=impl, block_p=block_p, interpret=interpret, splits=splits
+        R, g, scale, want_gram=False, impl=impl, block_p=block_p, interpret=interpret, splits=splits
     )[1]
 
 
@@ -460,33 +523,38 @@ def subtract(
     impl: C.Impl = "auto",
     block_p: int | None = None,
     interpret: bool | None = None,
+    scale: jax.Array | None = None,
 ) -> jax.Array:
-    """``g - R^T c`` in one pass over ``g`` and ``R``, computed in float32.
+    """``g - R^T c`` in one pass over ``g`` and ``R``, computed in float32; with ``scale``
+    ``g - (S R)^T c``, ``S = diag(scale)`` (``c`` the coefficients in the scaled basis).
 
     Args:
       g: ``(P,)`` float32 or bfloat16.
       R: ``(k, P)`` float32 or bfloat16.
       c: ``(k,)`` float coefficients (used in float32).
       impl, block_p, interpret: as in :func:`gram_and_dots`.
+      scale: optional ``(k,)`` float row scales, as in :func:`gram_and_dots`.
 
     Returns:
       ``(P,)`` array in ``g``'s dtype.
 
     Raises:
-      ValueError: shapes inconsistent (``R`` not ``(k, P)``, ``c`` not ``(k,)``, ``k > P``).
+      ValueError: shapes inconsistent (``R`` not ``(k, P)``, ``c`` or ``scale`` not ``(k,)``,
+        ``k > P``).
       TypeError: unsupported dtypes.
     """
     k, P = _check_r(R)
     _check_g(g, P)
     _check_c(c, k)
+    _check_scale(scale, k)
     C.check_impl(impl)
     C.check_block(block_p, "block_p")
     if impl == "reference":
-        return subtract_reference(g, R, c)
+        return subtract_reference(g, R, c, scale)
     if impl == "xla":
-        return _xla_subtract(g, R, c)
+        return _xla_subtract(g, R, c, scale)
     return C.per_platform(_branches(impl, k, P, _xla_subtract, _pallas_subtract, block_p=block_p,
-                                    interpret=interpret), g, R, c)
+                                    interpret=interpret), g, R, c, scale)
 
 
 # ---------------------------------------------------------------- k x k solve
@@ -547,6 +615,70 @@ def pinv_solve(gram_matrix: jax.Array, rhs: jax.Array, rcond: float = DEFAULT_RC
     return s * jnp.matmul(V, inv * jnp.matmul(V.T, sb, precision=hi), precision=hi)
 
 
+# ---------------------------------------------------------------- row scaling
+
+_F32_EXP_MAX = 253  # biased exponent of 2**126: the largest scale (and 2**-126, biased 1, the smallest)
+
+
+def row_absmax(R: jax.Array) -> jax.Array:
+    """``m_i = max_j |R_ij|`` of a ``(k, ...)`` array (all axes but the first), float32 ``(k,)``.
+
+    Overflow-free (no squares), exact; 0 for a zero row (and for ``P = 0``).
+    """
+    k = jnp.shape(R)[0]
+    return jnp.max(jnp.abs(R.reshape(k, -1)), axis=1, initial=0).astype(jnp.float32)
+
+
+def tree_row_absmax(r_trees: PyTree, *, axis_name: str | tuple[str, ...] | None = None) -> jax.Array:
+    """``m_i = max |r_i|`` over every entry of retain vector ``i`` in every leaf, float32 ``(k,)``.
+
+    Args:
+      r_trees: a pytree whose leaves have a leading axis of ``k`` retain vectors
+        (shape ``(k, *leaf_shape)``).
+      axis_name: mesh axis (or tuple of axes) to ``pmax`` over, inside ``jax.shard_map``
+        with the leaves sharded, so every shard gets the global maxima (and the same
+        scales); ``None`` or ``()`` for leaves that are not split.
+
+    Returns:
+      ``(k,)`` float32 row maxima.
+
+    Raises:
+      ValueError: an empty tree, a 0-d leaf, or leaves that disagree on ``k``.
+    """
+    leaves = jax.tree.leaves(r_trees)
+    if not leaves:
+        raise ValueError("r_trees is an empty pytree (no array leaves)")
+    ks = {jnp.shape(r)[0] if jnp.ndim(r) else None for r in leaves}
+    if None in ks or len(ks) != 1:
+        raise ValueError(f"every r_trees leaf needs the same leading k; got leading axes {sorted(map(str, ks))}")
+    m = functools.reduce(jnp.maximum, [row_absmax(r) for r in leaves])
+    if axis_name:  # None or () (a replicated group of leaves): nothing to reduce over
+        m = lax.pmax(m, axis_name)
+    return m
+
+
+def pow2_row_scales(absmax: jax.Array) -> jax.Array:
+    """Powers of two ``s_i`` with ``s_i m_i`` in ``[0.5, 1)`` for row maxima ``m_i``, float32.
+
+    ``s_i = 2**(-e_i)`` with ``m_i = f_i 2**e_i``, ``f_i`` in ``[0.5, 1)``, clamped to
+    ``[2**-126, 2**126]`` (normal float32 and bfloat16 numbers); 1 for a zero row (and a
+    non-finite one). Multiplying by a power of two is exact, so ``diag(s) R`` has the
+    bits of ``R`` with shifted exponents: its Gram matrix has entries at most ``P`` and
+    diagonal at least ``1/4`` for every non-zero row, whatever the magnitude of ``R``.
+
+    Args:
+      absmax: ``(k,)`` row maxima, e.g. from :func:`tree_row_absmax`.
+
+    Returns:
+      ``(k,)`` float32 scales.
+    """
+    m = jnp.asarray(absmax).astype(jnp.float32)
+    biased = (lax.bitcast_convert_type(m, jnp.int32) >> 23) & 0xFF  # m in [2**(b-127), 2**(b-126))
+    exp = jnp.clip(_F32_EXP_MAX - biased, 1, _F32_EXP_MAX)  # s m in [0.5, 1) where not clamped
+    s = lax.bitcast_convert_type(exp.astype(jnp.int32) << 23, jnp.float32)
+    return jnp.where((m > 0) & jnp.isfinite(m), s, jnp.ones_like(s))
+
+
 # ---------------------------------------------------------------- pytree front end
 
 
@@ -575,21 +707,23 @@ def _check_trees(g_tree: PyTree, r_trees: PyTree, *, check_k_le_p: bool) -> int:
     return k
 
 
-def _leaf_gram_and_dots(g, r, k: int, **opts) -> tuple[jax.Array, jax.Array]:
-    """``(R_l R_l^T, R_l g_l)`` of one leaf, flattened by a free reshape to ``(k, P_l)``."""
+def _leaf_gram_and_dots(g, r, k: int, scale=None, **opts) -> tuple[jax.Array, jax.Array]:
+    """``(R_l R_l^T, R_l g_l)`` of one leaf (of ``S R_l`` with ``scale``), flattened by a free
+    reshape to ``(k, P_l)``."""
     R, gv = r.reshape(k, -1), g.reshape(-1)
     if R.shape[1] < k:  # a leaf shorter than k (a bias, a norm scale): too small for a kernel
-        return _xla_gram_and_dots(R, gv, True)
-    return gram_and_dots(R, gv, **opts)
+        return _xla_gram_and_dots(R, gv, scale, True)
+    return gram_and_dots(R, gv, scale=scale, **opts)
 
 
-def _leaf_subtract(g, r, c, k: int, **opts) -> jax.Array:
-    """``g_l - R_l^T c`` of one leaf, in ``g_l``'s dtype and shape."""
+def _leaf_subtract(g, r, c, k: int, scale=None, **opts) -> jax.Array:
+    """``g_l - R_l^T c`` (``g_l - (S R_l)^T c`` with ``scale``) of one leaf, in ``g_l``'s dtype
+    and shape."""
     R = r.reshape(k, -1)
     if R.shape[1] < k:  # a leaf shorter than k: too small for a kernel
-        out = _xla_subtract(g.reshape(-1), R, c)
+        out = _xla_subtract(g.reshape(-1), R, c, scale)
     else:
-        out = subtract(g.reshape(-1), R, c, **opts)
+        out = subtract(g.reshape(-1), R, c, scale=scale, **opts)
     return out.reshape(g.shape)
 
 
@@ -602,6 +736,7 @@ def tree_gram_and_dots(
     block_p: int | None = None,
     interpret: bool | None = None,
     axis_name: str | None = None,
+    scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(R R^T, R g)`` over pytrees, leaf by leaf, summed; no global ravel.
 
@@ -616,15 +751,18 @@ def tree_gram_and_dots(
         vectors: shape ``(k, *g_leaf.shape)``.
       impl, block_p, interpret: as in :func:`gram_and_dots`.
       axis_name: mesh axis to sum over (inside ``shard_map``), or None.
+      scale: optional ``(k,)`` row scales ``s`` (the same for every leaf): then the result
+        is ``(S R R^T S, S R g)``, ``S = diag(s)`` (see :func:`gram_and_dots`).
 
     Returns:
       ``(gram, dots)``, ``(k, k)`` and ``(k,)`` float32.
     """
     k = _check_trees(g_tree, r_trees, check_k_le_p=axis_name is None)
+    _check_scale(scale, k)
     G = jnp.zeros((k, k), jnp.float32)
     d = jnp.zeros((k,), jnp.float32)
     for g, r in zip(jax.tree.leaves(g_tree), jax.tree.leaves(r_trees)):
-        Gl, dl = _leaf_gram_and_dots(g, r, k, impl=impl, block_p=block_p, interpret=interpret)
+        Gl, dl = _leaf_gram_and_dots(g, r, k, scale, impl=impl, block_p=block_p, interpret=interpret)
         G, d = G + Gl, d + dl
     if axis_name is not None:
         G, d = lax.psum((G, d), axis_name)
@@ -640,21 +778,25 @@ def tree_subtract(
     impl: C.Impl = "auto",
     block_p: int | None = None,
     interpret: bool | None = None,
+    scale: jax.Array | None = None,
 ) -> PyTree:
-    """``g - R^T c`` leaf by leaf: ``g_leaf - sum_i c_i r_i,leaf``, in each g leaf's dtype.
+    """``g - R^T c`` leaf by leaf: ``g_leaf - sum_i c_i r_i,leaf``, in each g leaf's dtype;
+    with ``scale``, ``g_leaf - sum_i c_i s_i r_i,leaf``.
 
     Args:
       g_tree, r_trees: as in :func:`tree_gram_and_dots`.
-      c: ``(k,)`` float coefficients.
+      c: ``(k,)`` float coefficients (in the scaled basis when ``scale`` is given).
       impl, block_p, interpret: as in :func:`subtract`.
+      scale: optional ``(k,)`` row scales, as in :func:`tree_gram_and_dots`.
 
     Returns:
       A pytree shaped like ``g_tree``.
     """
     k = _check_trees(g_tree, r_trees, check_k_le_p=False)
     _check_c(c, k)
+    _check_scale(scale, k)
     return jax.tree.map(
-        lambda g, r: _leaf_subtract(g, r, c, k, impl=impl, block_p=block_p, interpret=interpret),
+        lambda g, r: _leaf_subtract(g, r, c, k, scale, impl=impl, block_p=block_p, interpret=interpret),
         g_tree,
         r_trees,
     )
@@ -678,10 +820,11 @@ def project_tree(
 
     Contract (the core of ``jaxunlearn.projection``)::
 
-        G = sum_leaves R_l R_l^T            (k, k), float32, one pass per leaf
-        d = sum_leaves R_l g_l              (k,),   float32, same pass
+        s = pow2_row_scales(max |r_i|)      (k,), powers of two, one read of R
+        G = sum_leaves S R_l R_l^T S        (k, k), float32, one pass per leaf
+        d = sum_leaves S R_l g_l            (k,),   float32, same pass
         c = pinv_solve(G, d, rcond)         cosine-Gram eigh, angle-based rank rule
-        out_l = g_l - R_l^T c               per leaf, in g_l's dtype
+        out_l = g_l - (S R_l)^T c           per leaf, in g_l's dtype
 
     so ``out = g - R^T (R R^T)^+ R g`` with ``R`` the ``k x P`` matrix whose row ``i``
     is retain vector ``i`` raveled over all leaves (the ravel is never formed).
@@ -693,7 +836,9 @@ def project_tree(
     (up to float32 round-off relative to ``||g|| ||r_i||``); the result is
     idempotent; ``k = 1`` gives ``g - (<g, r>/||r||^2) r``; all-zero ``R`` returns
     ``g``; duplicated or linearly dependent retain vectors give no NaN; retain
-    vectors of very different norms are all kept (see :func:`pinv_solve`).
+    vectors of very different norms are all kept (see :func:`pinv_solve`); the
+    row scaling ``S = diag(s)`` (module docstring) keeps retain vectors of any
+    magnitude (``1e-19`` or ``1e19``) from under/overflowing the float32 Gram.
 
     Args:
       g_tree: pytree of float32/bfloat16 arrays (the update to project).
@@ -727,15 +872,21 @@ def project_tree(
     rcond = _check_rcond(rcond)
     opts = dict(impl=impl, block_p=block_p, interpret=interpret)
     if not per_tensor:
-        G, d = tree_gram_and_dots(g_tree, r_trees, axis_name=axis_name, **opts)
-        return tree_subtract(g_tree, r_trees, pinv_solve(G, d, rcond), **opts)
+        _check_trees(g_tree, r_trees, check_k_le_p=axis_name is None)
+        s = pow2_row_scales(tree_row_absmax(r_trees, axis_name=axis_name))
+        G, d = tree_gram_and_dots(g_tree, r_trees, axis_name=axis_name, scale=s, **opts)
+        return tree_subtract(g_tree, r_trees, pinv_solve(G, d, rcond), scale=s, **opts)
     k = _check_trees(g_tree, r_trees, check_k_le_p=False)
     g_leaves, treedef = jax.tree.flatten(g_tree)
     r_leaves = jax.tree.leaves(r_trees)
-    parts = [_leaf_gram_and_dots(g, r, k, **opts) for g, r in zip(g_leaves, r_leaves)]
+    ms = jnp.stack([row_absmax(r) for r in r_leaves])  # (n_leaves, k)
+    if axis_name:
+        ms = lax.pmax(ms, axis_name)
+    ss = pow2_row_scales(ms.reshape(-1)).reshape(ms.shape)
+    parts = [_leaf_gram_and_dots(g, r, k, ss[i], **opts) for i, (g, r) in enumerate(zip(g_leaves, r_leaves))]
     Gs, ds = jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts])
     if axis_name is not None:
         Gs, ds = lax.psum((Gs, ds), axis_name)
     cs = jax.vmap(lambda G, d: pinv_solve(G, d, rcond))(Gs, ds)
-    out = [_leaf_subtract(g, r, cs[i], k, **opts) for i, (g, r) in enumerate(zip(g_leaves, r_leaves))]
+    out = [_leaf_subtract(g, r, cs[i], k, ss[i], **opts) for i, (g, r) in enumerate(zip(g_leaves, r_leaves))]
     return jax.tree.unflatten(treedef, out)

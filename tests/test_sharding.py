@@ -389,3 +389,29 @@ def test_jit_keeping_state_sharding_is_a_fixed_point():
         assert state["w"].sharding == row and state["s"].sharding == rep
     np.testing.assert_allclose(state["s"], ref["s"])
     assert len(run.compiled_variants) == 1
+
+
+@pytest.mark.parametrize("scale", [1e-19, 1e19])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_sharded_projection_survives_tiny_and_huge_retain_gradients(setup, scale, per_tensor):
+    """Retain gradients of norm ~1e-19 / ~1e19 (float32 Gram under/overflow unless rows are scaled first):
+    the sharded projection equals the float64 ``g - R^T pinv(R R^T) R g`` of the unscaled problem."""
+    mesh = sh.make_mesh("fsdp=4,tp=2")
+    g = sh.shard_like_params(setup.g, setup.params, mesh)
+    R = jax.device_put(jax.tree.map(lambda r: r * scale, setup.R),
+                       jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)),
+                                    sh.param_shardings(setup.params, mesh)))
+    out = sh.sharded_orthogonal_projection(g, R, mesh, per_tensor=per_tensor)
+
+    def reference(gs, Rs):  # float64, on the unscaled R (the projection is invariant to scaling R)
+        gv = np.concatenate([np.ravel(x) for x in gs]).astype(np.float64)
+        Rm = np.concatenate([np.reshape(r, (r.shape[0], -1)) for r in Rs], axis=1).astype(np.float64)
+        return gv - Rm.T @ np.linalg.pinv(Rm @ Rm.T) @ (Rm @ gv)
+
+    g_l, r_l, o_l = jax.tree.leaves(setup.g), jax.tree.leaves(setup.R), jax.tree.leaves(out)
+    if per_tensor:
+        want = [reference([x], [r]) for x, r in zip(g_l, r_l)]
+    else:
+        want = np.split(reference(g_l, r_l), np.cumsum([np.size(x) for x in g_l])[:-1])
+    for w, o, x in zip(want, o_l, g_l):
+        np.testing.assert_allclose(np.ravel(np.asarray(o)), w, atol=2e-5 * np.linalg.norm(np.ravel(x)), rtol=1e-4)

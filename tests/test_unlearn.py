@@ -101,9 +101,9 @@ def test_variants_raise_forget_nll_over_steps(variant):
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="unknown unlearning method 'rmu'"):
+    with pytest.raises(ValueError, match=r"UnlearnConfig.method must be one of .*got 'rmu'"):
         UnlearnConfig(method="rmu")
-    with pytest.raises(ValueError, match="retain_loss"):
+    with pytest.raises(ValueError, match="UnlearnConfig.retain_loss"):
         UnlearnConfig(retain_loss="l2")
     p, fb, rb = _params(), _batch(4, 1), _batch(5, 2)
     step = make_unlearn_step(apply, UnlearnConfig(method="npo"))
