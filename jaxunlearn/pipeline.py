@@ -12,9 +12,6 @@ them; files are written atomically (temporary name, then rename).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 from typing import Any, Mapping
 
 import datasets
@@ -27,6 +24,7 @@ from jaxunlearn.data import encode_split, generate_benchmark, train_tokenizer
 from jaxunlearn.data.tokenizer import benchmark_texts
 from jaxunlearn.eval.runner import evaluate_encoded
 from jaxunlearn.models import Decoder, ModelConfig
+from jaxunlearn.outputs import write_json_atomic  # noqa: F401 - re-exported (experiments use it)
 from jaxunlearn.sharding import shard_params
 from jaxunlearn.train import TrainConfig, apply_fn_for, split_model, train
 
@@ -166,19 +164,3 @@ def evaluate_splits(model: Decoder, encoded: Mapping[str, Mapping[str, np.ndarra
         stats = evaluate_encoded(apply, params, encoded[s], batch_size=batch_size)
         out[s] = {k: float(np.mean(v)) for k, v in stats.items()}
     return out
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> str:
-    """Write JSON to ``path`` through a temporary file in the same directory, then rename."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

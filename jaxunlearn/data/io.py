@@ -14,6 +14,12 @@ A saved benchmark is a directory::
 written into a temporary sibling directory and renamed into place, so an interrupted
 save never leaves a half-written benchmark at ``path``.
 
+Files on disk are untrusted input: tokenizers load with ``trust_remote_code=False`` (an
+``auto_map`` naming Python code is never executed, nor prompted for), and a missing or
+corrupt file inside a saved benchmark, a non-UTF-8 JSON file or an unreadable parquet file
+raises ``ValueError`` naming that file. ``load_benchmark`` raises ``FileNotFoundError`` only
+when ``benchmark.json`` itself is absent (callers use that to try the TOFU reader instead).
+
 TOFU (Maini et al., 2024) ships each split as ``<split>.json`` (JSON lines) or parquet:
 ``forget01.json``, ``retain99.json``, ``forget01_perturbed.json``,
 ``retain_perturbed.json``, ``real_authors_perturbed.json``, ... ; the ``*_perturbed``
@@ -28,18 +34,128 @@ import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import transformers
 
-__all__ = ["save_benchmark", "load_benchmark", "load_tofu", "TOFU_EVAL_COLUMNS"]
+__all__ = ["save_benchmark", "load_benchmark", "load_tofu", "load_tokenizer", "read_json", "TOFU_EVAL_COLUMNS"]
 
 _FORMAT = "jaxunlearn-benchmark"
 _VERSION = 1
 _META = "benchmark.json"
 _SUFFIXES = (".json", ".jsonl", ".parquet")
 TOFU_EVAL_COLUMNS = ("paraphrased_answer", "perturbed_answer")
+# JSON files of a saved tokenizer that AutoTokenizer may read (checked when loading fails)
+_TOKENIZER_JSON = ("tokenizer.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "config.json")
+
+
+def _reason(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, at most ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    text = lines.pop(0)
+    while text.endswith(":") and lines:  # "Validation error for field 'x':" / "    TypeError: ..."
+        text += " " + lines.pop(0)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _decode_utf8(raw: bytes, file: Path) -> str:
+    """``raw`` as text; ``ValueError`` naming the file, byte offset and line if it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{file} is not valid UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start} "
+                         f"(line {line})") from None
+
+
+def read_json(file: str | os.PathLike) -> Any:
+    """Reads a UTF-8 JSON file, naming the file in every error.
+
+    Args:
+      file: path of the JSON file.
+
+    Returns:
+      The decoded value (any JSON type; callers check the shape they expect).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: ``"<file> is not valid UTF-8: byte 0x.. at offset N (line L)"`` or
+        ``"<file> is corrupt (invalid JSON: ...)"``.
+    """
+    file = Path(file)
+    text = _decode_utf8(file.read_bytes(), file)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is corrupt (invalid JSON: {e})") from None
+
+
+def _json_object(file: Path) -> dict:
+    value = read_json(file)
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} is corrupt (expected a JSON object, got {type(value).__name__})")
+    return value
+
+
+def _tokenizer_failure(path: Path, exc: BaseException) -> ValueError:
+    """The error to raise when ``AutoTokenizer`` failed on ``path``: names the first bad file found."""
+    from tokenizers import Tokenizer
+
+    for name in _TOKENIZER_JSON:
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            _json_object(f)
+        except ValueError as e:
+            return e
+        if name == "tokenizer.json":
+            try:
+                Tokenizer.from_file(str(f))
+            except Exception as e:  # the Rust deserialiser raises plain Exception
+                return ValueError(f"{f} is corrupt ({_reason(e)})")
+    files = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    return ValueError(f"cannot load the tokenizer in {path} (files {files}): {type(exc).__name__}: {_reason(exc)}")
+
+
+def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
+    """Loads a tokenizer saved with ``save_pretrained`` from a local directory, never running its code.
+
+    ``AutoTokenizer`` runs offline with ``trust_remote_code=False``: an ``auto_map`` in
+    ``tokenizer_config.json`` is ignored when a built-in class fits, and refused otherwise;
+    no prompt is ever shown.
+
+    Args:
+      path: the directory (``tokenizer.json``, ``tokenizer_config.json``, ...).
+
+    Returns:
+      The tokenizer (class ``TokenizersBackend`` for fast tokenizers in transformers 5).
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory.
+      ValueError: a tokenizer file is not UTF-8, not valid JSON or not a valid tokenizer (the
+        file is named); the tokenizer needs custom code (named, never run); any other
+        loading failure (the directory is named).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    cfg_file = path / "tokenizer_config.json"
+    tok_cfg = _json_object(cfg_file) if cfg_file.is_file() else {}
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        if isinstance(e, ValueError) and "trust_remote_code" in str(e):
+            auto_map = tok_cfg.get("auto_map")
+            where = cfg_file if auto_map is not None else path
+            raise ValueError(
+                f"{where} asks for custom tokenizer code (auto_map {auto_map!r}): code from a model or "
+                "benchmark directory is never run (trust_remote_code=False)"
+            ) from None
+        raise _tokenizer_failure(path, e) from None
 
 
 def save_benchmark(
@@ -100,31 +216,90 @@ def load_benchmark(path: str | os.PathLike) -> tuple[datasets.DatasetDict, trans
 
     Returns:
       ``(dataset_dict, tokenizer)``; the tokenizer comes back through ``AutoTokenizer``
-      (class ``TokenizersBackend`` in transformers 5) with the same vocabulary and
-      special-token ids.
+      (class ``TokenizersBackend`` in transformers 5, never running code from the directory)
+      with the same vocabulary and special-token ids.
+
+    Raises:
+      FileNotFoundError: only when ``path/benchmark.json`` does not exist (not a saved benchmark).
+      ValueError: anything else wrong in a directory that has ``benchmark.json``, naming the
+        missing or corrupt file: ``benchmark.json`` itself, ``data/dataset_dict.json``, a split's
+        ``state.json`` / ``dataset_info.json`` / Arrow file, the tokenizer files.
     """
     path = Path(path)
     meta_file = path / _META
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a saved benchmark (no {_META})")
-    meta = json.loads(meta_file.read_text())
+    meta = _json_object(meta_file)
     if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
         raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
-    dd = datasets.load_from_disk(str(path / "data"))
-    if not isinstance(dd, datasets.DatasetDict):
-        raise ValueError(f"{path / 'data'} holds a single Dataset, expected a DatasetDict")
+    splits = meta.get("splits")
+    if (not isinstance(splits, dict) or not splits
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in splits.values())):
+        raise ValueError(f"{meta_file} is corrupt ('splits' must map split names to row counts, got {splits!r})")
+    dd = _load_saved_splits(path / "data")
     sizes = {name: len(ds) for name, ds in dd.items()}
-    if sizes != meta["splits"]:
-        raise ValueError(f"{path}: splits on disk {sizes} differ from {_META} {meta['splits']}")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-    return dd, tokenizer
+    if sizes != splits:
+        raise ValueError(f"{path}: splits on disk {sizes} differ from {_META} {splits}")
+    tok_dir = path / "tokenizer"
+    if not tok_dir.is_dir():
+        raise ValueError(f"benchmark {path} is incomplete: its tokenizer directory {tok_dir} is missing")
+    return dd, load_tokenizer(tok_dir)
+
+
+def _load_saved_splits(data_dir: Path) -> datasets.DatasetDict:
+    """``load_from_disk(data_dir)``; on failure a ``ValueError`` naming the missing or corrupt file."""
+    if not data_dir.is_dir():
+        raise ValueError(f"benchmark data directory {data_dir} is missing")
+    try:
+        dd = datasets.load_from_disk(str(data_dir))
+    except Exception as e:
+        raise _saved_splits_failure(data_dir, e) from None
+    if not isinstance(dd, datasets.DatasetDict):
+        raise ValueError(f"{data_dir} holds a single Dataset, expected a DatasetDict")
+    return dd
+
+
+def _saved_splits_failure(data_dir: Path, exc: BaseException) -> ValueError:
+    """Finds which file of a ``DatasetDict.save_to_disk`` directory broke ``load_from_disk``."""
+    cfg = datasets.config
+    try:
+        dd_file = data_dir / cfg.DATASETDICT_JSON_FILENAME
+        if not dd_file.is_file():
+            return ValueError(f"{dd_file} is missing (the benchmark's data directory is incomplete)")
+        names = _json_object(dd_file).get("splits")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return ValueError(f"{dd_file} is corrupt ('splits' must be a list of names, got {names!r})")
+        for name in names:
+            split_dir = data_dir / name
+            for meta_name in (cfg.DATASET_STATE_JSON_FILENAME, cfg.DATASET_INFO_FILENAME):
+                if not (split_dir / meta_name).is_file():
+                    return ValueError(f"{split_dir / meta_name} is missing (split {name!r} is incomplete)")
+                _json_object(split_dir / meta_name)
+            state_file = split_dir / cfg.DATASET_STATE_JSON_FILENAME
+            entries = _json_object(state_file).get("_data_files")
+            if not isinstance(entries, list) or not all(
+                    isinstance(d, dict) and isinstance(d.get("filename"), str) for d in entries):
+                return ValueError(f"{state_file} is corrupt ('_data_files' must list {{'filename': ...}} "
+                                  f"objects, got {entries!r})")
+            for entry in entries:
+                arrow = split_dir / entry["filename"]
+                if not arrow.is_file():
+                    return ValueError(f"{arrow} is missing (listed in {state_file})")
+                try:
+                    with pa.memory_map(str(arrow)) as source:
+                        pa.ipc.open_stream(source).read_all()
+                except Exception as e:
+                    return ValueError(f"{arrow} is corrupt ({type(e).__name__}: {_reason(e)})")
+    except ValueError as e:  # from _json_object: names its file
+        return e
+    return ValueError(f"cannot load the benchmark data in {data_dir}: {type(exc).__name__}: {_reason(exc)}")
 
 
 # --- TOFU ------------------------------------------------------------------------------------
 
 
 def _read_json_rows(file: Path) -> list:
-    text = file.read_text(encoding="utf-8")
+    text = _decode_utf8(file.read_bytes(), file).removeprefix("\ufeff")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -144,7 +319,10 @@ def _read_json_rows(file: Path) -> list:
 
 def _read_rows(file: Path) -> list:
     if file.suffix == ".parquet":
-        return pq.read_table(file).to_pylist()
+        try:
+            return pq.read_table(file).to_pylist()
+        except (pa.ArrowException, OSError) as e:  # ArrowInvalid: bad magic bytes, truncated footer
+            raise ValueError(f"{file} is corrupt (not a readable parquet file: {_reason(e)})") from None
     return _read_json_rows(file)
 
 
@@ -222,7 +400,9 @@ def load_tofu(
 
     Raises:
       FileNotFoundError: no such file, or no file for ``split`` (the error lists the splits
-        found). ValueError: an empty split, a missing column (named), a malformed row.
+        found). ValueError: an empty split, a missing column (named), a malformed row, a
+        JSON file that is not UTF-8 (file, byte offset and line named) or not JSON (file and
+        line named), a corrupt parquet file (named).
     """
     path = Path(path)
     if path.is_file():

@@ -15,10 +15,16 @@ transposed both ways::
 
 With tied embeddings a checkpoint may omit ``lm_head.weight`` or store a copy of the embedding.
 Rotary ``inv_freq`` buffers of old checkpoints are ignored (RoPE is recomputed from the config).
+
+Checkpoint directories are untrusted input: ``transformers`` is always called with
+``trust_remote_code=False`` (an ``auto_map`` pointing at Python files in the directory is never
+executed, and no prompt is shown), corrupt or truncated files raise ``ValueError`` naming the
+file, and tensors holding NaN or Inf are refused both on load and on save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,6 +40,7 @@ from flax import nnx
 
 from jaxunlearn.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from jaxunlearn.models.decoder import Decoder
+from jaxunlearn.outputs import umask_mode
 
 __all__ = [
     "from_pretrained",
@@ -126,27 +133,70 @@ def _check_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _reason(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (``transformers`` and Rust errors can be long)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    text = lines.pop(0)
+    while text.endswith(":") and lines:  # "Validation error for field 'x':" / "    TypeError: ..."
+        text += " " + lines.pop(0)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_remote_code_refusal(exc: BaseException) -> bool:
+    """Whether ``transformers`` refused to run a directory's custom code (``trust_remote_code=False``)."""
+    return isinstance(exc, ValueError) and "trust_remote_code" in str(exc)
+
+
 def load_config(path: str | os.PathLike, *, dtype: str | None = None,
                 param_dtype: str | None = None) -> ModelConfig:
     """Read ``path/config.json`` into a :class:`ModelConfig` (via ``transformers.AutoConfig``).
 
+    ``AutoConfig`` runs with ``trust_remote_code=False``: an ``auto_map`` in ``config.json`` is
+    never executed (the built-in class of the supported ``model_type`` is used).
+
+    Args:
+      path: the checkpoint directory.
+      dtype: compute dtype (default ``"float32"``).
+      param_dtype: parameter dtype (default: ``dtype``).
+
+    Returns:
+      The :class:`ModelConfig`.
+
     Raises:
       FileNotFoundError: the directory or its ``config.json`` is missing.
-      ValueError: the ``model_type`` or architecture is not supported (named in the message).
+      ValueError: the ``model_type`` or architecture is not supported (named in the message);
+        ``config.json`` is not UTF-8 JSON, not an object, or has missing or invalid fields
+        (the message names the file and the reason).
     """
     path = _check_dir(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
-    with open(cfg_file) as f:
-        raw = json.load(f)
+    from jaxunlearn.data.io import read_json
+
+    raw = read_json(cfg_file)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_file} is corrupt (expected a JSON object, got {type(raw).__name__})")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported model_type {model_type!r} in {cfg_file}; supported: {SUPPORTED_ARCHITECTURES}")
     import transformers
 
-    hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    return ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                                            trust_remote_code=False)
+    except Exception as e:
+        if _is_remote_code_refusal(e):
+            raise ValueError(
+                f"{cfg_file} asks for custom code (auto_map {raw.get('auto_map')!r}): code from a "
+                "checkpoint directory is never run (trust_remote_code=False)"
+            ) from None
+        raise ValueError(f"{cfg_file} is invalid ({_reason(e)})") from None
+    try:
+        return ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+    except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+        msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {_reason(e)}"
+        raise ValueError(f"{cfg_file}: {msg}") from None
 
 
 def _tensor_files(path: Path) -> tuple[dict[str, Path], list[Path]]:
@@ -154,10 +204,17 @@ def _tensor_files(path: Path) -> tuple[dict[str, Path], list[Path]]:
     index = path / SAFE_INDEX
     single = path / SAFE_SINGLE
     if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        from jaxunlearn.data.io import read_json
+
+        raw = read_json(index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no 'weight_map'")
+            raise ValueError(f"{index} is corrupt (it has no 'weight_map' object)")
+        bad = [k for k, v in weight_map.items()
+               if not isinstance(v, str) or not v or Path(v).is_absolute() or ".." in Path(v).parts]
+        if bad:
+            raise ValueError(f"{index} is corrupt ('weight_map' entry {bad[0]!r} -> {weight_map[bad[0]]!r} "
+                             "is not a file name)")
         files = sorted({path / v for v in weight_map.values()})
         for fp in files:
             if not fp.is_file():
@@ -176,7 +233,11 @@ def _iter_tensors(path: Path) -> Iterator[tuple[str, Any, Path]]:
 
     weight_map, files = _tensor_files(path)
     for fp in files:
-        with safe_open(str(fp), framework="np") as f:
+        try:
+            handle = safe_open(str(fp), framework="np")
+        except Exception as e:  # SafetensorError: bad header, truncated file
+            raise ValueError(f"{fp} is corrupt ({_reason(e)})") from None
+        with handle as f:
             keys = list(f.keys())
             for k in keys:
                 if weight_map and weight_map.get(k) != fp:
@@ -191,6 +252,30 @@ def _iter_tensors(path: Path) -> Iterator[tuple[str, Any, Path]]:
             absent = sorted(listed - set(keys))
             if absent:
                 raise ValueError(f"tensors {absent} are listed in {SAFE_INDEX} but missing from {fp.name}")
+
+
+def _first_nonfinite(arr: np.ndarray) -> str | None:
+    """``"NaN"`` / ``"Inf"`` if a float array holds one, else None (min/max: two passes, no copy)."""
+    if arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.inexact):
+        return None
+    with np.errstate(invalid="ignore"):
+        lo, hi = arr.min(), arr.max()
+    if np.isfinite(lo) and np.isfinite(hi):
+        return None
+    return "NaN" if np.isnan(lo) or np.isnan(hi) else "Inf"
+
+
+def _read_tensor(handle: Any, name: str, fp: Path) -> np.ndarray:
+    """Tensor ``name`` of an open safetensors file, as numpy; corrupt data and NaN/Inf are refused."""
+    try:
+        arr = np.asarray(handle.get_tensor(name))
+    except Exception as e:
+        raise ValueError(f"{fp} is corrupt: cannot read tensor '{name}' ({_reason(e)})") from None
+    bad = _first_nonfinite(arr)
+    if bad is not None:
+        raise ValueError(f"tensor '{name}' in {fp} holds {bad} values: refusing to load a corrupt or "
+                         "diverged checkpoint")
+    return arr
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
@@ -210,7 +295,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
     Raises:
       FileNotFoundError: missing directory, ``config.json`` or weight files (named).
       ValueError: unsupported architecture; a missing, unexpected or wrongly shaped tensor (named);
-        a tokenizer larger than the vocabulary.
+        a tensor holding NaN or Inf (named with its file); a corrupt or truncated file
+        (``config.json``, a safetensors file, the shard index, the tokenizer files: named); a
+        tokenizer that asks for custom code (never run); a tokenizer larger than the vocabulary.
     """
     path = _check_dir(path)
     config = load_config(path, dtype=dtype, param_dtype=param_dtype)
@@ -241,7 +328,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
         if _IGNORED.match(name):
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
-            tied_copy = (np.asarray(handle.get_tensor(name)), fp)
+            tied_copy = (_read_tensor(handle, name, fp), fp)
             continue
         if name not in tensor_map:
             raise ValueError(
@@ -250,11 +337,14 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
             )
         p, transpose = tensor_map[name]
         want = tuple(target(p).shape)
-        shape = tuple(handle.get_slice(name).get_shape())
+        try:
+            shape = tuple(handle.get_slice(name).get_shape())
+        except Exception as e:
+            raise ValueError(f"{fp} is corrupt: cannot read tensor '{name}' ({_reason(e)})") from None
         hf_want = want[::-1] if transpose else want
         if shape != hf_want:
             raise ValueError(f"tensor '{name}' in {fp.name} has shape {shape}, expected {hf_want} from config.json")
-        arr = np.asarray(handle.get_tensor(name))
+        arr = _read_tensor(handle, name, fp)
         if transpose:
             arr = arr.T
         assign(p, jnp.asarray(arr.astype(wdt)))
@@ -273,9 +363,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
     model = nnx.merge(graphdef, state)
     tokenizer = None
     if load_tokenizer and any((path / f).is_file() for f in _TOKENIZER_FILES):
-        import transformers
+        from jaxunlearn.data.io import load_tokenizer as _load_tokenizer
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = _load_tokenizer(path)
         check_tokenizer(tokenizer, config)
     return model, tokenizer
 
@@ -284,7 +374,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
 
 
 def _hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
-    """HF-named numpy copies of the model's parameters (host memory)."""
+    """HF-named numpy copies of the model's parameters (host memory); NaN/Inf raise ``ValueError``."""
     config = model.config
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     used: set[tuple] = set()
@@ -294,6 +384,10 @@ def _hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
         for k in p:
             node = node[k]
         arr = np.asarray(jax.device_get(node))
+        bad = _first_nonfinite(arr)
+        if bad is not None:
+            raise ValueError(f"refusing to save: tensor '{name}' (parameter {'/'.join(map(str, p))}) "
+                             f"holds {bad} values")
         out[name] = np.ascontiguousarray(arr.T if transpose else arr)
         used.add(tuple(p))
     flat = jax.tree_util.tree_flatten_with_path(pure)[0]
@@ -318,7 +412,6 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int | None) -> list[dict[
         size += arr.nbytes
     return shards
 
-
 def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer: Any = None,
                     max_shard_size: int | str | None = None, overwrite: bool = True) -> Path:
     """Write ``model`` (and ``tokenizer``) as a Hugging Face checkpoint directory.
@@ -327,7 +420,9 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer: Any =
     they exceed ``max_shard_size``, as ``model-0000k-of-0000n.safetensors`` plus
     ``model.safetensors.index.json``, and the tokenizer files. Everything is written into a
     temporary directory next to ``path`` and renamed into place at the end, so an interrupted save
-    leaves no half-written checkpoint. The result loads with ``transformers``'
+    leaves no half-written checkpoint. The directory gets the mode a plain ``mkdir`` would give
+    under the current umask (not ``mkdtemp``'s 0700). Nothing is written if a parameter holds
+    NaN or Inf. The result loads with ``transformers``'
     ``AutoModelForCausalLM.from_pretrained`` and with :func:`from_pretrained`.
 
     Args:
@@ -344,7 +439,9 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer: Any =
     Raises:
       FileExistsError: ``path`` is a file, or a non-empty directory and ``overwrite`` is False or it
         holds no ``config.json``.
-      ValueError: tokenizer larger than the vocabulary; bad ``max_shard_size``.
+      ValueError: tokenizer larger than the vocabulary; bad ``max_shard_size``; a parameter holds
+        NaN or Inf (the first one is named; nothing is written and an existing checkpoint at
+        ``path`` is left as it was).
     """
     from safetensors.numpy import save_file
 
@@ -370,17 +467,26 @@ def save_pretrained(model: Decoder, path: str | os.PathLike, *, tokenizer: Any =
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     backup = None
+
+    def plain_mode(p: Path, is_dir: bool = False) -> None:
+        """Give ``p`` the mode ``mkdir`` / ``open`` would under the umask (mkdtemp and safetensors use 0o600/0o700)."""
+        with contextlib.suppress(OSError):  # some filesystems refuse chmod: keep the restrictive mode there
+            os.chmod(p, umask_mode(is_dir))
+
     try:
+        plain_mode(tmp, is_dir=True)
         hf_config.save_pretrained(str(tmp))
         meta = {"format": "pt"}  # what transformers' torch loader expects
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SAFE_SINGLE), metadata=meta)
+            plain_mode(tmp / SAFE_SINGLE)
         else:
             weight_map = {}
             n = len(shards)
             for k, shard in enumerate(shards, start=1):
                 fname = f"model-{k:05d}-of-{n:05d}.safetensors"
                 save_file(shard, str(tmp / fname), metadata=meta)
+                plain_mode(tmp / fname)
                 weight_map.update({name: fname for name in shard})
             index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},
                      "weight_map": weight_map}
