@@ -14,12 +14,10 @@ TOFU-style and after INT4 fake quantisation, and writes
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,11 +25,14 @@ from tqdm.auto import tqdm
 from jaxunlearn.eval.quant_recovery import forget_metrics, quantization_recovery
 from jaxunlearn.eval.runner import EvalResult, encode_eval_splits, evaluate_model, to_jsonable
 from jaxunlearn.eval.tofu import forget_quality
+from jaxunlearn.method_configs import MethodConfig, load_method_config, method_config_to_dict
 from jaxunlearn.methods import UnlearnContext, run_method
-from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair, write_json_atomic
+from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
+from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair
+from jaxunlearn.validate import check_finite_tree
 from jaxunlearn.train import apply_fn_for, split_model
 
-__all__ = ["DEFAULT_METHODS", "load_method_configs", "summarize", "format_results_table", "plot_forget_vs_utility",
+__all__ = ["DEFAULT_METHODS", "load_method_configs", "summarize", "failed_row", "format_results_table", "plot_forget_vs_utility",
            "run_benchmark", "benchmark_methods", "compare_methods", "write_benchmark", "default_configs_dir"]
 
 DEFAULT_METHODS = ("task_vector", "perta_grad", "perta_fisher", "ssd", "ga", "ga_proj", "grad_diff",
@@ -44,22 +45,30 @@ def default_configs_dir() -> Path:
     return here if here.is_dir() else Path("experiments/configs")
 
 
-def load_method_configs(methods: Sequence[str], configs_dir: str | os.PathLike | None = None) -> dict[str, dict]:
-    """Read ``<configs_dir>/<method>.json`` for each method; a missing file names the method and the
-    available ones."""
+def load_method_configs(methods: Sequence[str],
+                        configs_dir: str | os.PathLike | None = None) -> dict[str, MethodConfig]:
+    """Read and validate ``<configs_dir>/<method>.json`` for each method (before any model is loaded).
+
+    Returns:
+      ``{method: typed config}`` (:func:`jaxunlearn.method_configs.load_method_config`).
+
+    Raises:
+      FileNotFoundError: no such directory. ValueError: an unknown method (named, with the
+      available ones), a repeated name, or an invalid config (file and key named); TypeError:
+      a value of the wrong type (file and key named).
+    """
     d = Path(configs_dir) if configs_dir is not None else default_configs_dir()
     if not d.is_dir():
         raise FileNotFoundError(f"method configs directory '{d}' does not exist")
     available = sorted(p.stem for p in d.glob("*.json"))
     out = {}
     for m in methods:
+        if m in out:
+            raise ValueError(f"method {m!r} is named twice")
         f = d / f"{m}.json"
         if not f.is_file():
             raise ValueError(f"unknown method {m!r}: no config {f} (available: {', '.join(available)})")
-        try:
-            out[m] = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config {f} is not valid JSON: {e}") from None
+        out[m] = load_method_config(f)
     return out
 
 
@@ -83,6 +92,14 @@ def summarize(result: EvalResult, recovery: Mapping[str, Any] | None, seconds: f
     return row
 
 
+def failed_row(error: BaseException, seconds: float | None) -> dict[str, Any]:
+    """The table row of a method that failed: every number NaN, ``error`` the reason."""
+    row: dict[str, Any] = {key: float("nan") for key, _, _ in _COLUMNS[1:]}
+    row["seconds"] = float("nan") if seconds is None else float(seconds)
+    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+    return row
+
+
 _COLUMNS = (("method", "method", "s"), ("forget_quality", "forget_q", ".3g"), ("model_utility", "utility", ".3f"),
             ("forget_probability", "forget_p", ".3f"), ("mia_auc_min_k", "MIA_AUC", ".3f"),
             ("int4_recovery", "int4_rec", "+.3f"), ("seconds", "time_s", ".1f"))
@@ -100,7 +117,8 @@ def format_results_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    failed = [f"{name}: FAILED ({row['error']})" for name, row in rows.items() if row.get("error")]
+    return "\n".join(lines + failed)
 
 
 def plot_forget_vs_utility(rows: Mapping[str, Mapping[str, float]], path: str | os.PathLike) -> str:
@@ -147,7 +165,9 @@ def run_benchmark(
     """Run the benchmark; returns the results dict also written to ``out_dir/results.json``.
 
     Args:
-      out_dir: results directory (refused if it exists unless ``overwrite``).
+      out_dir: results directory (refused if it exists unless ``overwrite``, and always if
+        jaxunlearn did not write it; checked before any work, replaced only at the end:
+        :func:`jaxunlearn.outputs.staged_dir`).
       cfg: the embedded default's sizes (:class:`~jaxunlearn.pipeline.DemoConfig`).
       methods: config names under ``configs_dir`` (default :data:`DEFAULT_METHODS`).
       configs_dir: where ``<method>.json`` live (default ``experiments/configs``).
@@ -160,23 +180,22 @@ def run_benchmark(
     """
     cfg = cfg or DemoConfig()
     methods = list(DEFAULT_METHODS if methods is None else methods)
-    configs = load_method_configs(methods, configs_dir)  # fail on a bad name before any work
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"results directory '{out_dir}' exists (pass --overwrite to replace it)")
-    results = benchmark_methods(cfg, configs, progress=progress, rouge_examples=rouge_examples,
-                                quant_schemes=quant_schemes, trained=trained, data=data)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    write_benchmark(out_dir, results)
+    configs = load_method_configs(methods, configs_dir)  # fail on a bad name or config before any work
+    check_output_dir(out_dir, overwrite=overwrite)
+    with staged_dir(out_dir, overwrite=overwrite, command="benchmark") as tmp:
+        results = benchmark_methods(cfg, configs, progress=progress, rouge_examples=rouge_examples,
+                                    quant_schemes=quant_schemes, trained=trained, data=data,
+                                    on_update=lambda partial: write_json_atomic(tmp / "results.json", partial))
+        write_benchmark(tmp, results)
     return results
 
 
 def write_benchmark(out_dir: str | os.PathLike, results: dict[str, Any]) -> None:
-    """Write ``results.json`` and ``forget_vs_utility.png`` into ``out_dir`` (created)."""
+    """Write ``results.json`` (complete) and ``forget_vs_utility.png`` into ``out_dir`` (created)."""
     out_dir = Path(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     results["plot"] = os.path.basename(plot_forget_vs_utility(results["table"], out_dir / "forget_vs_utility.png"))
+    results["complete"] = True
     write_json_atomic(out_dir / "results.json", results)
 
 
@@ -189,8 +208,12 @@ def benchmark_methods(
     quant_schemes: Sequence[str] = ("int4",),
     trained: Mapping[str, Any] | None = None,
     data=None,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """The benchmark without file output (see :func:`run_benchmark`); returns the results dict."""
+    """The benchmark without file output (see :func:`run_benchmark`); returns the results dict.
+
+    ``on_update(partial_results)`` is called after every method (see :func:`compare_methods`).
+    """
     t_start = time.perf_counter()
     bar = tqdm(total=3 + len(configs), desc="benchmark", disable=not progress, dynamic_ncols=True)
     if data is None:
@@ -208,10 +231,13 @@ def benchmark_methods(
     target, reference = trained["target"][0], trained["reference"][0]
     graphdef, params, rest = split_model(target)
     ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, data.encoded[fs], data.encoded[rs], seed=cfg.seed)
-    out = compare_methods(target, reference, tok, enc, ev, ctx, configs, quant_schemes=quant_schemes, bar=bar)
+    head = {"demo_config": to_jsonable(cfg), "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
+            "forget_split": fs, "retain_split": rs}
+    update = None if on_update is None else (lambda partial: on_update({**head, **partial, "complete": False}))
+    out = compare_methods(target, reference, tok, enc, ev, ctx, configs, quant_schemes=quant_schemes, bar=bar,
+                          on_update=update)
     bar.close()
-    return {"demo_config": to_jsonable(cfg), "method_configs": dict(configs), "forget_split": fs, "retain_split": rs,
-            **out, "seconds_total": time.perf_counter() - t_start}
+    return {**head, **out, "seconds_total": time.perf_counter() - t_start}
 
 
 def compare_methods(
@@ -225,8 +251,14 @@ def compare_methods(
     *,
     quant_schemes: Sequence[str] = ("int4",),
     bar=None,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the target (and reference), then run each method on ``ctx`` and evaluate it.
+
+    A method that fails -- raises, or returns parameters with NaN/Inf -- does not stop the
+    run: its row (:func:`failed_row`) carries ``"error"`` (the reason, naming the first
+    non-finite leaf) and NaN numbers, and the next method runs. ``KeyboardInterrupt`` still
+    stops everything.
 
     The core of :func:`benchmark_methods` for any models and data: every method of
     ``configs`` (``{name: config}``, as :func:`load_method_configs` returns) is run by
@@ -246,6 +278,8 @@ def compare_methods(
       configs: method name -> config.
       quant_schemes: fake-quantisation schemes for the recovery evaluation (may be empty).
       bar: an optional tqdm bar, advanced once for the target/reference and once per method.
+      on_update: called with the results so far (same keys as the return value) after the
+        target and after every method, e.g. to write them incrementally.
 
     Returns:
       ``{"table": {name: row}, "forget_truth_ratios": {name: [...]}, "details": {...}}``:
@@ -278,18 +312,32 @@ def compare_methods(
         truth_ratios[name] = res.splits[fs]["truth_ratio"].tolist()
         details[name] = {"aggregates": to_jsonable(res.aggregates), "quant": rec}
 
+    def snapshot():
+        return {"table": rows, "forget_truth_ratios": truth_ratios, "details": to_jsonable(details),
+                "failed": {m: r["error"] for m, r in rows.items() if r.get("error")}}
+
     evaluate("target", None, None)
     if bar is not None:
         bar.update(1)
+    if on_update is not None:
+        on_update(snapshot())
     for m, cfg in configs.items():
         if bar is not None:
             bar.set_postfix_str(m)
         t0 = time.perf_counter()
-        new_params = _block(run_method(ctx, cfg))
-        evaluate(m, new_params, time.perf_counter() - t0)
+        try:
+            new_params = _block(run_method(ctx, cfg))
+            seconds = time.perf_counter() - t0
+            check_finite_tree(new_params, f"the parameters {m} returned")
+            evaluate(m, new_params, seconds)
+        except Exception as e:  # recorded in the method's row; the other methods still run
+            rows[m] = failed_row(e, time.perf_counter() - t0)
+            details[m] = {"error": rows[m]["error"]}
         if bar is not None:
             bar.update(1)
-    return {"table": rows, "forget_truth_ratios": truth_ratios, "details": to_jsonable(details)}
+        if on_update is not None:
+            on_update(snapshot())
+    return snapshot()
 
 
 def _block(tree):

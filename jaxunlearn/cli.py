@@ -10,6 +10,12 @@
     jaxunlearn eval    --model DIR --data PATH --forget SPLIT [--retain ...] [--general ...] [--holdout SPLIT]
                        [--reference DIR] --out FILE.json
 
+Outputs are safe: every output path is checked before any work (writable, not a file where a
+directory is wanted, ``--resume-dir`` separate from ``--out``); a non-empty directory that
+jaxunlearn did not write is never replaced, even with ``--overwrite``; results are written
+into a temporary sibling and swapped into place at the end. ``bench`` records a failing
+method in its row and goes on (exit status 1 when any failed).
+
 Every command takes ``--mesh SPEC`` (e.g. ``fsdp=4,tp=2``; one size may be ``-1``, "the
 rest"): the parameters are sharded on that device mesh by
 :func:`jaxunlearn.sharding.partition_rules`, batches are split over its data-parallel axes,
@@ -27,6 +33,9 @@ import shutil
 import sys
 import tempfile
 import time
+
+from jaxunlearn.outputs import check_disjoint, check_output_dir, check_output_file, staged_dir
+from jaxunlearn.validate import check_finite_tree
 
 __all__ = ["main", "build_parser"]
 
@@ -253,11 +262,17 @@ def _encode_splits(model, tok, dd, names, separator) -> dict:
     return {n: enc(n, longest) for n in names}
 
 
-def _check_resume_args(args) -> None:
+def _check_checkpoint_out(args) -> None:
+    """``--out`` (a model checkpoint) and ``--resume-dir``, checked before any work."""
+    check_output_dir(args.out, overwrite=args.overwrite, what="--out", marker="config.json")
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.checkpoint_every and not args.resume_dir:
         raise ValueError("--checkpoint-every needs --resume-dir (where to keep the checkpoints)")
+    if args.resume_dir:
+        if os.path.exists(args.resume_dir) and not os.path.isdir(args.resume_dir):
+            raise NotADirectoryError(f"--resume-dir '{args.resume_dir}' is a file")
+        check_disjoint(**{"--out": args.out, "--resume-dir": args.resume_dir, "--model": args.model})
 
 
 def _train(args, mesh) -> int:
@@ -267,16 +282,18 @@ def _train(args, mesh) -> int:
     from jaxunlearn.pipeline import concat_encoded
     from jaxunlearn.train import train
 
-    if os.path.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"output '{args.out}' exists (pass --overwrite to replace it)")
-    _check_resume_args(args)
     from jaxunlearn.train import TrainConfig
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                      seed=args.seed, checkpoint_every=args.checkpoint_every)
-    if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.learning_rate <= 0 or cfg.warmup_steps < 0:
-        raise ValueError(f"need steps, batch size and learning rate > 0 and warmup >= 0; got {cfg}")
+    _check_checkpoint_out(args)
+    flags = {"steps": "--steps", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
+             "warmup_steps": "--warmup-steps", "weight_decay": "--weight-decay", "grad_clip": "--grad-clip"}
+    try:
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                          warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                          seed=args.seed, checkpoint_every=args.checkpoint_every)
+    except (TypeError, ValueError) as e:
+        field = str(e).split(" ", 1)[0].removeprefix("TrainConfig.")
+        raise ValueError(f"{flags.get(field, field)}: {e}") from None
     model, tok, dd = _load_model_and_data(args)
     enc = _encode_splits(model, tok, dd, args.splits, args.separator)
     data = concat_encoded(*enc.values())
@@ -284,6 +301,7 @@ def _train(args, mesh) -> int:
         _shard_model(model, mesh)
     model, hist = train(model, data, cfg, checkpoint_dir=args.resume_dir, progress=not args.no_progress,
                         mesh=mesh)
+    check_finite_tree(nnx.state(model, nnx.Param), "the trained parameters (training diverged; nothing written)")
     nnx.update(model, _host(nnx.state(model, nnx.Param)))
     if _is_main():
         save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
@@ -294,23 +312,22 @@ def _train(args, mesh) -> int:
 
 
 def _unlearn(args, mesh) -> int:
-    import json
-
     from flax import nnx
 
     from jaxunlearn.benchmark import load_method_configs
+    from jaxunlearn.method_configs import load_method_config
     from jaxunlearn.methods import UnlearnContext, run_method
     from jaxunlearn.models import save_pretrained
     from jaxunlearn.train import apply_fn_for, split_model
 
-    if os.path.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"output '{args.out}' exists (pass --overwrite to replace it)")
-    _check_resume_args(args)
+    _check_checkpoint_out(args)
     if args.config:
-        with open(args.config) as f:
-            cfg = json.load(f)
+        cfg = load_method_config(args.config)
     else:
         cfg = load_method_configs([args.method], args.configs)[args.method]
+    if args.resume_dir and cfg.kind != "gradient":
+        raise ValueError(f"--resume-dir needs a step-wise method (kind 'gradient'); {args.method!r} is kind "
+                         f"{cfg.kind!r}")
     model, tok, dd = _load_model_and_data(args)
     enc = _encode_splits(model, tok, dd, (args.forget, args.retain), args.separator)
     if mesh is not None:
@@ -319,6 +336,7 @@ def _unlearn(args, mesh) -> int:
     ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, enc[args.forget], enc[args.retain], seed=args.seed,
                          mesh=mesh)
     new_params = run_method(ctx, cfg, checkpoint_dir=args.resume_dir, checkpoint_every=args.checkpoint_every)
+    check_finite_tree(new_params, f"the parameters method {args.method!r} returned (nothing written)")
     nnx.update(model, _host(new_params))
     if _is_main():
         save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
@@ -335,12 +353,15 @@ def _bench(args, mesh) -> int:
     from jaxunlearn.eval.runner import encode_eval_splits
     from jaxunlearn.methods import UnlearnContext
     from jaxunlearn.models import from_pretrained
+    from jaxunlearn.method_configs import method_config_to_dict
+    from jaxunlearn.outputs import write_json_atomic
     from jaxunlearn.train import apply_fn_for, split_model
 
-    if os.path.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"results directory '{args.out}' exists (pass --overwrite to replace it)")
+    check_output_dir(args.out, overwrite=args.overwrite, what="--out")
+    if args.rouge_examples < 0:
+        raise ValueError(f"--rouge-examples must be >= 0, got {args.rouge_examples}")
     methods = list(DEFAULT_METHODS if args.methods is None else args.methods)
-    configs = load_method_configs(methods, args.configs)  # a bad name fails before any loading
+    configs = load_method_configs(methods, args.configs)  # a bad name or config fails before any loading
     model, tok, dd = _load_model_and_data(args)
     train_enc = _encode_splits(model, tok, dd, (args.forget, args.retain), args.separator)
     roles = {args.forget: "forget", args.retain: "retain", **{g: "general" for g in args.general}}
@@ -359,21 +380,35 @@ def _bench(args, mesh) -> int:
                          seed=args.seed, mesh=mesh)
     ev = dict(forget=args.forget, retain=args.retain, general=args.general or None, holdout=args.holdout,
               rouge_examples=args.rouge_examples)
+    head = {"model": os.path.abspath(args.model), "reference": args.reference and os.path.abspath(args.reference),
+            "data": os.path.abspath(args.data), "roles": roles, "seed": args.seed,
+            "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
+            "forget_split": args.forget, "retain_split": args.retain}
+    # process 0 writes the results; the others run the same SPMD program and write into a scratch directory
+    out, scratch = args.out, None
+    if not _is_main():
+        out = scratch = tempfile.mkdtemp(prefix="jaxunlearn-bench-")
     t0 = time.perf_counter()
-    bar = tqdm(total=1 + len(configs), desc="bench", disable=args.no_progress, dynamic_ncols=True)
-    out = compare_methods(model, reference, tok, enc, ev, ctx, configs, quant_schemes=args.quant, bar=bar)
-    bar.close()
-    results = {"model": os.path.abspath(args.model), "reference": args.reference and os.path.abspath(args.reference),
-               "data": os.path.abspath(args.data), "roles": roles, "seed": args.seed, "method_configs": configs,
-               "forget_split": args.forget, "retain_split": args.retain, **out,
-               "seconds_total": time.perf_counter() - t0}
+    try:
+        with staged_dir(out, overwrite=args.overwrite or scratch is not None, command="bench", what="--out") as tmp:
+            bar = tqdm(total=1 + len(configs), desc="bench", disable=args.no_progress, dynamic_ncols=True)
+            res = compare_methods(model, reference, tok, enc, ev, ctx, configs, quant_schemes=args.quant, bar=bar,
+                                  on_update=lambda partial: write_json_atomic(
+                                      tmp / "results.json", {**head, **partial, "complete": False}))
+            bar.close()
+            results = {**head, **res, "seconds_total": time.perf_counter() - t0}
+            write_benchmark(tmp, results)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if not _is_main():
         return 0
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    write_benchmark(args.out, results)
     print(format_results_table(results["table"]))
     print(f"wrote {os.path.join(args.out, 'results.json')}")
+    if results["failed"]:
+        print(f"jaxunlearn bench: {len(results['failed'])} method(s) failed: {', '.join(results['failed'])} "
+              "(reasons in the table and results.json)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -383,8 +418,9 @@ def _eval(args, mesh) -> int:
     from jaxunlearn.models import from_pretrained
     from jaxunlearn.pipeline import write_json_atomic
 
-    if os.path.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"output '{args.out}' exists (pass --overwrite to replace it)")
+    check_output_file(args.out, overwrite=args.overwrite, what="--out")
+    if args.rouge_examples is not None and args.rouge_examples < 0:
+        raise ValueError(f"--rouge-examples must be >= 0, got {args.rouge_examples}")
     model, tok, dd = _load_model_and_data(args)
     if mesh is not None:
         _shard_model(model, mesh)
@@ -438,11 +474,15 @@ def _demo(args, mesh) -> int:
     if not _is_main():
         out = scratch = tempfile.mkdtemp(prefix="jaxunlearn-demo-")
     try:
-        run_demo(out, cfg=cfg, overwrite=args.overwrite or scratch is not None, progress=not args.no_progress,
-                 methods=args.methods, configs_dir=args.configs)
+        results = run_demo(out, cfg=cfg, overwrite=args.overwrite or scratch is not None,
+                           progress=not args.no_progress, methods=args.methods, configs_dir=args.configs)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+    failed = results.get("benchmark", {}).get("failed", {})
+    if failed:
+        print(f"jaxunlearn demo: {len(failed)} method(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -466,8 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         with _mesh_context(mesh):
             commands = {"demo": _demo, "train": _train, "unlearn": _unlearn, "bench": _bench, "eval": _eval}
             return commands[args.command](args, mesh)
-    except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"jaxunlearn {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, KeyError, TypeError, FloatingPointError) as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        notes = "".join(f"\n{n}" for n in getattr(e, "__notes__", ()))
+        print(f"jaxunlearn {args.command}: error: {msg}{notes}", file=sys.stderr)
         return 2
 
 

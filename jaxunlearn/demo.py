@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 
 import datasets
@@ -33,7 +32,9 @@ from jaxunlearn.benchmark import (
 )
 from jaxunlearn.data import save_benchmark
 from jaxunlearn.models import count_params, save_pretrained
-from jaxunlearn.pipeline import DemoConfig, evaluate_splits, prepare_data, train_pair, write_json_atomic
+from jaxunlearn.method_configs import method_config_to_dict
+from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
+from jaxunlearn.pipeline import DemoConfig, evaluate_splits, prepare_data, train_pair
 
 __all__ = ["run_demo", "format_table"]
 
@@ -60,9 +61,11 @@ def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, ov
     """Run the demo; returns the results dict also written to ``out_dir/results.json``.
 
     Args:
-      out_dir: results directory.
+      out_dir: results directory. Checked before any work; written into a temporary sibling
+        and swapped into place at the end (a killed run leaves an existing ``out_dir`` as it
+        was); a non-empty directory jaxunlearn did not write is never replaced.
       cfg: sizes of the embedded default.
-      overwrite: replace an existing ``out_dir`` (else ``FileExistsError``).
+      overwrite: replace an existing ``out_dir`` written by jaxunlearn (else ``FileExistsError``).
       progress: progress bars.
       methods: unlearning methods to benchmark (config names; default all of
         :data:`jaxunlearn.benchmark.DEFAULT_METHODS`; ``[]`` skips the benchmark).
@@ -72,10 +75,14 @@ def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, ov
     cfg = cfg or DemoConfig()
     methods = list(DEFAULT_METHODS if methods is None else methods)
     configs = load_method_configs(methods, configs_dir)  # unknown names fail before any work
-    if os.path.exists(out_dir):
-        if not overwrite:
-            raise FileExistsError(f"results directory '{out_dir}' exists (pass --overwrite to replace it)")
-        shutil.rmtree(out_dir)
+    check_output_dir(out_dir, overwrite=overwrite)
+    with staged_dir(out_dir, overwrite=overwrite, command="demo") as tmp:
+        results = _run(tmp, cfg, configs, progress, rouge_examples)
+    print(f"wrote {os.path.join(out_dir, 'results.json')}")
+    return results
+
+
+def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int) -> dict:
     t0 = time.perf_counter()
     data = prepare_data(cfg)
     splits = (data.forget_split, data.retain_split, "general", "holdout")
@@ -92,9 +99,10 @@ def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, ov
     bench = None
     if configs:
         bench = benchmark_methods(cfg, configs, progress=progress, rouge_examples=rouge_examples,
-                                  trained=trained, data=data)
+                                  trained=trained, data=data,
+                                  on_update=lambda partial: write_json_atomic(
+                                      os.path.join(out_dir, "results.json"), {"benchmark": partial}))
     t_total = time.perf_counter() - t0
-    os.makedirs(out_dir, exist_ok=True)
     datasets.disable_progress_bars()
     save_benchmark(os.path.join(out_dir, "data"), data.dataset, data.tokenizer)
     for name, (model, _) in trained.items():
@@ -120,5 +128,5 @@ def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, ov
               "ROC-AUC forget vs holdout (0.5 = no leak);\nint4_rec = forget_p after INT4 fake quantisation "
               "minus before; time_s = unlearning wall time.")
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
-    print(f"\ntotal {t_total:.0f} s; wrote {os.path.join(out_dir, 'results.json')}")
+    print(f"\ntotal {t_total:.0f} s")
     return results

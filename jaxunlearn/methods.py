@@ -21,47 +21,47 @@ its rows split over the mesh's data-parallel axes (:func:`jaxunlearn.sharding.sh
 the parameters keep the placement the caller gave them (e.g.
 :func:`jaxunlearn.sharding.shard_params`), and the run state follows them.
 
+Configs: a method config is a typed dataclass of :mod:`jaxunlearn.method_configs`
+(a plain dict is parsed by :func:`~jaxunlearn.method_configs.parse_method_config`,
+which refuses unknown keys, wrong types and out-of-range values, naming the key).
+
 Resumable runs: ``run_method(..., checkpoint_dir=...)`` saves the gradient run's
 :class:`~jaxunlearn.unlearn.UnlearnState` with orbax and resumes from the newest
-checkpoint. Batches are a pure function of ``(seed, step)``
-(:func:`jaxunlearn.train.batch_at`), so an interrupted-then-resumed run ends with exactly
-the parameters of an uninterrupted one. The directory also holds
-``unlearn_config.json`` (the method config, seed, data digest and parameter shapes);
-a directory written by another run is refused, naming the first differing key.
+checkpoint (:class:`jaxunlearn.runs.ResumableRun`). Batches are a pure function of
+``(seed, step)`` (:func:`jaxunlearn.train.batch_at`), so an interrupted-then-resumed run
+on the same mesh ends with exactly the parameters of an uninterrupted one. The directory
+also holds the run record (:func:`run_record`: the method config, seed, and digests of the
+data and of the starting parameters' values); a directory written by another run is
+refused, naming the first differing key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxunlearn import checkpoint as ckpt
 from jaxunlearn import sharding as sh
 from jaxunlearn import tree as jt
 
 from jaxunlearn.dampening import ssd
 from jaxunlearn.fisher import fisher_diagonal, grad_importance
 from jaxunlearn.losses import sequence_nll
+from jaxunlearn.method_configs import (FinetuneConfig, GradientMethod, MethodConfig, PertaMethod, SSDMethod,
+                                       TaskVectorMethod, method_config_to_dict, parse_method_config)
+from jaxunlearn.runs import ResumableRun, array_digest, params_digest
 from jaxunlearn.saliency import salun_mask
 from jaxunlearn.task_vector import apply_task_vector, perta, task_vector
 from jaxunlearn.train import BATCH_KEYS, TrainConfig, TrainState, batch_at, make_optimizer, make_train_step
-from jaxunlearn.unlearn import UnlearnConfig, UnlearnState, init_unlearn_state, make_unlearn_step
+from jaxunlearn.unlearn import UnlearnState, init_unlearn_state, make_unlearn_step
 
-__all__ = ["UnlearnContext", "KINDS", "RUN_CONFIG_FILE", "run_method", "run_record", "context_mesh",
+__all__ = ["UnlearnContext", "KINDS", "run_method", "run_record", "context_mesh",
            "place_batch", "example_nll_fn", "importance_batches", "finetune_on_forget", "importances"]
-
-RUN_CONFIG_FILE = "unlearn_config.json"
-"""Name of the run record written beside the checkpoints of a resumable run."""
 
 KINDS = ("task_vector", "perta", "ssd", "gradient")
 
@@ -168,11 +168,12 @@ def importance_batches(data: Mapping[str, np.ndarray], batch_size: int, max_exam
     return out
 
 
-def finetune_on_forget(ctx: UnlearnContext, cfg: Mapping) -> Any:
+def finetune_on_forget(ctx: UnlearnContext, cfg: FinetuneConfig | Mapping) -> Any:
     """theta_ft: the target fine-tuned on the forget set (AdamW, constant schedule after warmup)."""
-    tcfg = TrainConfig(steps=int(cfg["steps"]), batch_size=int(cfg.get("batch_size", 32)),
-                       learning_rate=float(cfg["learning_rate"]), warmup_steps=int(cfg.get("warmup_steps", 0)),
-                       end_lr_ratio=1.0, weight_decay=0.0, seed=ctx.seed)
+    if not isinstance(cfg, FinetuneConfig):
+        cfg = FinetuneConfig(**cfg)
+    tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                       warmup_steps=cfg.warmup_steps, end_lr_ratio=1.0, weight_decay=0.0, seed=ctx.seed)
     tx = make_optimizer(tcfg)
     step = make_train_step(ctx.apply_fn, tx)
     mesh = context_mesh(ctx)
@@ -185,11 +186,16 @@ def finetune_on_forget(ctx: UnlearnContext, cfg: Mapping) -> Any:
     return state.params
 
 
-def importances(ctx: UnlearnContext, cfg: Mapping, which: str) -> tuple[Any, Any]:
-    """(I_forget, I_other) with I = diagonal Fisher or a gradient importance; ``which`` in {"retain", "full"}."""
+def importances(ctx: UnlearnContext, cfg: PertaMethod | SSDMethod | Mapping, which: str) -> tuple[Any, Any]:
+    """(I_forget, I_other) with I = diagonal Fisher or a gradient importance; ``which`` in {"retain", "full"}.
+
+    ``cfg``: a PerTA or SSD config (or its JSON form): ``importance``, ``grad_kind``,
+    ``importance_batch_size``, ``max_importance_examples``.
+    """
+    cfg = parse_method_config(cfg)
     loss = example_nll_fn(ctx.apply_fn)
-    bs = int(cfg.get("importance_batch_size", 32))
-    cap = cfg.get("max_importance_examples")
+    bs = cfg.importance_batch_size
+    cap = cfg.max_importance_examples
     fb = importance_batches(ctx.forget, bs, cap, ctx.seed)
     other = ctx.retain
     if which == "full":
@@ -199,157 +205,92 @@ def importances(ctx: UnlearnContext, cfg: Mapping, which: str) -> tuple[Any, Any
     if mesh is not None:
         fb = [place_batch(b, mesh, "importance batch size") for b in fb]
         ob = [place_batch(b, mesh, "importance batch size") for b in ob]
-    kind = cfg.get("importance", "fisher")
+    kind = cfg.importance
     if kind == "fisher":
         return (fisher_diagonal(loss, ctx.params, fb, **ctx.fisher_kwargs),
                 fisher_diagonal(loss, ctx.params, ob, **ctx.fisher_kwargs))
     if kind == "grad":
-        gk = cfg.get("grad_kind", "squared_mean")
+        gk = cfg.grad_kind
         return grad_importance(loss, ctx.params, fb, kind=gk), grad_importance(loss, ctx.params, ob, kind=gk)
     raise ValueError(f"unknown importance {kind!r}: 'fisher' or 'grad'")
 
 
-def _digest(arrays: Mapping[str, Any]) -> str:
-    """SHA-256 (first 16 hex digits) of the keys, dtypes, shapes and bytes of host arrays."""
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        a = np.ascontiguousarray(np.asarray(arrays[k]))
-        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
+def run_record(ctx: UnlearnContext, cfg: MethodConfig | Mapping) -> dict[str, Any]:
+    """What identifies a gradient unlearning run, as stored in :data:`jaxunlearn.runs.RUN_RECORD_FILE`.
 
-
-def run_record(ctx: UnlearnContext, cfg: Mapping) -> dict[str, Any]:
-    """What identifies a gradient unlearning run, as stored in :data:`RUN_CONFIG_FILE`.
-
-    ``{"method": cfg, "seed": ctx.seed, "forget": digest, "retain": digest, "params": digest,
-    "num_params": n}``: the method config verbatim, the batch-order seed, SHA-256 digests of the
-    encoded forget / retain arrays (:data:`jaxunlearn.train.BATCH_KEYS`) and of the parameters'
-    paths, shapes and dtypes (not their values: that would need the sharded values on one host).
-    Two runs with equal records take the same steps on the same batches.
+    ``{"kind": "unlearn", "method": config, "seed": ctx.seed, "forget": digest, "retain": digest,
+    "params": digest, "num_params": n}``: the method config with every field filled in, the
+    batch-order seed, and SHA-256 digests of the encoded forget / retain arrays
+    (:data:`jaxunlearn.train.BATCH_KEYS`) and of the starting parameters' values
+    (:func:`jaxunlearn.runs.params_digest`). Two runs with equal records take the same steps
+    on the same batches from the same weights.
 
     Args:
       ctx: the run's context.
-      cfg: the method config (a JSON-serialisable mapping).
+      cfg: the method config.
 
     Returns:
-      A JSON-compatible dict (already round-tripped through ``json``).
+      A JSON-compatible dict.
     """
-    try:
-        method = json.loads(json.dumps(cfg, sort_keys=True))
-    except TypeError as e:
-        raise ValueError(f"the method config must be JSON-serialisable to be resumable: {e}") from None
-    shapes = {p: f"{jnp.dtype(x.dtype).name}{tuple(np.shape(x))}" for p, x in jt.leaves_with_paths(ctx.params)}
-    h = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
     return {
-        "method": method,
+        "kind": "unlearn",
+        "method": method_config_to_dict(cfg),
         "seed": int(ctx.seed),
-        "forget": _digest({k: ctx.forget[k] for k in BATCH_KEYS}),
-        "retain": _digest({k: ctx.retain[k] for k in BATCH_KEYS}),
-        "params": h,
+        "forget": array_digest({k: ctx.forget[k] for k in BATCH_KEYS}),
+        "retain": array_digest({k: ctx.retain[k] for k in BATCH_KEYS}),
+        "params": params_digest(ctx.params),
         "num_params": int(jt.size(ctx.params)),
     }
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def _check_run_record(directory: str, record: dict[str, Any], has_checkpoints: bool) -> None:
-    """Compare ``record`` with the one stored in ``directory`` (write it when there is none).
-
-    Raises ``ValueError`` naming the first differing key, or when checkpoints exist without a record.
-    """
-    path = os.path.join(directory, RUN_CONFIG_FILE)
-    if not os.path.exists(path):
-        if has_checkpoints:
-            raise ValueError(f"checkpoint directory '{directory}' holds checkpoints but no {RUN_CONFIG_FILE}: "
-                             "it was not written by an unlearning run; use another directory")
-        if sh.is_main_process():
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=2, sort_keys=True)
-            os.replace(tmp, path)
-        return
-    try:
-        with open(path) as f:
-            stored = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"'{path}' is not valid JSON: {e}") from None
-    want, have = _flatten(record), _flatten(stored)
-    for key in sorted(set(want) | set(have)):
-        if want.get(key, "<absent>") != have.get(key, "<absent>"):
-            raise ValueError(f"checkpoint directory '{directory}' belongs to another unlearning run: "
-                             f"'{key}' is {have.get(key, '<absent>')!r} there but {want.get(key, '<absent>')!r} "
-                             "now; use another directory (or delete it) to start afresh")
-
-
-def _run_gradient(ctx: UnlearnContext, cfg: Mapping, *, checkpoint_dir: str | None = None,
+def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: str | None = None,
                   checkpoint_every: int = 0, callback: Callable[[int, dict], None] | None = None) -> Any:
-    ucfg = UnlearnConfig(**cfg["unlearn"])
+    ucfg = cfg.unlearn
     mesh = context_mesh(ctx)
-    bf = min(int(cfg.get("batch_size", 32)), len(ctx.forget["input_ids"]))
-    br = int(cfg.get("retain_batch_size", bf))
+    bf = min(cfg.batch_size, len(ctx.forget["input_ids"]))
+    br = cfg.retain_batch_size or bf
     _check_divisible(bf, mesh, "forget batch size")
     if ucfg.uses_retain:
         _check_divisible(br, mesh, "retain batch size")
-    mngr = None
-    if checkpoint_dir is not None:
-        checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
-        has = ckpt.latest_step(checkpoint_dir) is not None
-        _check_run_record(checkpoint_dir, run_record(ctx, cfg), has)
+    record = run_record(ctx, cfg) if checkpoint_dir is not None else None
     mask = None
-    if cfg.get("salun_fraction"):
+    if cfg.salun_fraction:
         loss = example_nll_fn(ctx.apply_fn)
         sal = grad_importance(loss, ctx.params, importance_batches(ctx.forget, 32, seed=ctx.seed), kind="abs_sum")
-        mask = jax.tree.map(lambda m: m.astype(jnp.float32), salun_mask(sal, fraction=float(cfg["salun_fraction"])))
+        mask = jax.tree.map(lambda m: m.astype(jnp.float32), salun_mask(sal, fraction=cfg.salun_fraction))
         mask = _on_mesh(mask, mesh)
     step = make_unlearn_step(ctx.apply_fn, ucfg, mask=mask)
-    state: UnlearnState = _on_mesh(init_unlearn_state(ctx.params, ucfg, mask), mesh)
-    if checkpoint_dir is not None:
-        mngr = ckpt.run_manager(checkpoint_dir)
-    try:
-        if mngr is not None and mngr.latest_step() is not None:
-            # the abstract target carries the fresh state's shardings: restored leaves land where they belong
-            state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(ckpt.abstract_like(state)))
+    fresh: UnlearnState = _on_mesh(init_unlearn_state(ctx.params, ucfg, mask), mesh)
+    with ResumableRun(checkpoint_dir, record, fresh, checkpoint_every=checkpoint_every) as run:
+        state = run.state
         for s in range(int(state.step), ucfg.steps):
             fb = place_batch(batch_at(ctx.forget, bf, s, ctx.seed), mesh, "forget batch size")
             rb = (place_batch(batch_at(ctx.retain, br, s, ctx.seed + 1), mesh, "retain batch size")
                   if ucfg.uses_retain else None)
             state, metrics = step(state, fb, rb, ctx.params)
-            if mngr is not None and checkpoint_every and (s + 1) % checkpoint_every == 0:
-                mngr.save(s + 1, args=ocp.args.StandardSave(state))
+            run.after_step(s + 1, state)
             if callback is not None:
                 callback(s + 1, {k: float(v) for k, v in metrics.items()})
-        if mngr is not None and mngr.latest_step() != int(state.step):
-            mngr.save(int(state.step), args=ocp.args.StandardSave(state))
-    finally:
-        if mngr is not None:
-            mngr.wait_until_finished()
-            mngr.close()
+        run.finish(state)
     return state.params
 
 
-def run_method(ctx: UnlearnContext, cfg: Mapping, *, checkpoint_dir: str | os.PathLike | None = None,
+def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_dir: str | os.PathLike | None = None,
                checkpoint_every: int = 0, callback: Callable[[int, dict], None] | None = None) -> Any:
-    """Run the method described by ``cfg`` (its ``"kind"`` picks the family) and return the params.
+    """Run the method described by ``cfg`` (its kind picks the family) and return the params.
 
     With a mesh (:func:`context_mesh`) every batch is split over its data-parallel axes and
     parameters not yet on it are replicated over it.
 
     Args:
       ctx: the model, the target's parameters and the encoded data.
-      cfg: the method config (``experiments/configs/<name>.json``).
+      cfg: the method config: a typed config of :mod:`jaxunlearn.method_configs`, or its
+        JSON form (``experiments/configs/<name>.json``), parsed and validated first.
       checkpoint_dir: ``gradient`` kind only: save the :class:`~jaxunlearn.unlearn.UnlearnState`
         there (orbax) every ``checkpoint_every`` steps and at the end; when it already holds a
         checkpoint of the same run (:func:`run_record`), resume from its step. The restored
-        state takes the shardings of a fresh one (so a different mesh shape works too).
+        state takes the shardings of a fresh one (so a different mesh shape works too; the
+        result then equals the same-mesh one to float tolerance, not bitwise).
       checkpoint_every: steps between checkpoints (0: only at the end).
       callback: ``gradient`` kind only: ``callback(step, metrics)`` after every step (after
         that step's checkpoint), ``metrics`` as floats (``forget_loss``, ``retain_loss``,
@@ -359,14 +300,12 @@ def run_method(ctx: UnlearnContext, cfg: Mapping, *, checkpoint_dir: str | os.Pa
       The unlearned parameters (same structure as ``ctx.params``).
 
     Raises:
-      ValueError: an unknown kind; ``checkpoint_dir``/``callback`` for a kind that does not run
-        in steps; a checkpoint directory of another run (naming the differing key); a batch size
-        not divisible by the mesh's data-parallel size.
-      KeyError: a missing option (named).
+      ValueError / TypeError: an invalid config (the key named); ``checkpoint_dir``/``callback``
+        for a kind that does not run in steps; a checkpoint directory of another run (naming
+        the differing key); a batch size not divisible by the mesh's data-parallel size.
     """
-    kind = cfg.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"unknown method kind {kind!r}; choose from {KINDS}")
+    cfg = parse_method_config(cfg)
+    kind = cfg.kind
     if kind != "gradient" and (checkpoint_dir is not None or callback is not None):
         raise ValueError(f"checkpoint_dir / callback need a step-wise run (kind 'gradient'); kind {kind!r} "
                          "is not resumable")
@@ -375,20 +314,15 @@ def run_method(ctx: UnlearnContext, cfg: Mapping, *, checkpoint_dir: str | os.Pa
     mesh = context_mesh(ctx)
     if mesh is not None:
         ctx = dataclasses.replace(ctx, params=_on_mesh(ctx.params, mesh))
-    try:
-        if kind == "task_vector":
-            tau = task_vector(finetune_on_forget(ctx, cfg["finetune"]), ctx.params)
-            return apply_task_vector(ctx.params, tau, -float(cfg["alpha"]))
-        if kind == "perta":
-            tau = task_vector(finetune_on_forget(ctx, cfg["finetune"]), ctx.params)
-            i_f, i_r = importances(ctx, cfg, "retain")
-            return perta(ctx.params, tau, i_f, i_r, strength=float(cfg["strength"]),
-                         retain_scale=float(cfg.get("retain_scale", 1.0)))
-        if kind == "ssd":
-            i_f, i_d = importances(ctx, cfg, "full")
-            return ssd(ctx.params, i_f, i_d, alpha=float(cfg.get("alpha", 10.0)), lam=float(cfg.get("lam", 1.0)))
-        return _run_gradient(ctx, cfg, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                             callback=callback)
-    except KeyError as e:
-        raise KeyError(f"method config (kind {kind!r}) lacks option {e}") from None
-
+    if isinstance(cfg, TaskVectorMethod):
+        tau = task_vector(finetune_on_forget(ctx, cfg.finetune), ctx.params)
+        return apply_task_vector(ctx.params, tau, -cfg.alpha)
+    if isinstance(cfg, PertaMethod):
+        tau = task_vector(finetune_on_forget(ctx, cfg.finetune), ctx.params)
+        i_f, i_r = importances(ctx, cfg, "retain")
+        return perta(ctx.params, tau, i_f, i_r, strength=cfg.strength, retain_scale=cfg.retain_scale)
+    if isinstance(cfg, SSDMethod):
+        i_f, i_d = importances(ctx, cfg, "full")
+        return ssd(ctx.params, i_f, i_d, alpha=cfg.alpha, lam=cfg.lam)
+    return _run_gradient(ctx, cfg, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                         callback=callback)

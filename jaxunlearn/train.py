@@ -4,7 +4,9 @@ The model is handled functionally: ``graphdef, params = nnx.split(model, nnx.Par
 and every step is a pure ``(TrainState, batch) -> (TrainState, metrics)`` under
 ``jax.jit`` (buffers donated), so it runs unchanged with sharded params. Batches
 are a deterministic function of ``(seed, step)`` (:func:`batch_at`), which is what
-makes an interrupted run resume to the exact same parameters.
+makes an interrupted run resume to the exact same parameters (on the same mesh). A
+resumable run's directory holds a run record (:func:`train_record`: the config and
+digests of the data and of the starting weights); another run's directory is refused.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxunlearn import checkpoint as ckpt
+from jaxunlearn import tree as jt
 from jaxunlearn.losses import sequence_nll
+from jaxunlearn.runs import ResumableRun, array_digest, params_digest
 from jaxunlearn.sharding import jit_keeping_state_sharding, shard_batch
+from jaxunlearn.validate import check_float, check_int
 
 __all__ = [
     "TrainConfig",
@@ -34,6 +37,7 @@ __all__ = [
     "make_train_step",
     "batch_at",
     "train",
+    "train_record",
     "BATCH_KEYS",
 ]
 
@@ -65,6 +69,17 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 0
+
+    def __post_init__(self):
+        check_int("TrainConfig", "steps", self.steps, min=1)
+        check_int("TrainConfig", "batch_size", self.batch_size, min=1)
+        check_float("TrainConfig", "learning_rate", self.learning_rate, min=0.0, min_exclusive=True)
+        check_int("TrainConfig", "warmup_steps", self.warmup_steps, min=0)
+        check_float("TrainConfig", "end_lr_ratio", self.end_lr_ratio, min=0.0)
+        check_float("TrainConfig", "weight_decay", self.weight_decay, min=0.0)
+        check_float("TrainConfig", "grad_clip", self.grad_clip, min=0.0)
+        check_int("TrainConfig", "seed", self.seed)
+        check_int("TrainConfig", "checkpoint_every", self.checkpoint_every, min=0)
 
 
 class TrainState(NamedTuple):
@@ -159,6 +174,20 @@ def _mesh_of(tree) -> jax.sharding.Mesh | None:
     return None
 
 
+def train_record(params: Any, data: Mapping[str, np.ndarray], cfg: TrainConfig) -> dict[str, Any]:
+    """What identifies a training run, as stored in :data:`jaxunlearn.runs.RUN_RECORD_FILE`.
+
+    ``{"kind": "train", "config": cfg (without checkpoint_every), "data": digest, "params": digest,
+    "num_params": n}``, the digests of the encoded data arrays (:data:`BATCH_KEYS`) and of the
+    starting parameters' values (:func:`jaxunlearn.runs.params_digest`).
+    """
+    config = dataclasses.asdict(cfg)
+    config.pop("checkpoint_every")
+    return {"kind": "train", "config": config,
+            "data": array_digest({k: data[k] for k in BATCH_KEYS}),
+            "params": params_digest(params), "num_params": int(jt.size(params))}
+
+
 def train(
     model: nnx.Module,
     data: Mapping[str, np.ndarray],
@@ -179,7 +208,8 @@ def train(
       cfg: :class:`TrainConfig`.
       checkpoint_dir: if given, the run state is saved there (orbax) every
         ``cfg.checkpoint_every`` steps and at the end, and an existing checkpoint
-        is resumed from its step.
+        of the same run (:func:`train_record`) is resumed from its step; a directory
+        of another run is refused (``ValueError`` naming the differing field).
       progress: show a tqdm bar with the loss.
       log_every: record the metrics every this many steps.
       callback: called as ``callback(step, metrics)`` after each logged step.
@@ -193,40 +223,33 @@ def train(
     for k in BATCH_KEYS:
         if k not in data:
             raise KeyError(f"training data lacks '{k}' (have {sorted(data)})")
-    if cfg.steps <= 0:
-        raise ValueError(f"steps must be positive, got {cfg.steps}")
     graphdef, params, rest = split_model(model)
+    record = train_record(params, data, cfg) if checkpoint_dir else None
     params = jax.tree.map(jnp.copy, params)  # the step donates its state: keep the caller's model alive
     if mesh is None:
         mesh = _mesh_of(params)
     tx = make_optimizer(cfg)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    mngr = ckpt.run_manager(checkpoint_dir) if checkpoint_dir else None
-    if mngr is not None and mngr.latest_step() is not None:
-        state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(ckpt.abstract_like(state)))
+    fresh = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     step_fn = make_train_step(apply_fn_for(graphdef, rest), tx)
     history: list[dict] = []
-    start = int(state.step)
-    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    try:
-        for s in bar:
-            batch = batch_at(data, cfg.batch_size, s, cfg.seed)
-            if mesh is not None:
-                batch = shard_batch(batch, mesh)
-            state, metrics = step_fn(state, batch)
-            if (s + 1) % log_every == 0 or s + 1 == cfg.steps:
-                m = {k: float(v) for k, v in metrics.items()}
-                history.append({"step": s + 1, **m})
-                bar.set_postfix(loss=f"{m['loss']:.3f}")
-                if callback is not None:
-                    callback(s + 1, m)
-            if mngr is not None and cfg.checkpoint_every and (s + 1) % cfg.checkpoint_every == 0:
-                mngr.save(s + 1, args=ocp.args.StandardSave(state))
-        if mngr is not None and mngr.latest_step() != int(state.step):
-            mngr.save(int(state.step), args=ocp.args.StandardSave(state))
-    finally:
-        bar.close()
-        if mngr is not None:
-            mngr.wait_until_finished()
-            mngr.close()
+    with ResumableRun(checkpoint_dir or None, record, fresh, checkpoint_every=cfg.checkpoint_every) as run:
+        state = run.state
+        bar = tqdm(range(int(state.step), cfg.steps), desc=desc, disable=not progress, leave=False,
+                   dynamic_ncols=True)
+        try:
+            for s in bar:
+                batch = batch_at(data, cfg.batch_size, s, cfg.seed)
+                if mesh is not None:
+                    batch = shard_batch(batch, mesh)
+                state, metrics = step_fn(state, batch)
+                if (s + 1) % log_every == 0 or s + 1 == cfg.steps:
+                    m = {k: float(v) for k, v in metrics.items()}
+                    history.append({"step": s + 1, **m})
+                    bar.set_postfix(loss=f"{m['loss']:.3f}")
+                    if callback is not None:
+                        callback(s + 1, m)
+                run.after_step(s + 1, state)
+            run.finish(state)
+        finally:
+            bar.close()
     return nnx.merge(graphdef, state.params, rest), history

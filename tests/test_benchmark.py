@@ -63,11 +63,11 @@ def test_shipped_configs_are_all_loadable():
     from jaxunlearn.methods import KINDS
     from jaxunlearn.unlearn import UnlearnConfig
 
-    cfgs = load_method_configs(DEFAULT_METHODS)
+    cfgs = load_method_configs(DEFAULT_METHODS)  # parsed and validated (unknown keys, types, ranges)
     for name, c in cfgs.items():
-        assert c["kind"] in KINDS, name
-        if c["kind"] == "gradient":
-            UnlearnConfig(**c["unlearn"])  # validates names and values
+        assert c.kind in KINDS, name
+        if c.kind == "gradient":
+            assert isinstance(c.unlearn, UnlearnConfig), name
 
 
 def test_to_jsonable_handles_arrays_scalars_dataclasses():

@@ -33,15 +33,23 @@ def test_demo_end_to_end_writes_results_and_models(tmp_path, capsys):
 
 
 def test_demo_refuses_to_overwrite(tmp_path, capsys):
+    from jaxunlearn.outputs import MARKER
+
     out = tmp_path / "run"
     out.mkdir()
+    (out / MARKER).write_text("{}")  # a previous demo's output: replaced only with --overwrite
+    (out / "results.json").write_text("{}")
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_demo(str(out), cfg=TINY, progress=False, methods=[])
+    (out / MARKER).unlink()  # not the tool's: never replaced
+    with pytest.raises(FileExistsError, match="not written by jaxunlearn"):
+        run_demo(str(out), cfg=TINY, progress=False, methods=[], overwrite=True)
+    assert (out / "results.json").read_text() == "{}"
     with pytest.raises(ValueError, match="unknown method 'rmu'"):
         run_demo(str(tmp_path / "other"), cfg=TINY, progress=False, methods=["rmu"])
     assert not (tmp_path / "other").exists()
-    assert main(["demo", "--out", str(out), "--steps", "2"]) == 2
-    assert "exists" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--steps", "2", "--overwrite"]) == 2
+    assert "not written by jaxunlearn" in capsys.readouterr().err
 
 
 def test_bad_forget_split_is_named():

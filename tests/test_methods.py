@@ -82,9 +82,9 @@ def test_gradient_kind_with_salun_mask(ctx):
 
 
 def test_bad_configs(ctx):
-    with pytest.raises(ValueError, match="unknown method kind 'rmu'"):
+    with pytest.raises(ValueError, match="key 'kind' must be one of .* got 'rmu'"):
         run_method(ctx, {"kind": "rmu"})
-    with pytest.raises(KeyError, match="'alpha'"):
+    with pytest.raises(ValueError, match="missing key 'alpha'"):
         run_method(ctx, {"kind": "task_vector", "finetune": FT})
-    with pytest.raises(ValueError, match="unknown importance 'hessian'"):
+    with pytest.raises(ValueError, match="importance must be one of .* got 'hessian'"):
         run_method(ctx, {"kind": "ssd", "importance": "hessian"})

@@ -18,7 +18,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxunlearn import sharding as sh
 from jaxunlearn.checkpoint import latest_step, save_pytree
-from jaxunlearn.methods import RUN_CONFIG_FILE, UnlearnContext, context_mesh, place_batch, run_method
+from jaxunlearn.method_configs import method_config_to_dict
+from jaxunlearn.methods import UnlearnContext, context_mesh, place_batch, run_method
+from jaxunlearn.runs import RUN_RECORD_FILE
 from toy_lm import bigram_apply as apply
 from toy_lm import bigram_params, lm_batch
 
@@ -75,7 +77,7 @@ def test_interrupted_run_resumes_to_identical_params(uninterrupted, tmp_path):
     with pytest.raises(Interrupt):
         run_method(_ctx(), CFG, checkpoint_dir=run, checkpoint_every=3, callback=cb)
     assert seen == [1, 2, 3, 4, 5] and latest_step(run) == 3
-    assert json.loads((run / RUN_CONFIG_FILE).read_text())["method"] == CFG
+    assert json.loads((run / RUN_RECORD_FILE).read_text())["method"] == method_config_to_dict(CFG)
     cb, seen = _interrupt_at(-1)
     resumed = run_method(_ctx(), CFG, checkpoint_dir=run, checkpoint_every=3, callback=cb)
     assert seen == list(range(4, 11))  # continued after step 3, did not start over
@@ -136,7 +138,7 @@ def test_checkpoint_dir_of_another_run_is_refused(tmp_path):
     # checkpoints without a record: not an unlearning run's directory
     foreign = tmp_path / "foreign"
     save_pytree(foreign / "0" / "default", {"x": jnp.ones(2)})
-    with pytest.raises(ValueError, match=f"no {RUN_CONFIG_FILE}"):
+    with pytest.raises(ValueError, match=f"no {RUN_RECORD_FILE}"):
         run_method(_ctx(), short, checkpoint_dir=foreign)
     with pytest.raises(ValueError, match="kind 'ssd' is not resumable"):
         run_method(_ctx(), {"kind": "ssd"}, checkpoint_dir=tmp_path / "ssd")

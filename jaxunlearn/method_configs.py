@@ -1,0 +1,270 @@
+"""Typed method configurations: one frozen dataclass per method kind, parsed strictly from JSON.
+
+A method config file (``experiments/configs/<name>.json``) is a JSON object whose
+``"kind"`` picks the dataclass; every other key must be a field of it::
+
+    {"kind": "gradient", "batch_size": 32,
+     "unlearn": {"method": "npo", "steps": 30, "learning_rate": 5e-4, "beta": 0.1}}
+
+:func:`parse_method_config` checks, before any model is loaded, that there are no unknown
+keys (a typo'd ``batchsize`` is an error with a suggestion, not a silently-run default),
+no missing required keys, and that every value has the field's type and range; each error
+names the source (file) and the key path (``unlearn.learning_rate``). Kinds:
+
+- ``task_vector`` (:class:`TaskVectorMethod`): ``theta_0 - alpha * (theta_ft - theta_0)``,
+  ``theta_ft`` the target fine-tuned on the forget set (:class:`FinetuneConfig`).
+- ``perta`` (:class:`PertaMethod`): ``theta_0 - strength * (w * tau)``,
+  ``w = I_f / (I_f + retain_scale * I_r + eps)`` with Fisher or gradient importances.
+- ``ssd`` (:class:`SSDMethod`): selective synaptic dampening, ``theta_i *= min(lam I_D/I_f, 1)``
+  where ``I_f > alpha I_D``.
+- ``gradient`` (:class:`GradientMethod`): an :class:`~jaxunlearn.unlearn.UnlearnConfig` run
+  on forget (and retain) batches, optionally under a SalUn mask (``salun_fraction``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+from jaxunlearn.unlearn import UnlearnConfig
+from jaxunlearn.validate import check_choice, check_float, check_int
+
+__all__ = ["FinetuneConfig", "TaskVectorMethod", "PertaMethod", "SSDMethod", "GradientMethod", "MethodConfig",
+           "METHOD_KINDS", "parse_method_config", "load_method_config", "method_config_to_dict"]
+
+IMPORTANCES = ("fisher", "grad")
+GRAD_KINDS = ("squared_mean", "abs_mean", "abs_sum", "mean_abs")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning on the forget set (AdamW, linear warmup then constant), for the task vector.
+
+    Attributes:
+      steps: optimisation steps (>= 1).
+      learning_rate: AdamW learning rate (> 0).
+      batch_size: rows per step (>= 1; capped at the forget set's size).
+      warmup_steps: linear warmup steps (>= 0).
+    """
+
+    steps: int
+    learning_rate: float
+    batch_size: int = 32
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        check_int("FinetuneConfig", "steps", self.steps, min=1)
+        check_float("FinetuneConfig", "learning_rate", self.learning_rate, min=0.0, min_exclusive=True)
+        check_int("FinetuneConfig", "batch_size", self.batch_size, min=1)
+        check_int("FinetuneConfig", "warmup_steps", self.warmup_steps, min=0)
+
+
+def _check_importance(owner: str, cfg) -> None:
+    check_choice(owner, "importance", cfg.importance, IMPORTANCES)
+    check_choice(owner, "grad_kind", cfg.grad_kind, GRAD_KINDS)
+    check_int(owner, "importance_batch_size", cfg.importance_batch_size, min=1)
+    if cfg.max_importance_examples is not None:
+        check_int(owner, "max_importance_examples", cfg.max_importance_examples, min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskVectorMethod:
+    """Task-vector negation (Ilharco et al., "Editing Models with Task Arithmetic", 2023).
+
+    Attributes:
+      finetune: how ``theta_ft`` is obtained from the target.
+      alpha: negation scale (> 0) in ``theta_0 - alpha * tau``.
+    """
+
+    finetune: FinetuneConfig
+    alpha: float
+    kind: str = dataclasses.field(default="task_vector", init=False)
+
+    def __post_init__(self):
+        check_float("TaskVectorMethod", "alpha", self.alpha, min=0.0, min_exclusive=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PertaMethod:
+    """PerTA: the task vector rescaled per parameter by forget/retain importances.
+
+    Attributes:
+      finetune: how ``theta_ft`` is obtained from the target.
+      strength: ``lambda`` in ``theta_0 - lambda * (w * tau)`` (> 0).
+      retain_scale: ``a`` in ``w = I_f / (I_f + a I_r + eps)`` (>= 0).
+      importance: ``"fisher"`` (diagonal Fisher) or ``"grad"`` (gradient importance).
+      grad_kind: the gradient importance's formula (:func:`jaxunlearn.grad_importance`).
+      importance_batch_size: rows per importance batch.
+      max_importance_examples: a seeded subset of at most this many rows per set (None: all).
+    """
+
+    finetune: FinetuneConfig
+    strength: float
+    retain_scale: float = 1.0
+    importance: str = "fisher"
+    grad_kind: str = "squared_mean"
+    importance_batch_size: int = 32
+    max_importance_examples: int | None = None
+    kind: str = dataclasses.field(default="perta", init=False)
+
+    def __post_init__(self):
+        check_float("PertaMethod", "strength", self.strength, min=0.0, min_exclusive=True)
+        check_float("PertaMethod", "retain_scale", self.retain_scale, min=0.0)
+        _check_importance("PertaMethod", self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SSDMethod:
+    """Selective synaptic dampening (Foster et al., 2024) with importances on forget and all data.
+
+    Attributes:
+      alpha: selection threshold (> 0): parameter i is dampened iff ``I_f,i > alpha I_D,i``.
+      lam: dampening constant (> 0) in ``min(lam I_D,i / I_f,i, 1)``.
+      importance, grad_kind, importance_batch_size, max_importance_examples: as in
+        :class:`PertaMethod`.
+    """
+
+    alpha: float = 10.0
+    lam: float = 1.0
+    importance: str = "fisher"
+    grad_kind: str = "squared_mean"
+    importance_batch_size: int = 32
+    max_importance_examples: int | None = None
+    kind: str = dataclasses.field(default="ssd", init=False)
+
+    def __post_init__(self):
+        check_float("SSDMethod", "alpha", self.alpha, min=0.0, min_exclusive=True)
+        check_float("SSDMethod", "lam", self.lam, min=0.0, min_exclusive=True)
+        _check_importance("SSDMethod", self)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientMethod:
+    """A gradient unlearning run (GA, GradDiff, NPO, SimNPO and their variants).
+
+    Attributes:
+      unlearn: the step's hyperparameters (validated by :class:`~jaxunlearn.unlearn.UnlearnConfig`).
+      batch_size: forget rows per step (>= 1; capped at the forget set's size).
+      retain_batch_size: retain rows per step (None: ``batch_size``).
+      salun_fraction: SalUn mask over the top fraction of forget-gradient saliency, in (0, 1]
+        (None: no mask).
+    """
+
+    unlearn: UnlearnConfig
+    batch_size: int = 32
+    retain_batch_size: int | None = None
+    salun_fraction: float | None = None
+    kind: str = dataclasses.field(default="gradient", init=False)
+
+    def __post_init__(self):
+        check_int("GradientMethod", "batch_size", self.batch_size, min=1)
+        if self.retain_batch_size is not None:
+            check_int("GradientMethod", "retain_batch_size", self.retain_batch_size, min=1)
+        if self.salun_fraction is not None:
+            f = check_float("GradientMethod", "salun_fraction", self.salun_fraction, min=0.0, min_exclusive=True)
+            if f > 1.0:
+                raise ValueError(f"GradientMethod.salun_fraction must be in (0, 1], got {self.salun_fraction!r}")
+
+
+MethodConfig = Union[TaskVectorMethod, PertaMethod, SSDMethod, GradientMethod]
+METHOD_KINDS: dict[str, type] = {"task_vector": TaskVectorMethod, "perta": PertaMethod, "ssd": SSDMethod,
+                                 "gradient": GradientMethod}
+"""``kind`` -> its config dataclass."""
+
+
+def _dataclass_of(hint) -> type | None:
+    """The dataclass in a field's type hint (``X`` or ``X | None``), or None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _build(cls: type, obj: Any, source: str, prefix: str) -> Any:
+    where = f"key '{prefix[:-1]}'" if prefix else "the top level"
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{source}: {where} must be a JSON object, got {type(obj).__name__} {obj!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key in obj:
+        if key not in fields and not (key == "kind" and not prefix):
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{source}: unknown key '{prefix}{key}' for {cls.__name__} "
+                             f"(known: {', '.join(sorted(fields))}){hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in obj:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{source}: missing key '{prefix}{name}' for {cls.__name__}")
+            continue
+        sub = _dataclass_of(hints[name])
+        value = obj[name]
+        kwargs[name] = _build(sub, value, source, f"{prefix}{name}.") if sub is not None and value is not None \
+            else value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        field = msg.split(" ", 1)[0].split(".", 1)[-1] if msg.startswith(f"{cls.__name__}.") else None
+        key = f" (key '{prefix}{field}')" if field else ""
+        raise type(e)(f"{source}{key}: {msg}") from None
+
+
+def parse_method_config(obj: Mapping[str, Any] | MethodConfig, source: str = "method config") -> MethodConfig:
+    """The typed config of a JSON-like method config (a typed config is returned as is).
+
+    Args:
+      obj: ``{"kind": ..., ...}`` as read from a config file.
+      source: how errors name where ``obj`` came from (the file path).
+
+    Returns:
+      A :data:`MethodConfig` (frozen dataclass of the ``kind``).
+
+    Raises:
+      ValueError: unknown ``kind``, unknown or missing keys (the key path named, with a
+        close match suggested), out-of-range values.
+      TypeError: a value of the wrong type (the key path named).
+    """
+    if isinstance(obj, tuple(METHOD_KINDS.values())):
+        return obj
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{source}: a method config must be a JSON object, got {type(obj).__name__}")
+    kind = obj.get("kind")
+    if kind not in METHOD_KINDS:
+        raise ValueError(f"{source}: key 'kind' must be one of {tuple(METHOD_KINDS)}, got {kind!r}")
+    return _build(METHOD_KINDS[kind], obj, source, "")
+
+
+def load_method_config(path: str | os.PathLike) -> MethodConfig:
+    """Read and parse one method config file (errors name the file and the key).
+
+    Raises:
+      FileNotFoundError: no such file. ValueError / TypeError: as :func:`parse_method_config`,
+      and for a file that is not UTF-8 JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"method config '{path}' does not exist" +
+                                (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"method config '{path}' is corrupt (not UTF-8 text: {e.reason} at byte {e.start})") \
+            from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"method config '{path}' is not valid JSON: {e}") from None
+    return parse_method_config(obj, f"method config '{path}'")
+
+
+def method_config_to_dict(cfg: MethodConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON form of a method config, every field present (defaults filled in)."""
+    cfg = parse_method_config(cfg)
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
