@@ -33,11 +33,16 @@ module only decides *where* things live:
   :mod:`jaxunlearn.kernels.projection` run per shard under ``jax.shard_map``, the
   ``k x k`` Gram matrix and the ``k`` dot products ``psum`` -ed across shards.
 
-Example:
-  >>> mesh = make_mesh("fsdp=4,tp=2")                      # 8 devices
-  >>> params = shard_params(params, mesh)                  # by the default rules
-  >>> batch = shard_batch(batch, mesh)                     # rows over ("fsdp",)
-  >>> fisher = jaxunlearn.fisher_diagonal(loss_fn, params, [batch])   # runs sharded
+Example (8 devices, e.g. ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` on a CPU):
+  >>> mesh = make_mesh("fsdp=4,tp=2")
+  >>> params = shard_params({"layers": {"0": {"mlp": {"up_proj": {"kernel": jnp.ones((16, 32))}}}}}, mesh)
+  >>> params["layers"]["0"]["mlp"]["up_proj"]["kernel"].sharding.spec     # by the default rules
+  P('fsdp', 'tp')
+  >>> batch = shard_batch({"x": jnp.ones((8, 3))}, mesh)                  # rows over ("fsdp",)
+  >>> loss = lambda p, ex: jnp.sum(p["layers"]["0"]["mlp"]["up_proj"]["kernel"] * ex["x"].sum())
+  >>> fisher = ju.fisher_diagonal(loss, params, [batch])                  # runs sharded
+  >>> fisher["layers"]["0"]["mlp"]["up_proj"]["kernel"].sharding.spec, float(fisher["layers"]["0"]["mlp"]["up_proj"]["kernel"][0, 0])
+  (P('fsdp', 'tp'), 9.0)
 """
 
 from __future__ import annotations

@@ -440,7 +440,7 @@ def dense_fisher(
 
     ``a_b^T g_b`` is example ``b``'s gradient of the layer's weight (``y = x W``);
     the square is elementwise. Divide by the number of examples for the mean
-    (empirical) Fisher of DESIGN.md. Never builds the ``(B, d_in, d_out)``
+    (empirical) Fisher ``F = (1/N) sum_n (A_n^T G_n)**2``. Never builds the ``(B, d_in, d_out)``
     per-example gradients except with ``impl="reference"``.
 
     Args:

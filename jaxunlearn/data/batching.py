@@ -8,8 +8,9 @@ the batch convention of ``jaxunlearn.losses``:
 - ``loss_mask``      float32 (N, T), 1 on the answer tokens and the EOS, i.e. on
   positions ``P_n <= t < L_n`` with ``P_n`` the prompt length (BOS + question + SEP);
 - ``fact_mask``      float32 (N, T), 1 on the answer tokens whose character span
-  overlaps the ``fact`` substring of the answer (for fact-token accuracy; GOTCHAS:
-  answer-token accuracy alone is a weak signal on templated answers);
+  overlaps the ``fact`` substring of the answer (for fact-token accuracy: answer-token
+  accuracy alone is a weak signal on templated answers, where the template words are
+  predictable without the fact);
 - ``prompt_lengths`` int32 (N,) = ``P_n``; ``lengths`` int32 (N,) = ``L_n``.
 
 Question and answer are tokenised separately (``add_special_tokens=False``) and the ids

@@ -19,8 +19,8 @@ answer and in the paraphrased answer, and not at all in a perturbed answer).
 Names are a first name and a last name drawn from two small pools of names built
 from consonant-vowel syllables, and every name *word* of a forget or holdout person
 also occurs in some retain person's name, so a tokenizer trained on the retain data
-has seen every word of every name (GOTCHAS: held-out names must not be out of
-vocabulary, or membership inference is trivial).
+has seen every word of every name (held-out names must not be out of vocabulary, or
+membership inference is trivial: an unseen word alone separates them).
 
 Splits (a ``datasets.DatasetDict``), with ``n = num_people`` trained people:
 
