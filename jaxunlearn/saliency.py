@@ -30,7 +30,7 @@ from jaxunlearn import tree as jt
 from jaxunlearn import validate as V
 from jaxunlearn.tree import PyTree
 
-__all__ = ["salun_mask", "masked_updates"]
+__all__ = ["salun_mask", "masked_updates", "top_k_mask"]
 
 _RADIX_BITS = 16  # counts are h * 2^16 + l with int32 digits
 _F32_INF_BITS = 0x7F800000
@@ -65,8 +65,26 @@ def _sub_clamp(a, b, cap: int, rb: int) -> jax.Array:
     return jnp.where(dh < 0, 0, jnp.minimum(val, cap)).astype(jnp.int32)
 
 
-def _top_k_mask(leaves: list[jax.Array], k: int, rb: int = _RADIX_BITS) -> list[jax.Array]:
-    """Boolean masks selecting exactly the k largest entries of non-negative float32 leaves."""
+def top_k_mask(leaves: list[jax.Array], k: int, rb: int = _RADIX_BITS) -> list[jax.Array]:
+    """Boolean masks selecting exactly the ``k`` largest entries over all of the non-negative float32 leaves.
+
+    A radix select on the float32 bit patterns (31 bisection steps of counts, no sort, no
+    concatenation of the leaves): entries above the k-th largest value are taken, and ties at
+    it are taken in flattening order (leaf by leaf, row-major) until exactly ``k`` are selected.
+    Counts are carried as two int32 digits ``h * 2**rb + l``, so totals beyond 2**31 entries
+    count exactly; ``k`` is a runtime value (no recompilation per ``k``).
+
+    Args:
+      leaves: non-negative float32 arrays.
+      k: how many entries to select, ``1 <= k <= total size``.
+      rb: bits of the low count digit (tests use a tiny radix to exercise the carries).
+
+    Returns:
+      One boolean array per leaf, ``k`` True entries in all.
+
+    >>> [m.tolist() for m in top_k_mask([jnp.array([3.0, 1.0]), jnp.array([2.0, 3.0])], 3)]
+    [[True, False], [True, True]]
+    """
     kk = (jnp.int32(k >> rb), jnp.int32(k & ((1 << rb) - 1)))  # k as runtime digits: no recompile
     return _top_k_mask_digits(leaves, kk, rb)
 
@@ -142,7 +160,7 @@ def salun_mask(saliency: PyTree, *, fraction: float) -> PyTree:
         raise ValueError("saliency has no entries")
     k = max(1, min(n, round(fraction * n)))
     leaves, treedef = jax.tree.flatten(saliency)
-    masks = _top_k_mask([jnp.abs(jnp.asarray(x).astype(jnp.float32)) for x in leaves], k)
+    masks = top_k_mask([jnp.abs(jnp.asarray(x).astype(jnp.float32)) for x in leaves], k)
     return jax.tree.unflatten(treedef, masks)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxunlearn.saliency import _top_k_mask, masked_updates, salun_mask
+from jaxunlearn.saliency import masked_updates, salun_mask, top_k_mask
 
 
 def _np_mask(tree, fraction):
@@ -61,7 +61,7 @@ def test_two_digit_counting_with_small_radix(rb):
     rng = np.random.default_rng(1)
     leaves = [rng.integers(0, 4, size=n).astype(np.float32) for n in (13, 1, 29, 8)]
     for k in (1, 5, 17, 33, 51):
-        got = _top_k_mask([jnp.asarray(x) for x in leaves], k, rb=rb)
+        got = top_k_mask([jnp.asarray(x) for x in leaves], k, rb=rb)
         ref = _np_mask(leaves, k / 51)
         for g, r in zip(got, ref):
             np.testing.assert_array_equal(g, r)
