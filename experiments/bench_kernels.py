@@ -8,12 +8,14 @@ Dense-layer Fisher ``F = sum_b (a_b^T g_b)**2``:
   * ``pallas``   : the Pallas kernel, compiled, only where a TPU/GPU is present,
   * ``matmul``   : on TPU/GPU, an XLA matmul with the same FLOPs (``(d_in, BT) @ (BT, d_out)``),
                    to report the kernel's fraction of it.
-Projection of a pytree update on ``k`` retain vectors (``project_tree``), for each ``k`` of ``--k``:
+Projection of a pytree update on ``k`` retain vectors (``jaxunlearn.projection.project_tree``, the
+core on the kernels of ``jaxunlearn.kernels.projection``), for each ``k`` of ``--k``:
   * ``fused``    : ``project_tree`` (one Gram+dots pass per leaf, one subtract pass),
   * ``naive``    : separate passes, as a plain pytree implementation would do them:
                    ``k(k+1)/2`` tree dots for the Gram, ``k`` for the dots, ``k`` axpys,
   * ``ravel``    : ravel the trees to ``(k, P)`` / ``(P,)`` (a global copy), then matmuls,
-  * ``gram_and_dots`` / ``subtract``: the two passes of ``fused`` timed alone.
+  * ``gram_and_dots`` / ``subtract``: the two passes of ``fused`` timed alone (the array kernels
+                   ``gram_and_dots`` / ``subtract`` on every leaf, as the core calls them).
 Each is reported as a multiple of its floor on this machine (:func:`projection_floors`): the
 time of reading its inputs once at the measured read bandwidth (``jnp.sum``), and for the
 Gram pass also its FLOPs at the measured matmul rate (at large ``k`` a CPU runs out of FLOPs
@@ -39,6 +41,7 @@ from jaxunlearn import tree as jt
 from jaxunlearn.kernels import fisher as kf
 from jaxunlearn.kernels import projection as kp
 from jaxunlearn.pipeline import write_json_atomic
+from jaxunlearn.projection import project_tree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_common import machine_info  # noqa: E402
@@ -194,13 +197,13 @@ def bench_projection(args, accel: bool, read_bw: float, flops: float, k: int) ->
         return jt.unravel_like(out.astype(dtype), g)
 
     fns = {
-        "fused": jax.jit(lambda g, r: kp.project_tree(g, r, impl="auto")),
+        "fused": jax.jit(lambda g, r: project_tree(g, r, impl="auto")),
         "naive": jax.jit(naive),
         "ravel": jax.jit(ravel),
     }
     triton_ok = k >= 16 and k & (k - 1) == 0  # the GPU kernels need a power-of-two k >= 16
     if jax.default_backend() == "tpu" or (accel and triton_ok):
-        fns["fused_pallas"] = jax.jit(lambda g, r: kp.project_tree(g, r, impl="pallas"))
+        fns["fused_pallas"] = jax.jit(lambda g, r: project_tree(g, r, impl="pallas"))
     floors = projection_floors(k, P, dtype.itemsize, read_bw, flops)
     ref = np.concatenate([np.asarray(x, np.float32).reshape(-1) for x in jax.tree.leaves(fns["ravel"](g, r))])
     rows = {}
@@ -216,9 +219,24 @@ def bench_projection(args, accel: bool, read_bw: float, flops: float, k: int) ->
         }
     for name in rows:
         rows[name]["speedup_vs_naive"] = rows["naive"]["seconds"] / rows[name]["seconds"]
+    # the two passes as the core runs them: a leaf seen as (k, P_l); one shorter than k by XLA
+    def gram_and_dots_pass(g, r):
+        parts = [kp.gram_and_dots(y.reshape(k, -1), x.reshape(-1), impl="auto") if x.size >= k
+                 else kp.gram_and_dots_xla(y.reshape(k, -1), x.reshape(-1))
+                 for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(r))]
+        return sum(G for G, _ in parts), sum(d for _, d in parts)
+
+    def subtract_pass(g, r, c):
+        def leaf(x, y):
+            R = y.reshape(k, -1)
+            out = kp.subtract(x.reshape(-1), R, c, impl="auto") if x.size >= k else kp.subtract_xla(x.reshape(-1), R, c)
+            return out.reshape(x.shape)
+
+        return jax.tree.map(leaf, g, r)
+
     passes = {
-        "gram_and_dots": (jax.jit(lambda g, r: kp.tree_gram_and_dots(g, r, impl="auto")), (g, r)),
-        "subtract": (jax.jit(lambda g, r, c: kp.tree_subtract(g, r, c, impl="auto")), (g, r, c)),
+        "gram_and_dots": (jax.jit(gram_and_dots_pass), (g, r)),
+        "subtract": (jax.jit(subtract_pass), (g, r, c)),
     }
     for name, (f, a) in passes.items():
         t, t_med = _times(f, *a, repeats=args.repeats)

@@ -1,56 +1,54 @@
 """Orthogonal projection of an update away from the span of retain gradients (GU, PCGrad).
 
-Let ``g`` be the forget update (a pytree, raveled: a vector of P entries) and
-``R`` the ``k x P`` matrix whose rows ``r_j`` are k retain gradients. The retain
-loss is unchanged to first order by a step along ``u`` iff ``R u = 0``; the
-closest such ``u`` to ``g`` is
+Let ``g`` be the forget update (a pytree, raveled: a vector of P entries) and ``R`` the
+``k x P`` matrix whose rows ``r_j`` are k retain gradients. The retain loss is unchanged to
+first order by a step along ``u`` iff ``R u = 0``; the closest such ``u`` to ``g`` is
 
     g_perp = g - R^T (R R^T)^+ R g,
 
-the orthogonal projection onto the complement of ``span(r_1, ..., r_k)``. It is
-computed from the ``k x k`` Gram matrix (never a ``P x P`` matrix) in three passes
-over P: ``G = R R^T``, ``b = R g``, ``g - R^T c`` with ``c = G^+ b``.
+the orthogonal projection onto the complement of ``span(r_1, ..., r_k)``: the update of
+geometric-disentanglement unlearning (GU), which projects the forget gradient away from the
+retain gradients so that the retain loss is unchanged to first order, and, applied only where
+the two conflict, PCGrad's gradient surgery. It is computed from the ``k x k`` Gram matrix
+(never a ``P x P`` matrix) in passes over P: ``G = R R^T`` and ``b = R g`` (one pass), then
+``g - R^T c`` with ``c = G^+ b``. The subspace is global (one ``c``) or, with
+``per_tensor``, one per leaf (``c_l = G_l^+ b_l``, one batched ``eigh``).
 
-Pseudo-inverse. ``c = G^+ b`` comes from
-:func:`jaxunlearn.kernels.projection.pinv_solve`, the library's single
-implementation of the rank rule: with ``s_j = 1/||r_j||`` (0 for a zero row) and
-``S = diag(s)``, the normalised Gram ``S G S`` (the cosine matrix of the retain
-gradients) is diagonalised by ``eigh``; eigenvalues ``<= rcond * max eigenvalue``
-are dropped and ``c = S (S G S)^+ S b``. This is the exact projector onto the span
-of the retain gradients that remain after dropping nearly dependent directions;
-the row normalisation makes the rank decision depend on the angles between the
-retain gradients only, not on their (often very different) norms: retain
-gradients whose norms differ 1000x are all kept. Before the Gram matrix is formed,
-every retain gradient is multiplied by a power of two bringing its largest entry to
-``[0.5, 1)`` (:func:`jaxunlearn.kernels.projection.pow2_row_scales`; exact, and the
-projection is invariant to it), so retain gradients of norm ``1e-19`` or ``1e19``,
-whose float32 Gram would underflow to 0 or overflow to Inf, are projected as
-accurately as unit ones (per leaf with ``per_tensor``). Duplicated, linearly dependent
-or zero retain gradients give no NaN; all-zero retain gradients leave ``g``
-unchanged. All sums are accumulated in float32; results have the dtype of ``g``.
-In float32 the cosine Gram is resolved to about ``1e-7 k``, so directions kept
-with an eigenvalue near ``rcond = 1e-6`` are only accurate to a few 1e-3
-relative; raise ``rcond`` (e.g. ``1e-4``) when retain gradients are nearly
-dependent and exactness matters.
+One core, :func:`project_tree`, serves every caller: :func:`orthogonal_projection`, the
+optax transform :func:`project_orthogonal`, and
+:func:`jaxunlearn.sharding.sharded_orthogonal_projection`, which runs it per shard inside
+``jax.shard_map`` with ``axis_name`` naming, leaf by leaf, the mesh axes to reduce over.
 
-Implementations (``impl``): ``"auto"`` (default) runs the kernel-backed core
-:func:`jaxunlearn.kernels.projection.project_tree` with its own dispatch (Pallas
-on TPU/GPU, fused XLA passes on CPU), falling back to ``"jnp"`` where the kernels
-do not apply (leaves other than float32/bfloat16, or a global subspace with more
-retain gradients than parameters); ``"pallas"`` / ``"xla"`` force a kernel path;
-``"jnp"`` is the pure pytree reference (``tensordot`` per leaf at
-``Precision.HIGHEST``, no reshapes, so sharded leaves stay sharded); a callable is
-a user-supplied core.
+Pseudo-inverse: :func:`jaxunlearn.kernels.solve.pinv_solve`, the library's single rank rule.
+The Gram is row-normalised to the cosine matrix ``S G S`` (``S = diag(1/||r_j||)``, 0 for a
+zero row), eigenvalues ``<= rcond * max`` are dropped and ``c = S (S G S)^+ S b``: the exact
+projector onto the span of the directions kept, decided by the angles between the retain
+gradients only (norms differing 1000x are all kept). Duplicated, dependent or zero retain
+gradients give no NaN; all-zero ones leave ``g`` unchanged. Sums are accumulated in
+float32; results have ``g``'s dtypes. Directions kept with an eigenvalue near ``rcond =
+1e-6`` are accurate to a few 1e-3 (float32 resolves the cosine Gram to ~``1e-7 k``): raise
+``rcond`` (e.g. ``1e-4``) when nearly dependent retain gradients must be exact.
 
-Retain gradients are given either *stacked* (a pytree with ``g``'s structure
-whose leaves have a leading axis k: leaf shape ``(k, *g_leaf.shape)``) or as a
-*list/tuple of k pytrees* each shaped like ``g``.
+Row scaling: before the Gram, every retain gradient is multiplied by the power of two
+bringing its largest entry to ``[0.5, 1)`` (:func:`jaxunlearn.kernels.solve.pow2_row_scales`;
+per leaf with ``per_tensor``; row maxima ``pmax`` -ed over ``axis_name``). It is exact and
+the projection is invariant to it (``span(S R) = span(R)``), so retain gradients of norm
+``1e-19`` or ``1e19`` (a float32 Gram under/overflows) are projected like unit ones.
+
+Paths (``impl``): ``"auto"`` runs the passes on the array kernels of
+:mod:`jaxunlearn.kernels.projection` (Pallas on TPU/GPU, fused XLA on CPU; a leaf shorter
+than ``k`` by XLA), falling back to ``"jnp"`` where they do not apply (leaves other than
+float32/bfloat16, or an unsharded global subspace with ``k > P``); ``"pallas"``, ``"xla"``
+(and, in :func:`project_tree`, ``"reference"``) force a kernel path; ``"jnp"`` is the pure
+pytree reference (``tensordot`` per leaf at ``Precision.HIGHEST``, no reshapes, so sharded
+leaves stay sharded); a callable is a user-supplied core. Retain gradients are *stacked*
+(leaves ``(k, *g_leaf.shape)``) or, for :func:`orthogonal_projection` and
+:func:`project_orthogonal`, a *list/tuple of k pytrees* shaped like ``g``.
 
 References:
-  Yu, Kumar, Gupta, Levine, Hausman, Finn, "Gradient Surgery for Multi-Task
-  Learning" (PCGrad), NeurIPS 2020. Geometric-disentanglement unlearning (GU):
-  project the forget gradient onto the orthogonal complement of the retain
-  gradients so that the retain loss is unchanged to first order (see DESIGN.md).
+  Yu, Kumar, Gupta, Levine, Hausman, Finn, "Gradient Surgery for Multi-Task Learning"
+  (PCGrad), NeurIPS 2020. Farajtabar, Azizan, Mott, Li, "Orthogonal Gradient Descent for
+  Continual Learning", AISTATS 2020.
 """
 
 from __future__ import annotations
@@ -70,25 +68,54 @@ from jaxunlearn.validate import check_finite_tree
 
 PyTree = Any
 ProjectionCore = Callable[..., PyTree]
+AxisNames = str | tuple[str, ...] | None
 
 __all__ = [
+    "DEFAULT_RCOND",
     "METRICS",
     "ProjectOrthogonalState",
     "gram_pinv_coefficients",
     "orthogonal_projection",
     "project_orthogonal",
+    "project_tree",
     "stack_retain_grads",
 ]
 
 _HI = jax.lax.Precision.HIGHEST
 METRICS = ("euclidean", "adam")
 _METRICS = METRICS
-_IMPLS = ("auto", "pallas", "xla", "jnp")
+_IMPLS = ("auto", "pallas", "xla", "jnp")  # orthogonal_projection / project_orthogonal
+_CORE_IMPLS = _IMPLS + ("reference",)  # project_tree: every kernel path too
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 DEFAULT_RCOND = kp.DEFAULT_RCOND
 
+gram_pinv_coefficients = kp.pinv_solve
+"""Coefficients ``c = G^+ b`` of the projection from the k x k Gram matrix: an alias of
+:func:`jaxunlearn.kernels.solve.pinv_solve` (angle-based rank rule, see the module
+docstring)."""
+
 
 # ---------------------------------------------------------------- inputs
+
+
+def _check_stacked(g: PyTree, retain: PyTree) -> int:
+    """``k`` of stacked retain gradients after checking them against ``g`` (``ValueError``
+    naming the path of the first mismatch)."""
+    jt.check_nonempty(g, "updates")
+    jt.check_same_structure(g, retain, ("updates", "retain_grads"))
+    ks = {}
+    for (p, x), (_, r) in zip(jt.leaves_with_paths(g), jt.leaves_with_paths(retain)):
+        gs, rs = tuple(jnp.shape(x)), tuple(jnp.shape(r))
+        if len(rs) != len(gs) + 1 or rs[1:] != gs:
+            raise ValueError(f"retain_grads leaf '{p}' must have shape (k, *{gs}) (a leading k axis over "
+                             f"the update's shape); got {rs}")
+        ks[p] = rs[0]
+    if len(set(ks.values())) != 1:
+        raise ValueError(f"retain_grads leaves disagree on k (need the same leading k on every leaf): {ks}")
+    k = next(iter(ks.values()))
+    if k == 0:
+        raise ValueError("retain_grads holds k = 0 retain gradients")
+    return int(k)
 
 
 def stack_retain_grads(g: PyTree, retain_grads: PyTree | list | tuple) -> tuple[PyTree, int]:
@@ -107,8 +134,7 @@ def stack_retain_grads(g: PyTree, retain_grads: PyTree | list | tuple) -> tuple[
         k = 0, or leaves that disagree on k.
     """
     jt.check_nonempty(g, "updates")
-    g_struct = jax.tree_util.tree_structure(g)
-    if jax.tree_util.tree_structure(retain_grads) != g_struct:
+    if jax.tree_util.tree_structure(retain_grads) != jax.tree_util.tree_structure(g):
         if not isinstance(retain_grads, (list, tuple)):
             jt.check_same_structure(g, retain_grads, ("updates", "retain_grads"))
         if len(retain_grads) == 0:
@@ -119,128 +145,228 @@ def stack_retain_grads(g: PyTree, retain_grads: PyTree | list | tuple) -> tuple[
             lambda *xs: jnp.stack([jnp.asarray(x).astype(jnp.result_type(xs[0])) for x in xs]),
             *retain_grads,
         )
-    ks = {}
-    for (p, x), (_, r) in zip(jt.leaves_with_paths(g), jt.leaves_with_paths(retain_grads)):
-        gs, rs = jnp.shape(x), jnp.shape(r)
-        if len(rs) != len(gs) + 1 or rs[1:] != gs:
-            raise ValueError(
-                f"retain_grads leaf '{p}' has shape {rs}; expected (k, *{gs}) (a leading k axis "
-                "over the update's shape)"
-            )
-        ks[p] = rs[0]
-    if len(set(ks.values())) != 1:
-        raise ValueError(f"retain_grads leaves disagree on k (the leading axis): {ks}")
-    k = next(iter(ks.values()))
-    if k == 0:
-        raise ValueError("retain_grads has k = 0 retain gradients")
-    return retain_grads, int(k)
+    return retain_grads, _check_stacked(g, retain_grads)
 
 
-def _check_rcond(rcond: float) -> None:
+def _check_rcond(rcond: float) -> float:
     if not (isinstance(rcond, (int, float, np.floating)) and 0.0 <= float(rcond) < 1.0):
         raise ValueError(f"rcond must be a float in [0, 1), got {rcond!r}")
+    return float(rcond)
 
 
-# ---------------------------------------------------------------- the jnp core
+def _check_impl(impl: str | ProjectionCore, allowed: tuple[str, ...] = _IMPLS) -> str | ProjectionCore:
+    if callable(impl) or impl in allowed:
+        return impl
+    raise ValueError(f"unknown projection impl {impl!r}; expected one of {allowed} or a callable "
+                     "core(g, retain_stacked, *, rcond) -> g_perp")
 
 
-gram_pinv_coefficients = kp.pinv_solve
-"""Coefficients ``c = G^+ b`` of the projection from the k x k Gram matrix: an alias of
-:func:`jaxunlearn.kernels.projection.pinv_solve` (angle-based rank rule, see the module
-docstring)."""
+def _normalise_axes(axis_name: AxisNames | list[AxisNames], n_leaves: int) -> tuple[tuple[str, ...], ...]:
+    """One tuple of mesh axis names per leaf (``()``: nothing to reduce over)."""
+
+    def one(a) -> tuple[str, ...]:
+        if a is None:
+            return ()
+        if isinstance(a, str):
+            return (a,)
+        if isinstance(a, tuple) and all(isinstance(x, str) for x in a):
+            return a
+        raise ValueError(f"axis_name entries must be None, a mesh axis name or a tuple of names; got {a!r}")
+
+    if isinstance(axis_name, list):
+        if len(axis_name) != n_leaves:
+            raise ValueError(f"axis_name lists {len(axis_name)} entries for {n_leaves} leaves (one per leaf)")
+        return tuple(one(a) for a in axis_name)
+    return (one(axis_name),) * n_leaves
+
+
+def _kernel_refusal(g: PyTree, retain: PyTree, k: int, any_k: bool) -> Exception | None:
+    """Why the kernel paths cannot take these inputs (static, at trace time), or None: a leaf
+    other than float32/bfloat16, or ``k > P`` unless ``any_k`` (per-tensor or sharded)."""
+    for name, tree in (("updates", g), ("retain_grads", retain)):
+        for p, x in jt.leaves_with_paths(tree):
+            if (dt := jnp.dtype(jnp.result_type(x))) not in _KERNEL_DTYPES:
+                return TypeError(f"{name} leaf '{p}' has dtype {dt}; only float32 and bfloat16 are supported "
+                                 "by the kernels (use impl='jnp' or 'auto')")
+    if not any_k and k > jt.size(g):
+        return ValueError(f"k = {k} retain gradients exceed the number of parameters P = {jt.size(g)} (a "
+                          "global subspace with k > P is the whole space; use impl='jnp' or 'auto')")
+    return None
+
+
+# ---------------------------------------------------------------- the core
 
 
 def _f32(x: jax.Array) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
 
 
-def _leaf_gram(r: jax.Array) -> jax.Array:
-    """``R_l R_l^T`` (k x k) of one stacked leaf, contracting all but the k axis (no reshape,
-    so sharded leaves stay sharded)."""
-    axes = tuple(range(1, r.ndim))
-    return jnp.tensordot(r, r, axes=(axes, axes), precision=_HI)
+def _scaled_f32(r: jax.Array, s: jax.Array) -> jax.Array:
+    """``diag(s) r`` in float32 for a stacked leaf ``r`` of shape ``(k, ...)``."""
+    return _f32(r) * s.reshape((-1,) + (1,) * (r.ndim - 1))
 
 
-def _leaf_rg(r: jax.Array, x: jax.Array) -> jax.Array:
-    """``R_l g_l`` (k,) of one leaf."""
-    return jnp.tensordot(r, x, axes=(tuple(range(1, r.ndim)), tuple(range(x.ndim))), precision=_HI)
+def _jnp_gram_and_dots(x, r, s):
+    """``(S R_l (S R_l)^T, S R_l g_l)`` of one leaf by ``tensordot`` over all but the k axis (no
+    reshape, so sharded leaves stay sharded)."""
+    rs = _scaled_f32(r, s)
+    axes = tuple(range(1, rs.ndim))
+    return (jnp.tensordot(rs, rs, axes=(axes, axes), precision=_HI),
+            jnp.tensordot(rs, _f32(x), axes=(axes, tuple(range(x.ndim))), precision=_HI))
 
 
-def _leaf_update(x: jax.Array, r: jax.Array, c: jax.Array, dtype) -> jax.Array:
-    """``g_l - R_l^T c`` in float32, cast to ``dtype``."""
-    return (x - jnp.tensordot(c, r, axes=1, precision=_HI)).astype(dtype)
+def _jnp_subtract(x, r, c, s):
+    """``g_l - (S R_l)^T c`` in float32, in ``g_l``'s dtype."""
+    return (_f32(x) - jnp.tensordot(c, _scaled_f32(r, s), axes=1, precision=_HI)).astype(jnp.result_type(x))
 
 
-def _scale_leaf(r: jax.Array, s: jax.Array) -> jax.Array:
-    """``diag(s) r`` for a stacked leaf ``r`` of shape ``(k, ...)``."""
-    return r * s.reshape((-1,) + (1,) * (r.ndim - 1))
+def _kernel_passes(impl: str, k: int, block_p, interpret):
+    """The two per-leaf passes on the array kernels, each leaf seen as ``(k, P_l)`` by a free
+    reshape; a leaf shorter than ``k`` is too small for a kernel and takes the XLA path."""
+    opts = dict(impl=impl, block_p=block_p, interpret=interpret)
+
+    def gram_and_dots(x, r, s):
+        R, gv = r.reshape(k, -1), x.reshape(-1)
+        if R.shape[1] < k:
+            return kp.gram_and_dots_xla(R, gv, s)
+        return kp.gram_and_dots(R, gv, scale=s, **opts)
+
+    def subtract(x, r, c, s):
+        R, gv = r.reshape(k, -1), x.reshape(-1)
+        out = kp.subtract_xla(gv, R, c, s) if R.shape[1] < k else kp.subtract(gv, R, c, scale=s, **opts)
+        return out.reshape(x.shape)
+
+    return gram_and_dots, subtract
 
 
-def _project_jnp(g: PyTree, retain: PyTree, *, rcond: float) -> PyTree:
-    """Global projection of ``g`` against stacked ``retain`` (pure jnp, float32), in the basis
-    of the row-scaled retain gradients (powers of two, see the module docstring)."""
-    g_leaves, treedef = jax.tree_util.tree_flatten(g)
-    r_leaves = [_f32(r) for r in jax.tree_util.tree_leaves(retain)]
-    s = kp.pow2_row_scales(functools.reduce(jnp.maximum, [kp.row_absmax(r) for r in r_leaves]))
-    r_leaves = [_scale_leaf(r, s) for r in r_leaves]
-    dtypes = [jnp.result_type(x) for x in g_leaves]
-    g_leaves = [_f32(x) for x in g_leaves]
-    gram = functools.reduce(jnp.add, [_leaf_gram(r) for r in r_leaves])
-    rg = functools.reduce(jnp.add, [_leaf_rg(r, x) for x, r in zip(g_leaves, r_leaves)])
-    c = kp.pinv_solve(gram, rg, rcond)
-    out = [_leaf_update(x, r, c, dt) for x, r, dt in zip(g_leaves, r_leaves, dtypes)]
-    return jax.tree_util.tree_unflatten(treedef, out)
+def _over(collective, x, axes: tuple[str, ...]):
+    """``collective(x, axes)`` (``lax.psum`` / ``lax.pmax``) or ``x`` for a leaf split over no axis."""
+    return collective(x, axes) if axes else x
 
 
-def _project_jnp_per_tensor(g: PyTree, retain: PyTree, *, rcond: float) -> PyTree:
-    """Per-leaf projection (pure jnp): one k x k Gram per leaf (of the leaf's row-scaled retain
-    gradients), one batched ``eigh``."""
-    g_leaves, treedef = jax.tree_util.tree_flatten(g)
-    r_leaves = [_f32(r) for r in jax.tree_util.tree_leaves(retain)]
-    r_leaves = [_scale_leaf(r, kp.pow2_row_scales(kp.row_absmax(r))) for r in r_leaves]
-    dtypes = [jnp.result_type(x) for x in g_leaves]
-    g_leaves = [_f32(x) for x in g_leaves]
-    grams = jnp.stack([_leaf_gram(r) for r in r_leaves])
-    rgs = jnp.stack([_leaf_rg(r, x) for x, r in zip(g_leaves, r_leaves)])
-    cs = jax.vmap(lambda gram, rg: kp.pinv_solve(gram, rg, rcond))(grams, rgs)
-    out = [
-        _leaf_update(x, r, cs[i], dt)
-        for i, (x, r, dt) in enumerate(zip(g_leaves, r_leaves, dtypes))
-    ]
-    return jax.tree_util.tree_unflatten(treedef, out)
+def _project(g, retain, *, rcond, per_tensor, impl, leaf_axes, block_p, interpret):
+    g_leaves, treedef = jax.tree.flatten(g)
+    r_leaves = jax.tree.leaves(retain)
+    k = r_leaves[0].shape[0]
+    if impl == "jnp":
+        gram_and_dots, subtract = _jnp_gram_and_dots, _jnp_subtract
+    else:
+        gram_and_dots, subtract = _kernel_passes(impl, k, block_p, interpret)
+    if per_tensor:  # a subspace per leaf: its own scales, Gram, dots and solve
+        ss = [kp.pow2_row_scales(_over(jax.lax.pmax, kp.row_absmax(r), ax)) for r, ax in zip(r_leaves, leaf_axes)]
+        parts = [_over(jax.lax.psum, gram_and_dots(x, r, s), ax) for x, r, s, ax in zip(g_leaves, r_leaves, ss, leaf_axes)]
+        cs = jax.vmap(lambda G, d: kp.pinv_solve(G, d, rcond))(
+            jnp.stack([G for G, _ in parts]), jnp.stack([d for _, d in parts]))
+        out = [subtract(x, r, cs[i], ss[i]) for i, (x, r) in enumerate(zip(g_leaves, r_leaves))]
+        return jax.tree.unflatten(treedef, out)
+    groups: dict[tuple[str, ...], list[int]] = {}  # leaves reduced over the same mesh axes
+    for i, ax in enumerate(leaf_axes):
+        groups.setdefault(ax, []).append(i)
+    m = functools.reduce(jnp.maximum, [
+        _over(jax.lax.pmax, functools.reduce(jnp.maximum, [kp.row_absmax(r_leaves[i]) for i in idx]), ax)
+        for ax, idx in groups.items()])
+    s = kp.pow2_row_scales(m)
+    G, d = jnp.zeros((k, k), jnp.float32), jnp.zeros((k,), jnp.float32)
+    for ax, idx in groups.items():
+        Gi, di = jnp.zeros((k, k), jnp.float32), jnp.zeros((k,), jnp.float32)
+        for i in idx:
+            Gl, dl = gram_and_dots(g_leaves[i], r_leaves[i], s)
+            Gi, di = Gi + Gl, di + dl
+        Gi, di = _over(jax.lax.psum, (Gi, di), ax)
+        G, d = G + Gi, d + di
+    c = kp.pinv_solve(G, d, rcond)
+    return jax.tree.unflatten(treedef, [subtract(x, r, c, s) for x, r in zip(g_leaves, r_leaves)])
 
 
-def _resolve_core(impl: str | ProjectionCore) -> str | ProjectionCore:
-    if callable(impl) or impl in _IMPLS:
-        return impl
-    raise ValueError(
-        f"unknown projection impl {impl!r}; expected one of {_IMPLS} or a callable "
-        "core(g, retain_stacked, *, rcond) -> g_perp"
-    )
+# the kernel paths run as one jitted computation; the jnp reference as the caller traces it
+# (op by op when called eagerly).
+_project_jit = jax.jit(_project, static_argnames=("rcond", "per_tensor", "impl", "leaf_axes", "block_p", "interpret"))
 
 
-def _kernel_applies(g: PyTree, retain: PyTree, per_tensor: bool) -> bool:
-    """Whether ``impl="auto"`` can use the kernel core: float32/bfloat16 leaves and,
-    for a global subspace, ``k <= P`` (static checks, done at trace time)."""
-    leaves = jax.tree_util.tree_leaves(g) + jax.tree_util.tree_leaves(retain)
-    if any(jnp.dtype(jnp.result_type(x)) not in _KERNEL_DTYPES for x in leaves):
-        return False
-    k = jnp.shape(jax.tree_util.tree_leaves(retain)[0])[0]
-    return per_tensor or k <= jt.size(g)
+def project_tree(
+    g: PyTree,
+    retain_grads: PyTree,
+    *,
+    rcond: float = DEFAULT_RCOND,
+    per_tensor: bool = False,
+    impl: str | ProjectionCore = "auto",
+    axis_name: AxisNames | list[AxisNames] = None,
+    block_p: int | None = None,
+    interpret: bool | None = None,
+) -> PyTree:
+    """Project ``g`` onto the orthogonal complement of ``k`` stacked retain gradients: the core.
 
+    Contract (every step leaf by leaf; the ``k x P`` ravel ``R`` is never formed)::
 
-def _apply(core: str | ProjectionCore, g: PyTree, retain: PyTree, rcond: float, per_tensor: bool) -> PyTree:
-    if callable(core):
+        s = pow2_row_scales(max_l max |r_{i,l}|)   (k,), powers of two (pmax over axis_name)
+        G = sum_l S R_l R_l^T S                    (k, k), float32 (psum over axis_name)
+        d = sum_l S R_l g_l                        (k,),   float32, same pass
+        c = pinv_solve(G, d, rcond)                cosine-Gram eigh, angle-based rank rule
+        out_l = g_l - (S R_l)^T c                  in g_l's dtype
+
+    so ``out = g - R^T (R R^T)^+ R g`` (row ``i`` of ``R``: retain gradient ``i`` raveled over
+    all leaves). With ``per_tensor`` every leaf has its own scales, ``G_l``, ``d_l``, ``c_l``
+    (one batched ``eigh``). ``<out, r_i> = 0`` for every kept direction (to float32 round-off
+    relative to ``||g|| ||r_i||``; per leaf with ``per_tensor``); idempotent; ``k = 1`` gives
+    ``g - (<g, r>/||r||^2) r``; all-zero ``R`` returns ``g``; no NaN (module docstring).
+
+    Inside ``jax.shard_map`` with leaves split over mesh axes, ``axis_name`` names them: the
+    row maxima are ``pmax`` -ed and the partial Gram and dots ``psum`` -ed over a leaf's axes
+    (a replicated leaf, ``()``, is not summed, so it is not counted twice) before the
+    replicated ``k x k`` solve; ``g_l - R_l^T c`` stays local.
+
+    Args:
+      g: the update pytree (float leaves; float32/bfloat16 for the kernel paths).
+      retain_grads: same structure, each leaf ``(k, *g_leaf.shape)``: ``k`` retain gradients
+        stacked on a leading axis (see :func:`stack_retain_grads` for a list of pytrees).
+      rcond: relative eigenvalue cut-off of :func:`jaxunlearn.kernels.solve.pinv_solve`.
+      per_tensor: a separate subspace per leaf instead of one global subspace.
+      impl: ``"auto"``, ``"pallas"``, ``"xla"``, ``"reference"`` (the passes on the array
+        kernels of :mod:`jaxunlearn.kernels.projection`; ``"auto"`` falls back to ``"jnp"``
+        where they do not apply), ``"jnp"`` (``tensordot`` per leaf), or a callable
+        ``core(g, retain_stacked, *, rcond) -> g_perp`` (see :func:`orthogonal_projection`;
+        not with ``axis_name``).
+      axis_name: ``None`` (no collectives), a mesh axis name or tuple of names that every leaf
+        is split over, or a ``list`` with one such entry (``None``/``()`` for a replicated
+        leaf) per leaf of ``g`` in ``jax.tree.leaves`` order.
+      block_p, interpret: Pallas options of :func:`jaxunlearn.kernels.projection.gram_and_dots`.
+
+    Returns:
+      The projected pytree, same structure, shapes and dtypes as ``g``.
+
+    Raises:
+      ValueError: empty tree, mismatched structures or shapes (naming the path), leading
+        ``k`` not the same on every leaf or 0, ``k > P`` on a kernel path (global subspace,
+        no ``axis_name``), ``rcond`` outside ``[0, 1)``, unknown ``impl``, bad ``axis_name``.
+      TypeError: leaves other than float32/bfloat16 on a kernel path other than ``"auto"``.
+
+    References:
+      Farajtabar et al., "Orthogonal Gradient Descent for Continual Learning", AISTATS 2020.
+
+    Example:
+      >>> g = {"w": jnp.array([1.0, 1.0])}; r = {"w": jnp.array([[1.0, 0.0]])}
+      >>> project_tree(g, r)["w"]
+      Array([0., 1.], dtype=float32)
+    """
+    rcond = _check_rcond(rcond)
+    impl = _check_impl(impl, _CORE_IMPLS)
+    k = _check_stacked(g, retain_grads)
+    leaf_axes = _normalise_axes(axis_name, len(jax.tree.leaves(g)))
+    sharded = any(leaf_axes)
+    if callable(impl):
+        if sharded:
+            raise ValueError("a callable projection impl cannot run with axis_name (use a kernel impl or 'jnp')")
         if not per_tensor:
-            return core(g, retain, rcond=rcond)
+            return impl(g, retain_grads, rcond=rcond)
         # each leaf is a one-leaf pytree projected against its own k-dim subspace.
-        return jax.tree.map(lambda x, r: core(x, r, rcond=rcond), g, retain)
-    if core == "auto" and not _kernel_applies(g, retain, per_tensor):
-        core = "jnp"
-    if core == "jnp":
-        fn = _project_jnp_per_tensor if per_tensor else _project_jnp
-        return fn(g, retain, rcond=rcond)
-    return kp.project_tree(g, retain, rcond=rcond, per_tensor=per_tensor, impl=core)
+        return jax.tree.map(lambda x, r: impl(x, r, rcond=rcond), g, retain_grads)
+    if impl != "jnp" and (refusal := _kernel_refusal(g, retain_grads, k, per_tensor or sharded)):
+        if impl != "auto":
+            raise refusal
+        impl = "jnp"
+    fn = _project if impl == "jnp" else _project_jit
+    return fn(g, retain_grads, rcond=rcond, per_tensor=per_tensor, impl=impl, leaf_axes=leaf_axes,
+              block_p=block_p, interpret=interpret)
 
 
 # ---------------------------------------------------------------- public: plain function
@@ -256,10 +382,9 @@ def orthogonal_projection(
 ) -> PyTree:
     """Remove from ``g`` its component in the span of the retain gradients.
 
-    ``g_perp = g - R^T (R R^T)^+ R g`` (see the module docstring for the rank
-    threshold). With ``per_tensor=True`` every leaf ``g_l`` is projected against its
-    own subspace ``span(r_{1,l}, ..., r_{k,l})`` (one k x k Gram per leaf), so
-    ``<g_perp_l, r_{j,l}> = 0`` for every leaf l and every j.
+    ``g_perp = g - R^T (R R^T)^+ R g`` by the core :func:`project_tree` (module docstring).
+    With ``per_tensor=True`` every leaf ``g_l`` is projected against its own subspace
+    ``span(r_{1,l}, ..., r_{k,l})``, so ``<g_perp_l, r_{j,l}> = 0`` for every leaf and j.
 
     Args:
       g: update pytree (any float dtype).
@@ -267,10 +392,9 @@ def orthogonal_projection(
         list/tuple of k pytrees like ``g``.
       rcond: relative eigenvalue threshold of the (normalised) Gram pseudo-inverse.
       per_tensor: a separate subspace per leaf instead of one global subspace.
-      impl: ``"auto"`` (kernel-backed :func:`jaxunlearn.kernels.projection.project_tree`,
-        Pallas on TPU/GPU and fused XLA passes on CPU; ``"jnp"`` where the kernels do
-        not apply, see the module docstring), ``"pallas"`` or ``"xla"`` (that kernel
-        path, float32/bfloat16 leaves only), ``"jnp"`` (the pure pytree reference), or
+      impl: ``"auto"`` (the array kernels: Pallas on TPU/GPU, fused XLA passes on CPU;
+        ``"jnp"`` where they do not apply), ``"pallas"`` or ``"xla"`` (that kernel path,
+        float32/bfloat16 leaves only), ``"jnp"`` (the pure pytree reference), or
         a callable ``core(g, retain_stacked, *, rcond) -> g_perp`` computing the global
         projection with the same rank rule; it gets the inputs in their own dtypes
         (possibly bfloat16), must accumulate in float32 and return ``g``'s dtypes;
@@ -293,12 +417,12 @@ def orthogonal_projection(
       >>> orthogonal_projection({"w": jnp.array([1.0, 1.0])}, [{"w": jnp.array([1.0, 0.0])}])
       {'w': Array([0., 1.], dtype=float32)}
     """
-    _check_rcond(rcond)
-    core = _resolve_core(impl)
+    rcond = _check_rcond(rcond)
+    impl = _check_impl(impl)
     retain, _ = stack_retain_grads(g, retain_grads)
     check_finite_tree(g, "updates")
     check_finite_tree(retain, "retain_grads")
-    return _apply(core, g, retain, float(rcond), per_tensor)
+    return project_tree(g, retain, rcond=rcond, per_tensor=per_tensor, impl=impl)
 
 
 # ---------------------------------------------------------------- public: optax transform
@@ -325,9 +449,7 @@ def _is_one(x) -> bool:
     return isinstance(x, (int, float)) and x == 1
 
 
-def _conflict_select(
-    proj: PyTree, g: PyTree, r_mean: PyTree, per_tensor: bool
-) -> PyTree:
+def _conflict_select(proj: PyTree, g: PyTree, r_mean: PyTree, per_tensor: bool) -> PyTree:
     """``proj`` where ``<g, r_mean> < 0`` (globally or per leaf), else ``g`` (float32 dots)."""
     if per_tensor:
         return jax.tree.map(
@@ -360,7 +482,7 @@ def project_orthogonal(
 
     with ``g_perp`` the projection of ``g`` away from ``span(R)`` (global, or per leaf
     with ``per_tensor``; see :func:`orthogonal_projection`) and ``r_mean`` the mean of
-    the k retain gradients (DESIGN.md's joint update ``gamma g_perp + alpha r``). The
+    the k retain gradients (the joint update ``gamma g_perp + alpha r`` of GU). The
     incoming ``g`` is the gradient of the forget objective and ``R`` the gradients of
     the retain loss, so ``u`` is a gradient of ``gamma L_f + alpha L_r`` that a
     following optimiser (e.g. ``optax.adamw``) descends.
@@ -413,20 +535,18 @@ def project_orthogonal(
     """
     if metric not in _METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {_METRICS}")
-    _check_rcond(rcond)
+    rcond = _check_rcond(rcond)
     if not 0.0 <= b2 < 1.0:
         raise ValueError(f"b2 must be in [0, 1), got {b2}")
     if metric == "adam" and not eps > 0:
         raise ValueError(f"eps must be > 0 for metric='adam', got {eps}")
-    core = _resolve_core(impl)
-    rcond = float(rcond)
+    impl = _check_impl(impl)
+    project = functools.partial(project_tree, rcond=rcond, per_tensor=per_tensor, impl=impl)
 
     def init_fn(params: PyTree):
         if metric == "euclidean":
             return optax.EmptyState()
-        return ProjectOrthogonalState(
-            count=jnp.zeros((), jnp.int32), nu=jt.zeros_like(params, dtype=jnp.float32)
-        )
+        return ProjectOrthogonalState(count=jnp.zeros((), jnp.int32), nu=jt.zeros_like(params, dtype=jnp.float32))
 
     def update_fn(updates: PyTree, state, params: PyTree = None, *, retain_grads=None, **extra):
         del params, extra
@@ -437,9 +557,7 @@ def project_orthogonal(
             )
         retain, _ = stack_retain_grads(updates, retain_grads)
         need_r_mean = not _is_zero(retain_scale) or (only_conflicting and metric == "euclidean")
-        r_mean = (
-            jax.tree.map(lambda x: jnp.mean(_f32(x), axis=0), retain) if need_r_mean else None
-        )
+        r_mean = jax.tree.map(lambda x: jnp.mean(_f32(x), axis=0), retain) if need_r_mean else None
 
         if metric == "adam":
             g = jt.cast(updates, jnp.float32)
@@ -449,7 +567,7 @@ def project_orthogonal(
             dinv = jax.tree.map(lambda v: jnp.sqrt(jnp.sqrt(v / bc) + eps), nu)
             gw = jax.tree.map(jnp.divide, g, dinv)
             rw = jax.tree.map(lambda x, s: _f32(x) / s[None], retain, dinv)
-            pw = _apply(core, gw, rw, rcond, per_tensor)
+            pw = project(gw, rw)
             if only_conflicting:
                 rmw = jax.tree.map(lambda x: jnp.mean(x, axis=0), rw)
                 pw = _conflict_select(pw, gw, rmw, per_tensor)
@@ -457,7 +575,7 @@ def project_orthogonal(
             new_state = ProjectOrthogonalState(count=count, nu=nu)
         else:
             # the core accumulates in float32 and returns the updates' dtypes.
-            g_perp = _apply(core, updates, retain, rcond, per_tensor)
+            g_perp = project(updates, retain)
             if only_conflicting:
                 g_perp = _conflict_select(g_perp, updates, r_mean, per_tensor)
             new_state = state

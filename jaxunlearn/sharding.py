@@ -29,8 +29,8 @@ module only decides *where* things live:
   from each process's own rows (``jax.make_array_from_process_local_data``).
 - :func:`initialize` wraps ``jax.distributed.initialize()``; :func:`is_main_process`
   says whether this process writes results (process 0 only).
-- :func:`sharded_orthogonal_projection`: the projection kernels of
-  :mod:`jaxunlearn.kernels.projection` run per shard under ``jax.shard_map``, the
+- :func:`sharded_orthogonal_projection`: the projection core
+  (:func:`jaxunlearn.projection.project_tree`) run per shard under ``jax.shard_map``, the
   ``k x k`` Gram matrix and the ``k`` dot products ``psum`` -ed across shards.
 
 Example (8 devices, e.g. ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` on a CPU):
@@ -61,7 +61,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxunlearn import tree as jt
-from jaxunlearn.kernels import projection as kp
+from jaxunlearn.projection import DEFAULT_RCOND, project_tree, stack_retain_grads
 
 PyTree = Any
 Rules = Sequence[tuple[str, P]]
@@ -568,86 +568,56 @@ def sharded_orthogonal_projection(
     *,
     rules: Rules | None = None,
     per_tensor: bool = False,
-    rcond: float = kp.DEFAULT_RCOND,
+    rcond: float = DEFAULT_RCOND,
     impl: str = "auto",
 ) -> PyTree:
-    """``g - R^T (R R^T)^+ R g`` with the projection kernels run per shard under ``jax.shard_map``.
+    """``g - R^T (R R^T)^+ R g`` with the projection core run per shard under ``jax.shard_map``.
 
     The same result as :func:`jaxunlearn.orthogonal_projection` (global or per-tensor
-    subspace, the same rank rule), computed where the shards live: each device forms
-    its shard's partial Gram ``R_s R_s^T`` and dots ``R_s g_s``
-    (:func:`jaxunlearn.kernels.projection.tree_gram_and_dots`); a leaf's partials are
-    ``psum`` -ed over exactly the mesh axes that leaf is split on (a replicated leaf is
-    not summed, so it is not counted twice); the ``k x k`` solve runs replicated, and
-    ``g_s - R_s^T c`` is local (:func:`~jaxunlearn.kernels.projection.tree_subtract`).
-    With ``g`` and ``retain_grads`` already placed by ``specs`` (inputs placed otherwise are
-    resharded first), no parameter-sized array crosses devices: only ``k x k + k`` floats
-    per group of leaves. Each call traces a new ``shard_map``: jit the caller for a loop.
+    subspace, the same rank rule and row scaling), computed where the shards live: the core
+    :func:`jaxunlearn.projection.project_tree` runs on each device's shards with
+    ``axis_name`` set, leaf by leaf, to exactly the mesh axes that leaf is split on, so its
+    partial Gram ``R_s R_s^T`` and dots ``R_s g_s`` (and the row maxima of the scaling) are
+    reduced over those axes only (a replicated leaf is not summed, so it is not counted
+    twice); the ``k x k`` solve runs replicated, and ``g_s - R_s^T c`` is local. With ``g``
+    and ``retain_grads`` already placed by ``specs`` (inputs placed otherwise are resharded
+    first), no parameter-sized array crosses devices: only ``k x k + k`` floats per group of
+    leaves. Each call traces a new ``shard_map``: jit the caller for a loop.
 
     Args:
-      g: the update pytree, float32/bfloat16 leaves.
-      retain_grads: stacked retain gradients, leaves ``(k, *g_leaf.shape)``.
+      g: the update pytree, float32/bfloat16 leaves (other float dtypes with ``impl="auto"``
+        or ``"jnp"``).
+      retain_grads: stacked retain gradients, leaves ``(k, *g_leaf.shape)``, or a list of k
+        pytrees shaped like ``g``.
       mesh: the mesh.
       specs: ``PartitionSpec`` of each ``g`` leaf (default :func:`param_specs` of ``g``
         by ``rules``); the retain leaves get ``P(None, *spec)``.
       rules: partition rules when ``specs`` is None.
       per_tensor: a separate subspace per leaf.
       rcond: relative eigenvalue threshold of the Gram pseudo-inverse.
-      impl: kernel path of :mod:`jaxunlearn.kernels.projection` (``"auto"``, ``"xla"``,
-        ``"pallas"``, ``"reference"``).
+      impl: the core's path (``"auto"``, ``"xla"``, ``"pallas"``, ``"reference"``, ``"jnp"``).
 
     Returns:
       ``g_perp`` like ``g``, sharded by ``specs``.
 
     Raises:
-      ValueError: mismatched trees or shapes (naming the path), as the kernels.
+      ValueError: mismatched trees or shapes (naming the path), as the core.
     """
-    jt.check_nonempty(g, "updates")
-    jt.check_same_structure(g, retain_grads, ("updates", "retain_grads"))
-    for (p, x), (_, r) in zip(jt.leaves_with_paths(g), jt.leaves_with_paths(retain_grads)):
-        if np.ndim(r) != np.ndim(x) + 1 or tuple(np.shape(r)[1:]) != tuple(np.shape(x)):
-            raise ValueError(f"retain_grads leaf '{p}' has shape {np.shape(r)}; expected (k, *{np.shape(x)})")
+    retain_grads, _ = stack_retain_grads(g, retain_grads)
     if specs is None:
         specs = param_specs(g, mesh, rules)
     g_leaves, treedef = jax.tree.flatten(g)
-    r_leaves = jax.tree.leaves(retain_grads)
     spec_leaves = jax.tree.leaves(specs, is_leaf=_is_spec)
     if len(spec_leaves) != len(g_leaves):
         raise ValueError(f"specs has {len(spec_leaves)} PartitionSpecs but the updates have {len(g_leaves)} leaves")
     axes = [tuple(a for a in mesh.axis_names if a in _leaf_axes(s)) for s in spec_leaves]
-    r_specs = [P(None, *s) for s in spec_leaves]
-    opts = dict(impl=impl)
 
     def body(gl, rl):
-        # every retain row is scaled by a power of two bringing its largest entry into [0.5, 1) before
-        # the Gram pass (exact; the projection is invariant to it): float32 R R^T neither under- nor
-        # overflows for gradients of norm 1e-19 or 1e19. Row maxima are pmax-ed over each leaf's axes.
-        if per_tensor:
-            scales = [kp.pow2_row_scales(kp.tree_row_absmax([r], axis_name=ax)) for r, ax in zip(rl, axes)]
-            parts = [kp.tree_gram_and_dots([x], [r], axis_name=ax, scale=sc, **opts)
-                     for x, r, ax, sc in zip(gl, rl, axes, scales)]
-            cs = jax.vmap(lambda G, d: kp.pinv_solve(G, d, rcond))(
-                jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts]))
-            return [kp.tree_subtract([x], [r], cs[i], scale=scales[i], **opts)[0]
-                    for i, (x, r) in enumerate(zip(gl, rl))]
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for i, ax in enumerate(axes):
-            groups.setdefault(ax, []).append(i)
-        m = None
-        for ax, idx in groups.items():
-            mi = kp.tree_row_absmax([rl[i] for i in idx], axis_name=ax)
-            m = mi if m is None else jnp.maximum(m, mi)
-        sc = kp.pow2_row_scales(m)
-        G = d = None
-        for ax, idx in groups.items():
-            Gi, di = kp.tree_gram_and_dots([gl[i] for i in idx], [rl[i] for i in idx], axis_name=ax, scale=sc,
-                                           **opts)
-            G, d = (Gi, di) if G is None else (G + Gi, d + di)
-        return kp.tree_subtract(gl, rl, kp.pinv_solve(G, d, rcond), scale=sc, **opts)
+        return project_tree(gl, rl, rcond=rcond, per_tensor=per_tensor, impl=impl, axis_name=axes)
 
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(list(spec_leaves), r_specs), out_specs=list(spec_leaves))
-    out = jax.jit(fn)(g_leaves, r_leaves)
-    return jax.tree.unflatten(treedef, out)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(list(spec_leaves), [P(None, *s) for s in spec_leaves]),
+                       out_specs=list(spec_leaves))
+    return jax.tree.unflatten(treedef, jax.jit(fn)(g_leaves, jax.tree.leaves(retain_grads)))
 
 
 def jit_keeping_state_sharding(step, *, donate_state: bool = True):

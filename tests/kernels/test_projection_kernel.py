@@ -9,22 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as PS
 
 from jaxunlearn.kernels import projection as kp
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+from f64_reference import TOL, as_f64 as _np, assert_close as _close  # noqa: F401
 ON_ACCELERATOR = jax.default_backend() in ("tpu", "gpu", "cuda", "rocm")
 
 
-def _np(x):
-    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-
-
-def _close(out, ref, dtype):
-    tol = TOL[dtype]
-    ref = np.asarray(ref)
-    np.testing.assert_allclose(_np(out), ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
 def _arrays(k, P, dtype, seed=0):
@@ -62,6 +53,26 @@ def test_other_paths_match_numpy(impl):
     _close(G, Rn @ Rn.T, jnp.float32)
     _close(d, Rn @ gn, jnp.float32)
     _close(kp.subtract(g, R, c, impl=impl), gn - Rn.T @ cn, jnp.float32)
+
+
+def test_public_xla_path_takes_more_rows_than_columns():
+    # the XLA path as public functions: any k, also k > P (a pytree leaf shorter than k)
+    R, g, c = _arrays(5, 3, jnp.float32)
+    Rn, gn, cn = _np(R), _np(g), _np(c)
+    s = jnp.array([0.5, 2.0, 1.0, 4.0, 0.25])
+    G, d = kp.gram_and_dots_xla(R, g, s)
+    RS = _np(s)[:, None] * Rn
+    _close(G, RS @ RS.T, jnp.float32)
+    _close(d, RS @ gn, jnp.float32)
+    _close(kp.subtract_xla(g, R, c, s), gn - RS.T @ cn, jnp.float32)
+    G2, d2 = kp.gram_and_dots(*_arrays(4, 300, jnp.float32)[:2], impl="xla")
+    G3, d3 = kp.gram_and_dots_xla(*_arrays(4, 300, jnp.float32)[:2])
+    np.testing.assert_array_equal(G2, G3)
+    np.testing.assert_array_equal(d2, d3)
+    with pytest.raises(ValueError, match="g must have shape"):
+        kp.gram_and_dots_xla(R, g[:2])
+    with pytest.raises(TypeError, match="only float32 and bfloat16"):
+        kp.subtract_xla(g.astype(jnp.float16), R, c)
 
 
 def test_mixed_dtypes_read_as_float32():
@@ -119,102 +130,10 @@ def test_pinv_solve_keeps_retain_vectors_of_very_different_norms():
     np.testing.assert_allclose(out, g - (g @ u) * u, atol=1e-5)
 
 
-# ---------------------------------------------------------------- project_tree
-
-
-def _trees(k, dtype=jnp.float32, seed=0):
-    """A pytree with a matrix, a vector and a 2-element leaf (shorter than k=3)."""
-    rng = np.random.default_rng(seed)
-    shapes = {"w": (10, 13), "b": (70,), "s": (2,)}
-
-    def draw(shape):
-        return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
-
-    g = {"w": draw(shapes["w"]), "rest": (draw(shapes["b"]), draw(shapes["s"]))}
-    r = {"w": draw((k, *shapes["w"])), "rest": (draw((k, *shapes["b"])), draw((k, *shapes["s"])))}
-    return g, r
-
-
-def _flat(tree, k=None):
-    leaves = jax.tree.leaves(tree)
-    if k is None:
-        return np.concatenate([_np(x).reshape(-1) for x in leaves])
-    return np.concatenate([_np(x).reshape(k, -1) for x in leaves], axis=1)
-
-
 def _dense_projection(g, R):
     """float64 reference: g - R^T lstsq(R^T, g) (minimum-norm least squares)."""
     coef = np.linalg.lstsq(R.T, g, rcond=None)[0]
     return g - R.T @ coef
-
-
-@pytest.mark.parametrize("impl", ["pallas", "xla"])
-def test_project_tree_orthogonal_idempotent_and_dense(impl):
-    g, r = _trees(3)
-    out = kp.project_tree(g, r, impl=impl, block_p=32)
-    assert jax.tree.structure(out) == jax.tree.structure(g)
-    for o, x in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
-        assert o.shape == x.shape and o.dtype == x.dtype
-    gf, Rf, of = _flat(g), _flat(r, 3), _flat(out)
-    rel = np.abs(Rf @ of) / (np.linalg.norm(gf) * np.linalg.norm(Rf, axis=1))
-    assert rel.max() <= 1e-5, rel
-    _close(of, _dense_projection(gf, Rf), jnp.float32)
-    twice = _flat(kp.project_tree(out, r, impl=impl, block_p=32))
-    np.testing.assert_allclose(twice, of, atol=1e-5 * np.abs(of).max())
-
-
-def test_project_tree_k1_formula():
-    g, r = _trees(1)
-    out = _flat(kp.project_tree(g, r, impl="pallas", block_p=32))
-    gf, rf = _flat(g), _flat(r, 1)[0]
-    _close(out, gf - (gf @ rf) / (rf @ rf) * rf, jnp.float32)
-
-
-def test_project_tree_duplicated_and_zero_retain_vectors():
-    g, r = _trees(2)
-    dup = jax.tree.map(lambda x: jnp.concatenate([x, x[:1], 2.0 * x[1:]], axis=0), r)  # rows r0, r1, r0, 2 r1
-    out = kp.project_tree(g, dup, impl="pallas", block_p=32)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
-    # the same as projecting on the two distinct vectors
-    _close(_flat(out), _dense_projection(_flat(g), _flat(r, 2)), jnp.float32)
-    zero = jax.tree.map(jnp.zeros_like, r)
-    same = kp.project_tree(g, zero, impl="xla")
-    for x, y in zip(jax.tree.leaves(same), jax.tree.leaves(g)):
-        np.testing.assert_array_equal(x, y)
-
-
-def test_project_tree_bfloat16():
-    g, r = _trees(3, jnp.bfloat16)
-    out = kp.project_tree(g, r, impl="pallas", block_p=32)
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
-    _close(_flat(out), _dense_projection(_flat(g), _flat(r, 3)), jnp.bfloat16)
-
-
-# Pallas interpret mode evaluates the kernel on values that vary over "x" while the kernel
-# was traced as invariant: jax 0.10.2's interpreter then needs check_vma=False.
-@pytest.mark.parametrize("impl,check_vma", [("xla", True), ("pallas", False)])
-def test_project_tree_sharded_with_axis_name(impl, check_vma):
-    # each of 4 devices holds a quarter of every leaf; Gram and dots are psum-ed over "x".
-    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4], axis_types=(jax.sharding.AxisType.Auto,))
-    rng = np.random.default_rng(3)
-    def draw(*shape):
-        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
-
-    g = {"a": draw(64), "b": draw(8, 6)}
-    r = {"a": draw(2, 64), "b": draw(2, 8, 6)}
-    specs_g = {"a": PS("x"), "b": PS("x", None)}
-    specs_r = {"a": PS(None, "x"), "b": PS(None, "x", None)}
-    f = jax.jit(
-        jax.shard_map(
-            lambda g, r: kp.project_tree(g, r, impl=impl, block_p=8, axis_name="x"),
-            mesh=mesh,
-            in_specs=(specs_g, specs_r),
-            out_specs=specs_g,
-            check_vma=check_vma,
-        )
-    )
-    out = f(g, r)
-    _close(_flat(out), _dense_projection(_flat(g), _flat(r, 2)), jnp.float32)
 
 
 @pytest.mark.skipif(not ON_ACCELERATOR, reason="compiled Pallas needs a TPU or GPU")
@@ -255,21 +174,3 @@ def test_array_errors():
         kp.gram(R, impl="pallas", block_p=-1)
     with pytest.raises(ValueError, match="pinv_solve needs"):
         kp.pinv_solve(jnp.ones((2, 3)), jnp.ones(2))
-
-
-def test_tree_errors():
-    g, r = _trees(3)
-    with pytest.raises(ValueError, match="empty pytree"):
-        kp.project_tree({}, {})
-    with pytest.raises(ValueError, match="pytree mismatch"):
-        kp.project_tree(g, {"w": r["w"]})
-    with pytest.raises(ValueError, match=r"must have shape \(k, "):
-        kp.project_tree(g, {**r, "w": r["w"][:, :5]})
-    with pytest.raises(ValueError, match="same leading k"):
-        kp.project_tree(g, {**r, "w": r["w"][:2]})
-    with pytest.raises(ValueError, match="exceed the number of parameters"):
-        kp.project_tree({"a": jnp.ones(2)}, {"a": jnp.ones((3, 2))})
-    with pytest.raises(ValueError, match="rcond"):
-        kp.project_tree(g, r, rcond=1.5)
-    with pytest.raises(TypeError, match="only float32 and bfloat16"):
-        kp.project_tree({"a": jnp.ones(4, jnp.float16)}, {"a": jnp.ones((1, 4), jnp.float16)})
