@@ -1,72 +1,56 @@
-"""The unlearning step: one jitted function for every gradient method and its variants.
+"""Gradient unlearning presets: :class:`UnlearnConfig`, flat hyperparameters over :func:`unlearner`.
 
-``make_unlearn_step(apply_fn, cfg)`` returns ``step(state, forget_batch, retain_batch,
-ref_params) -> (state, metrics)`` minimising
+:mod:`jaxunlearn.unlearn_step` composes an unlearning step from a forget loss, a retain loss,
+a gradient estimator and an optax transform. :class:`UnlearnConfig` is the preset over it,
+as ``optax.adamw`` is over ``optax.chain``: the flat, JSON-serialisable hyperparameters of
+``experiments/configs/*.json`` (key ``"unlearn"``, parsed by :mod:`jaxunlearn.method_configs`),
+turned into an :class:`~jaxunlearn.unlearn_step.Unlearner` by :meth:`UnlearnConfig.build`:
 
-    L = gamma * L_f(theta; forget) + alpha * L_r(theta; retain)
+- ``method``: GA, GradDiff, NPO (against the frozen reference), SimNPO (:func:`forget_loss_fn`);
+- ``retain_loss``, ``alpha``: the retain NLL or the KL to the reference (:func:`retain_loss_fn`);
+- ``sam_rho`` / ``saf``: the forget gradient's estimator (:meth:`UnlearnConfig.estimator`);
+- ``project``, ``projection_*``, ``grad_clip``, ``optimizer``, ...: the optax chain
+  (:meth:`UnlearnConfig.transform`), where a SalUn mask also goes.
 
-with ``L_f`` one of (per-example summed answer NLL, batch convention of
-``jaxunlearn.losses``):
-
-- ``"ga"``        gradient ascent, ``-mean NLL_f`` (no retain term: ``alpha`` is ignored);
-- ``"grad_diff"`` ``-mean NLL_f``, retain term on;
-- ``"npo"``       NPO against the frozen reference ``ref_params`` (beta = 0.1);
-- ``"simnpo"``    SimNPO, reference-free (beta = 4.5, delta);
-- or a callable ``forget_loss(params, forget_batch) -> scalar``.
-
-and ``L_r`` the mean retain NLL (``retain_loss="nll"``) or ``KL(p_ref || p_theta)`` on
-retain tokens (``"kl"``). Variants, each a flag of :class:`UnlearnConfig`:
-
-- ``project=True``: geometric disentanglement. The forget gradient ``gamma * grad L_f``
-  is projected onto the orthogonal complement of ``retain_k`` retain gradients (one per
-  micro-batch of the retain batch) by :func:`jaxunlearn.project_orthogonal`, which
-  also adds ``alpha * mean_j r_j``; ``projection_*`` options choose the metric,
-  per-tensor subspaces and PCGrad-style conflict-only projection.
-- ``sam_rho > 0``: the forget gradient is taken at the SAM point ``theta + e``.
-- ``saf=True``: sharpness-aware forgetting: ``L_f`` is replaced by
-  :func:`jaxunlearn.saf_loss` (forget loss at the fake-quantised weights with an STE,
-  at a SAM-style perturbation), so forgetting survives quantisation.
-- ``mask``: a SalUn mask (pytree of 0/1) multiplies every update.
-
-Everything runs in one ``jax.jit``; the state is donated; shapes are static.
+The names of :mod:`jaxunlearn.unlearn_step` are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import optax
 
-from jaxunlearn import tree as jt
 from jaxunlearn import validate as V
-from jaxunlearn.losses import gradient_ascent, kl_to_reference, npo, sequence_nll, simnpo
+from jaxunlearn.estimators import GradientEstimator, plain_estimator, saf_estimator, sam_estimator
 from jaxunlearn.projection import METRICS as PROJECTION_METRICS
 from jaxunlearn.projection import project_orthogonal
 from jaxunlearn.quant import SCHEMES as SAF_SCHEMES
 from jaxunlearn.saliency import masked_updates
-from jaxunlearn.sharding import jit_keeping_state_sharding
-from jaxunlearn.sam import saf_loss, sam_gradient
+from jaxunlearn.unlearn_step import (METHODS, RETAIN_LOSSES, Unlearner, UnlearnState, _init_state, forget_loss_fn,
+                                     retain_loss_fn, unlearner)
 
-__all__ = ["METHODS", "UnlearnConfig", "UnlearnState", "make_unlearn_optimizer", "make_unlearn_step",
-           "init_unlearn_state", "forget_loss_fn", "retain_loss_fn"]
+__all__ = ["METHODS", "RETAIN_LOSSES", "UnlearnConfig", "UnlearnState", "Unlearner", "unlearner",
+           "forget_loss_fn", "retain_loss_fn", "make_unlearn_optimizer", "make_unlearn_step",
+           "init_unlearn_state"]
 
-METHODS = ("ga", "grad_diff", "npo", "simnpo")
 OPTIMIZERS = ("adamw", "sgd")
-RETAIN_LOSSES = ("nll", "kl")
 _NEEDS_REF = ("npo",)
 
 
 @dataclasses.dataclass(frozen=True)
 class UnlearnConfig:
-    """Hyperparameters of a gradient-based unlearning run.
+    """Hyperparameters of a gradient-based unlearning run: a preset over :func:`unlearner`.
+
+    The fields are the flat JSON schema of ``experiments/configs/*.json`` (key ``"unlearn"``);
+    :meth:`build` turns them into an :class:`Unlearner` with ``forget_loss_fn(method)``,
+    ``retain_loss_fn(retain_loss)``, :meth:`estimator` and :meth:`transform`.
 
     Attributes:
-      method: ``"ga" | "grad_diff" | "npo" | "simnpo"`` (or pass ``forget_loss`` to
-        :func:`make_unlearn_step`).
-      steps: number of steps.
+      method: ``"ga" | "grad_diff" | "npo" | "simnpo"`` (:func:`forget_loss_fn`).
+      steps: number of steps of a run (read by the run loop, :func:`jaxunlearn.methods.run_method`,
+        not by the step).
       optimizer: ``"adamw"`` or ``"sgd"`` (plain gradient descent: the update is exactly
         ``-learning_rate`` times the combined gradient, useful to see the geometry).
       learning_rate: learning rate (constant after ``warmup_steps``).
@@ -83,10 +67,11 @@ class UnlearnConfig:
         split into this many strided micro-batches, rows ``j::retain_k``; must divide its size).
       projection_per_tensor / projection_metric / projection_only_conflicting: see
         :func:`jaxunlearn.project_orthogonal`.
-      sam_rho: SAM radius on the forget objective (0: off).
-      saf: sharpness-aware forgetting through fake quantisation.
+      sam_rho: SAM radius on the forget objective (0: off; :func:`jaxunlearn.estimators.sam_estimator`).
+      saf: sharpness-aware forgetting through fake quantisation
+        (:func:`jaxunlearn.estimators.saf_estimator`).
       saf_scheme / saf_block_size / saf_rho: quantiser and radius of :func:`jaxunlearn.saf_loss`
-        (``saf_rho=None``: the quantisation displacement ``||Q(theta) - theta||``).
+        (``saf_rho=None``: the mean quantisation step, :func:`jaxunlearn.saf_perturbation_radius`).
 
     Every field is validated at construction (see :mod:`jaxunlearn.validate`):
     ``learning_rate > 0``; ``steps, warmup_steps >= 0`` and ``retain_k, saf_block_size >= 1``
@@ -94,11 +79,22 @@ class UnlearnConfig:
     (a negative ``gamma`` would run the forget objective backwards, i.e. re-learn);
     ``beta`` and ``saf_rho`` ``None`` or ``> 0``; ``delta`` any finite number; every float
     finite; the string fields one of their choices; the flags bools; and not both
-    ``saf`` and ``sam_rho > 0``.
+    ``saf`` and ``sam_rho > 0`` (one estimator).
 
     Raises:
       TypeError: a field of the wrong type (message ``"UnlearnConfig.<field> must be ..., got <value>"``).
       ValueError: a field with a bad value (same message form), or ``saf`` with ``sam_rho > 0``.
+
+    >>> import jax.numpy as jnp
+    >>> apply = lambda p, ids, mask: p["E"][ids] @ p["W"]            # a bigram LM
+    >>> params = {"E": jnp.eye(4), "W": jnp.eye(4)}
+    >>> batch = {"input_ids": jnp.array([[0, 1, 2], [3, 2, 1]]), "attention_mask": jnp.ones((2, 3)),
+    ...          "loss_mask": jnp.array([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])}
+    >>> u = UnlearnConfig(method="npo", retain_loss="kl", learning_rate=1e-2).build(apply)
+    >>> state = u.init(params)
+    >>> state, metrics = u.step(state, batch, batch, ref_params=params)
+    >>> sorted(metrics), u.uses_retain, u.needs_reference
+    (['forget_loss', 'retain_loss', 'update_norm'], True, True)
     """
 
     method: str = "npo"
@@ -137,6 +133,74 @@ class UnlearnConfig:
         """Whether the frozen reference model is evaluated (NPO, or the KL retain loss)."""
         return self.method in _NEEDS_REF or (self.uses_retain and self.retain_loss == "kl")
 
+    def transform(self, mask: Any = None) -> optax.GradientTransformationExtraArgs:
+        """``[project_orthogonal] -> [clip] -> [SalUn mask] -> adamw | sgd`` as one optax chain.
+
+        The learning rate rises linearly from 0 over ``warmup_steps``, then stays constant.
+        With ``project`` the chain's ``update`` takes ``retain_grads=`` (stacked, leading k)
+        and adds ``alpha`` times their mean.
+
+        Args:
+          mask: optional SalUn mask (pytree of 0/1 like the params, :func:`jaxunlearn.salun_mask`)
+            applied to every update after clipping.
+
+        Returns:
+          An ``optax.GradientTransformationExtraArgs``.
+        """
+        parts = []
+        if self.project:
+            parts.append(project_orthogonal(
+                per_tensor=self.projection_per_tensor, metric=self.projection_metric,
+                only_conflicting=self.projection_only_conflicting, retain_scale=self.alpha, forget_scale=1.0))
+        if self.grad_clip > 0:
+            parts.append(optax.clip_by_global_norm(self.grad_clip))
+        if mask is not None:
+            parts.append(masked_updates(mask))
+        lr = (optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps) if self.warmup_steps
+              else self.learning_rate)
+        if self.optimizer == "sgd":
+            parts.append(optax.sgd(lr))
+        else:
+            parts.append(optax.adamw(lr, weight_decay=self.weight_decay))
+        return optax.chain(*parts)
+
+    def estimator(self) -> GradientEstimator:
+        """The forget gradient's estimator: :func:`~jaxunlearn.estimators.saf_estimator` with
+        ``saf``, :func:`~jaxunlearn.estimators.sam_estimator` with ``sam_rho > 0``, else
+        :func:`~jaxunlearn.estimators.plain_estimator`."""
+        if self.saf:
+            return saf_estimator(self.saf_scheme, self.saf_block_size, self.saf_rho)
+        if self.sam_rho > 0:
+            return sam_estimator(self.sam_rho)
+        return plain_estimator()
+
+    def build(self, apply_fn: Callable, *, mask: Any = None, forget_loss: Callable | None = None,
+              jit: bool = True) -> Unlearner:
+        """The :class:`Unlearner` of this config.
+
+        Args:
+          apply_fn: ``apply(params, input_ids, attention_mask) -> logits``.
+          mask: optional SalUn mask (pytree of 0/1 like the params) applied to every update.
+          forget_loss: optional custom ``L_f(params, forget_batch) -> scalar`` replacing
+            ``method``'s (the retain term, the estimator and the transform still apply; no
+            reference is computed for it).
+          jit: see :func:`unlearner`.
+
+        Returns:
+          ``unlearner(forget_loss_fn(apply_fn, method), transform(mask), retain_loss=...,
+          estimator=estimator(), gamma=gamma, alpha=alpha | retain_k=retain_k, ...)``:
+          no retain loss when ``uses_retain`` is False; ``ref_params`` read for NPO and the
+          KL retain loss (:attr:`needs_reference`).
+        """
+        custom = forget_loss is not None
+        f_loss = forget_loss if custom else forget_loss_fn(apply_fn, self.method, beta=self.beta, delta=self.delta)
+        r_loss = retain_loss_fn(apply_fn, self.retain_loss) if self.uses_retain else None
+        return unlearner(
+            f_loss, self.transform(mask), retain_loss=r_loss, estimator=self.estimator(), gamma=self.gamma,
+            alpha=None if self.project else self.alpha, retain_k=self.retain_k if self.project else None,
+            apply_fn=apply_fn, forget_ref_logp=not custom and self.method in _NEEDS_REF,
+            retain_ref_logits=self.uses_retain and self.retain_loss == "kl", jit=jit)
+
 
 def _validate_unlearn_config(cfg: UnlearnConfig) -> None:
     """Check the type and range of every field of ``cfg`` and store it as a plain Python value.
@@ -167,190 +231,25 @@ def _validate_unlearn_config(cfg: UnlearnConfig) -> None:
                          f"(got sam_rho={cfg.sam_rho!r})")
 
 
-class UnlearnState(NamedTuple):
-    """``step`` (int32), ``params`` (the model's parameter pytree), ``opt_state`` (optax)."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
+# ---------------------------------------------------------------- thin wrappers
 
 
 def make_unlearn_optimizer(cfg: UnlearnConfig, mask: Any = None) -> optax.GradientTransformationExtraArgs:
-    """``[project_orthogonal] -> [clip] -> [SalUn mask] -> adamw | sgd`` as one optax chain.
-
-    With ``cfg.project`` the chain's ``update`` takes ``retain_grads=`` (stacked, leading k).
-    """
-    parts = []
-    if cfg.project:
-        parts.append(project_orthogonal(
-            per_tensor=cfg.projection_per_tensor, metric=cfg.projection_metric,
-            only_conflicting=cfg.projection_only_conflicting, retain_scale=cfg.alpha, forget_scale=1.0))
-    if cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    if mask is not None:
-        parts.append(masked_updates(mask))
-    lr = (optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps) if cfg.warmup_steps
-          else cfg.learning_rate)
-    if cfg.optimizer == "sgd":
-        parts.append(optax.sgd(lr))
-    else:
-        parts.append(optax.adamw(lr, weight_decay=cfg.weight_decay))
-    return optax.chain(*parts)
-
-
-def init_unlearn_state(params, cfg: UnlearnConfig, mask: Any = None) -> UnlearnState:
-    """The initial :class:`UnlearnState` for ``params``.
-
-    The parameters are copied: the step donates its state, and the caller's arrays
-    (often also the frozen reference of NPO) must stay alive.
-    """
-    params = jax.tree.map(jnp.copy, params)
-    return UnlearnState(jnp.zeros((), jnp.int32), params, make_unlearn_optimizer(cfg, mask).init(params))
-
-
-def _nll(apply_fn, params, batch):
-    logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
-    return logits, sequence_nll(logits, batch["input_ids"], batch["loss_mask"])
-
-
-def forget_loss_fn(apply_fn: Callable, cfg: UnlearnConfig) -> Callable:
-    """``L_f(params, batch)`` of ``cfg.method``; ``batch`` may carry ``ref_logp`` (NPO).
-
-    GA / GradDiff: ``-mean NLL``; NPO: :func:`jaxunlearn.losses.npo` with
-    ``batch["ref_logp"]``; SimNPO: :func:`jaxunlearn.losses.simnpo`.
-    """
-
-    def loss(params, batch):
-        _, nll = _nll(apply_fn, params, batch)
-        if cfg.method in ("ga", "grad_diff"):
-            return gradient_ascent(nll)
-        if cfg.method == "npo":
-            return npo(-nll, batch["ref_logp"], beta=0.1 if cfg.beta is None else cfg.beta)
-        lengths = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32), axis=-1)
-        return simnpo(nll, lengths, beta=4.5 if cfg.beta is None else cfg.beta, delta=cfg.delta)
-
-    return loss
-
-
-def retain_loss_fn(apply_fn: Callable, cfg: UnlearnConfig) -> Callable:
-    """``L_r(params, batch)``: mean retain NLL, or mean token KL to ``batch["ref_logits"]``."""
-
-    def loss(params, batch):
-        logits, nll = _nll(apply_fn, params, batch)
-        if cfg.retain_loss == "kl":
-            return kl_to_reference(logits, batch["ref_logits"], batch["loss_mask"])
-        return jnp.mean(nll)
-
-    return loss
-
-
-def _check_batch(batch, name):
-    for k in ("input_ids", "attention_mask", "loss_mask"):
-        if k not in batch:
-            raise KeyError(f"{name} batch lacks '{k}' (have {sorted(batch)})")
-    if batch["input_ids"].shape[0] == 0:
-        raise ValueError(f"{name} batch is empty")
-
-
-def _buffer_ids(x) -> set:
-    try:
-        return {sh.data.unsafe_buffer_pointer() for sh in x.addressable_shards}
-    except Exception:  # not a jax.Array (numpy, tracer): cannot alias a donated buffer
-        return set()
-
-
-def _check_not_aliased(state, ref_params) -> None:
-    """The state is donated: a reference leaf sharing its buffer would be read after donation."""
-    donated = set()
-    for x in jax.tree.leaves(state):
-        donated |= _buffer_ids(x)
-    for path, x in jt.leaves_with_paths(ref_params):
-        if _buffer_ids(x) & donated:
-            raise ValueError(
-                f"ref_params leaf '{path}' shares its buffer with the unlearning state, which the step "
-                "donates; pass a copy (init_unlearn_state copies the params it is given)")
+    """``cfg.transform(mask)`` (kept for existing callers; see :meth:`UnlearnConfig.transform`)."""
+    return cfg.transform(mask)
 
 
 def make_unlearn_step(apply_fn: Callable, cfg: UnlearnConfig, *, mask: Any = None,
                       forget_loss: Callable | None = None) -> Callable:
-    """Build the jitted ``step(state, forget_batch, retain_batch, ref_params=None)``.
+    """``cfg.build(apply_fn, mask=mask, forget_loss=forget_loss).step`` (kept for existing callers).
 
-    Args:
-      apply_fn: ``apply(params, input_ids, attention_mask) -> logits``.
-      cfg: :class:`UnlearnConfig`.
-      mask: optional SalUn mask (pytree of 0/1 like the params) applied to every update.
-      forget_loss: optional custom ``L_f(params, forget_batch) -> scalar`` replacing
-        ``cfg.method``'s (the method's retain term and variants still apply).
-
-    Returns:
-      ``step(state, forget_batch, retain_batch, ref_params=None) -> (state, metrics)``
-      with metrics ``forget_loss``, ``retain_loss``, ``update_norm``. ``ref_params`` is
-      required when ``cfg.needs_reference`` (NPO, KL retain loss). ``state`` is donated.
+    Pair it with an initial state from the same ``mask`` (:func:`init_unlearn_state`), or use
+    :meth:`UnlearnConfig.build`, whose ``init`` and ``step`` share one optimizer.
     """
-    tx = make_unlearn_optimizer(cfg, mask)
-    f_loss = forget_loss or forget_loss_fn(apply_fn, cfg)
-    r_loss = retain_loss_fn(apply_fn, cfg)
-    ref_forget = forget_loss is None and cfg.method in _NEEDS_REF
-    ref_retain = cfg.uses_retain and cfg.retain_loss == "kl"
-    needs_ref = ref_forget or ref_retain
+    return cfg.build(apply_fn, mask=mask, forget_loss=forget_loss).step
 
-    def forget_value_and_grad(params, fb):
-        if cfg.saf:
-            obj = lambda p, b: saf_loss(f_loss, p, b, scheme=cfg.saf_scheme,  # noqa: E731
-                                        block_size=cfg.saf_block_size, rho=cfg.saf_rho)
-            return jax.value_and_grad(obj)(params, fb)
-        if cfg.sam_rho > 0:
-            return sam_gradient(f_loss, params, fb, rho=cfg.sam_rho)
-        return jax.value_and_grad(f_loss)(params, fb)
 
-    def step(state: UnlearnState, fb, rb, ref_params):
-        params = state.params
-        if ref_forget:
-            _, ref_nll = _nll(apply_fn, ref_params, fb)
-            fb = {**fb, "ref_logp": jax.lax.stop_gradient(-ref_nll)}
-        if ref_retain:
-            ref_logits = apply_fn(ref_params, rb["input_ids"], rb["attention_mask"])
-            rb = {**rb, "ref_logits": jax.lax.stop_gradient(ref_logits)}
-        lf, gf = forget_value_and_grad(params, fb)
-        gf = jt.scale(gf, cfg.gamma)
-        lr = jnp.zeros((), jnp.float32)
-        if cfg.project:
-            k = cfg.retain_k
-            # micro-batch j = rows j, j + k, j + 2k, ...: strided, so with the batch sharded over the
-            # data axes every micro-batch keeps rows on every shard (a contiguous split would not).
-            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), rb)
-            lrs, R = jax.vmap(jax.value_and_grad(r_loss), in_axes=(None, 0))(params, micro)
-            lr = jnp.mean(lrs)
-            updates, opt_state = tx.update(gf, state.opt_state, params, retain_grads=R)
-        else:
-            g = gf
-            if cfg.uses_retain:
-                lr, gr = jax.value_and_grad(r_loss)(params, rb)
-                g = jt.axpy(cfg.alpha, gr, gf)
-            updates, opt_state = tx.update(g, state.opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        metrics = {"forget_loss": lf, "retain_loss": lr, "update_norm": jt.global_norm(updates)}
-        return UnlearnState(state.step + 1, new_params, opt_state), metrics
-
-    jitted = jit_keeping_state_sharding(step)
-
-    def run(state: UnlearnState, forget_batch, retain_batch=None, ref_params=None):
-        _check_batch(forget_batch, "forget")
-        if cfg.uses_retain:
-            if retain_batch is None:
-                raise ValueError(f"method {cfg.method!r} with these options needs a retain batch")
-            _check_batch(retain_batch, "retain")
-            if cfg.project and retain_batch["input_ids"].shape[0] % cfg.retain_k:
-                raise ValueError(f"retain batch size {retain_batch['input_ids'].shape[0]} is not divisible by "
-                                 f"retain_k={cfg.retain_k}")
-        else:
-            retain_batch = {}
-        if needs_ref and ref_params is None:
-            raise ValueError(f"method {cfg.method!r} (retain_loss={cfg.retain_loss!r}) needs ref_params")
-        if needs_ref:
-            _check_not_aliased(state, ref_params)
-        fb = {k: forget_batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
-        rb = {k: retain_batch[k] for k in ("input_ids", "attention_mask", "loss_mask")} if retain_batch else {}
-        return jitted(state, fb, rb, ref_params if needs_ref else None)
-
-    return run
+def init_unlearn_state(params, cfg: UnlearnConfig, mask: Any = None) -> UnlearnState:
+    """``UnlearnState(0, copy of params, cfg.transform(mask).init(params))`` (kept for existing
+    callers; :meth:`UnlearnConfig.build`'s ``init`` is the same)."""
+    return _init_state(cfg.transform(mask), params)

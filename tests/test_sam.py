@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxunlearn.estimators import plain_estimator, saf_estimator, sam_estimator
 from jaxunlearn.quant import fake_quantize
 from jaxunlearn.sam import (
     saf_loss,
@@ -177,3 +178,27 @@ def test_saf_default_radius_estimates_the_int4_step():
     r = float(saf_perturbation_radius({"w": x}, scheme="int4", block_size=64))
     absmax = np.abs(np.asarray(x)).reshape(-1, 64).max(axis=1)
     np.testing.assert_allclose(r, np.mean(absmax / 7), rtol=0.05)
+
+
+def test_estimators_give_the_plain_sam_and_saf_gradients():
+    """The estimators of the unlearning step against the hand-written gradients above."""
+    p, c, rho = _params(9), 0.8, 0.15
+    loss = lambda q, b: _loss(q, c)  # noqa: E731
+    pn = _np(p)
+    g0 = _grad_np(pn, c)
+    v, g = jax.jit(lambda q: plain_estimator()(loss, q, None))(p)
+    np.testing.assert_allclose(v, _loss(p, c), rtol=1e-6)
+    for k in pn:
+        np.testing.assert_allclose(g[k], g0[k], rtol=1e-5, atol=1e-6)
+    v, g = jax.jit(lambda q: sam_estimator(rho)(loss, q, None))(p)
+    pe = {k: pn[k] + rho * g0[k] / _norm_np(g0) for k in pn}
+    for k in pn:
+        np.testing.assert_allclose(g[k], _grad_np(pe, c)[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v, np.sum(pe["w"] ** 3) / 3 + c * np.sum(np.sin(pe["b"])), rtol=1e-5)
+    v, g = jax.jit(lambda q: saf_estimator("int4", 8, 0.05, min_ndim=1)(loss, q, None))(p)
+    q = _np(fake_quantize(p, "int4", block_size=8, min_ndim=1))
+    gq = _grad_np(q, c)
+    qe = {k: q[k] + 0.05 * gq[k] / _norm_np(gq) for k in q}
+    for k in q:
+        np.testing.assert_allclose(g[k], _grad_np(qe, c)[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v, np.sum(qe["w"] ** 3) / 3 + c * np.sum(np.sin(qe["b"])), rtol=1e-5)

@@ -1,13 +1,16 @@
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxunlearn import tree as jt
-from jaxunlearn.losses import sequence_nll
-from jaxunlearn.unlearn import UnlearnConfig, init_unlearn_state, make_unlearn_step
+from jaxunlearn.estimators import plain_estimator, saf_estimator, sam_estimator
+from jaxunlearn.losses import mean_token_nll, sequence_nll
+from jaxunlearn.projection import orthogonal_projection, project_orthogonal
+from jaxunlearn.saliency import masked_updates
+from jaxunlearn.unlearn import (UnlearnConfig, UnlearnState, forget_loss_fn, init_unlearn_state, make_unlearn_step,
+                                retain_loss_fn, unlearner)
 from toy_lm import bigram_apply as apply
 from toy_lm import bigram_params, lm_batch
 
@@ -26,11 +29,23 @@ def _mean_nll(p, b):
     return jnp.mean(sequence_nll(apply(p, b["input_ids"], None), b["input_ids"], b["loss_mask"]))
 
 
-def _one_step(cfg, params, fb, rb, ref=None, **kw):
-    step = make_unlearn_step(apply, cfg, **kw)
-    state = init_unlearn_state(jt.cast(params, jnp.float32), cfg, kw.get("mask"))
-    state, metrics = step(state, fb, rb, ref)
+def _one_step(cfg, params, fb, rb, ref=None, mask=None):
+    u = cfg.build(apply, mask=mask)
+    state = u.init(jt.cast(params, jnp.float32))
+    state, metrics = u.step(state, fb, rb, ref)
     return state.params, metrics
+
+
+def _run(u, params, fb, rb, ref, steps=3):
+    state = u.init(params)
+    for _ in range(steps):
+        state, metrics = u.step(state, fb, rb, ref)
+    return state, metrics
+
+
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 SGD = dict(optimizer="sgd", learning_rate=0.1, grad_clip=0.0, steps=1)
@@ -51,6 +66,38 @@ def test_grad_diff_combines_forget_and_retain():
     gf, gr = jax.grad(_mean_nll)(p, fb), jax.grad(_mean_nll)(p, rb)
     want = jax.tree.map(lambda x, a, b: x - 0.1 * (-0.5 * a + 2.0 * b), p, gf, gr)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, want)
+
+
+def test_kl_retain_term_one_sgd_step_is_exact():
+    """One SGD step with retain_loss="kl" is ``theta - lr (gamma grad L_f + alpha grad KL)``, the KL
+    written out here: mean over answer tokens (not examples) of sum_v p_ref (log p_ref - log p_theta),
+    the distribution predicting token t being the logits at t - 1."""
+    p, ref, fb, rb = _params(0), _params(5), _batch(4, 1), _batch(6, 2)
+    mask = np.zeros((6, T), np.float32)
+    for b, n in enumerate([1, 3, 2, 3, 1, 2]):  # ragged answers: a per-example mean would differ
+        mask[b, T - n:] = 1
+    rb = {**rb, "loss_mask": jnp.asarray(mask)}
+    ids = np.asarray(rb["input_ids"])
+
+    def kl(theta):
+        total, count = 0.0, 0
+        for b in range(ids.shape[0]):
+            logits, ref_logits = apply(theta, ids[b], None), apply(ref, ids[b], None)
+            for t in range(1, T):
+                if mask[b, t]:
+                    p_ref = jax.nn.softmax(ref_logits[t - 1])
+                    total += jnp.sum(p_ref * (jnp.log(p_ref) - jax.nn.log_softmax(logits[t - 1])))
+                    count += 1
+        return total / count
+
+    lr, gamma, alpha = 0.1, 0.5, 2.0
+    cfg = UnlearnConfig(method="grad_diff", retain_loss="kl", gamma=gamma, alpha=alpha, **SGD)
+    new, m = _one_step(cfg, p, fb, rb, ref=ref)
+    g_kl, g_f = jax.grad(kl)(p), jax.grad(lambda q: -_mean_nll(q, fb))(p)
+    assert float(jt.global_norm(g_kl)) > 1e-2  # theta != theta_ref: the KL term moves the step
+    want = jax.tree.map(lambda x, a, b: x - lr * (gamma * a + alpha * b), p, g_f, g_kl)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, want)
+    np.testing.assert_allclose(m["retain_loss"], kl(p), rtol=1e-5)
 
 
 def test_npo_at_reference_equals_gradient_ascent_scaled():
@@ -92,12 +139,120 @@ def test_salun_mask_freezes_masked_parameters():
 def test_variants_raise_forget_nll_over_steps(variant):
     p, fb, rb = _params(), _batch(4, 1), _batch(4, 2)
     cfg = UnlearnConfig(steps=15, learning_rate=0.05, saf_block_size=8, **variant)
-    step = make_unlearn_step(apply, cfg)
-    state = init_unlearn_state(p, cfg)
-    for _ in range(cfg.steps):
-        state, m = step(state, fb, rb, p)
+    state, m = _run(cfg.build(apply), p, fb, rb, p, steps=cfg.steps)
     assert all(np.isfinite(float(v)) for v in m.values())
     assert float(_mean_nll(state.params, fb)) > float(_mean_nll(p, fb)) + 0.5
+
+
+# ---------------------------------------------------------------- composition
+
+
+def _composed(cfg, mask=None):
+    """``cfg.build(apply, mask=mask)`` written out with the building blocks."""
+    uses_retain = cfg.uses_retain
+    return unlearner(
+        forget_loss_fn(apply, cfg.method, beta=cfg.beta, delta=cfg.delta), cfg.transform(mask),
+        retain_loss=retain_loss_fn(apply, cfg.retain_loss) if uses_retain else None,
+        estimator=(saf_estimator(cfg.saf_scheme, cfg.saf_block_size, cfg.saf_rho) if cfg.saf
+                   else sam_estimator(cfg.sam_rho) if cfg.sam_rho else plain_estimator()),
+        gamma=cfg.gamma, alpha=None if cfg.project else cfg.alpha, retain_k=cfg.retain_k if cfg.project else None,
+        apply_fn=apply, forget_ref_logp=cfg.method == "npo",
+        retain_ref_logits=uses_retain and cfg.retain_loss == "kl")
+
+
+@pytest.mark.parametrize("variant", [
+    dict(method="npo", beta=0.3, retain_loss="kl", sam_rho=0.05, gamma=0.7, alpha=1.5),
+    dict(method="simnpo", saf=True, saf_block_size=8, saf_rho=0.01, delta=0.2),
+    dict(method="grad_diff", project=True, retain_k=3, projection_per_tensor=True, warmup_steps=2, mask=True),
+])
+def test_composed_unlearner_equals_the_preset(variant):
+    p, ref, fb, rb = _params(), _params(7), _batch(4, 1), _batch(6, 2)
+    variant = dict(variant)
+    mask = jax.tree.map(lambda x: (jnp.arange(x.size).reshape(x.shape) % 2).astype(jnp.float32), p) \
+        if variant.pop("mask", False) else None
+    cfg = UnlearnConfig(learning_rate=0.05, **variant)
+    preset, composed = cfg.build(apply, mask=mask), _composed(cfg, mask)
+    assert (preset.uses_retain, preset.needs_reference) == (composed.uses_retain, composed.needs_reference)
+    s1, m1 = _run(preset, p, fb, rb, ref)
+    s2, m2 = _run(composed, p, fb, rb, ref)
+    _assert_trees_equal(s1, s2)
+    _assert_trees_equal(m1, m2)
+
+
+def test_thin_wrappers_are_the_preset():
+    p, fb = _params(), _batch(4, 1)
+    mask = jax.tree.map(lambda x: (jnp.arange(x.size).reshape(x.shape) % 2).astype(jnp.float32), p)
+    cfg = UnlearnConfig(method="ga", learning_rate=0.05)
+    built, _ = _run(cfg.build(apply, mask=mask), p, fb, None, None, steps=2)
+    state, step = init_unlearn_state(p, cfg, mask), make_unlearn_step(apply, cfg, mask=mask)
+    for _ in range(2):
+        state, _ = step(state, fb)
+    _assert_trees_equal(built, state)
+
+
+def test_custom_forget_loss_retain_loss_estimator_and_transform():
+    """Any losses, any estimator (here sign-SGD's), any optax transform."""
+    p, fb, rb = _params(), _batch(4, 1), _batch(6, 2)
+    p0 = jax.tree.map(jnp.copy, p)
+
+    def f_loss(q, b):  # length-normalised gradient ascent
+        return -jnp.mean(mean_token_nll(apply(q, b["input_ids"]), b["input_ids"], b["loss_mask"]))
+
+    def r_loss(q, b):  # retain NLL plus a pull towards theta_0
+        return _mean_nll(q, b) + 0.5 * jt.dot(jt.sub(q, p0), jt.sub(q, p0))
+
+    def sign_estimator(loss, q, b):
+        v, g = jax.value_and_grad(loss)(q, b)
+        return v, jax.tree.map(jnp.sign, g)
+
+    tx = optax.chain(optax.scale(-1.0), optax.scale(0.1))  # = sgd(0.1)
+    u = unlearner(f_loss, tx, retain_loss=r_loss, estimator=sign_estimator, gamma=0.5, alpha=2.0)
+    assert u.uses_retain and not u.needs_reference
+    state, m = u.step(u.init(p), fb, rb)
+    gf, gr = jax.grad(f_loss)(p, fb), jax.grad(r_loss)(p, rb)
+    want = jax.tree.map(lambda x, a, b: x - 0.1 * (0.5 * jnp.sign(a) + 2.0 * b), p, gf, gr)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state.params, want)
+    np.testing.assert_allclose(m["forget_loss"], f_loss(p, fb), rtol=1e-6)
+    np.testing.assert_allclose(m["retain_loss"], r_loss(p, rb), rtol=1e-6)
+    # a custom forget loss in the preset: the retain term and the transform still apply
+    cfg = UnlearnConfig(method="npo", alpha=2.0, gamma=0.5, **SGD)
+    u = cfg.build(apply, forget_loss=f_loss)
+    assert not u.needs_reference  # no reference for a custom forget loss
+    new = u.step(u.init(p), fb, rb)[0].params
+    want = jax.tree.map(lambda x, a, b: x - 0.1 * (0.5 * a + 2.0 * b), p, gf, jax.grad(_mean_nll)(p, rb))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, want)
+
+
+def test_projection_and_mask_composed_by_hand():
+    """retain_k hands the k retain gradients to the transform; the mask lives in the transform."""
+    p, fb, rb = _params(), _batch(4, 1), _batch(6, 2)
+    mask = jax.tree.map(jnp.ones_like, p)
+    mask["b"] = jnp.zeros_like(p["b"])
+    tx = optax.chain(project_orthogonal(retain_scale=0.0), masked_updates(mask), optax.sgd(0.1))
+    u = unlearner(forget_loss_fn(apply, "ga"), tx, retain_loss=retain_loss_fn(apply), retain_k=3)
+    new = u.step(u.init(p), fb, rb)[0].params
+    gf = jax.grad(lambda q: -_mean_nll(q, fb))(p)
+    R = jax.tree.map(lambda *r: jnp.stack(r), *[jax.grad(_mean_nll)(p, jax.tree.map(lambda x: x[j::3], rb))
+                                               for j in range(3)])
+    want = jax.tree.map(lambda x, m, g: x - 0.1 * m * g, p, mask, orthogonal_projection(gf, R))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, want)
+    np.testing.assert_array_equal(new["b"], p["b"])
+    assert float(jt.global_norm(jt.sub(new, p))) > 1e-3
+
+
+def test_unjitted_step_runs_inside_scan():
+    p, ref, fb, rb = _params(), _params(3), _batch(4, 1), _batch(6, 2)
+    cfg = UnlearnConfig(method="npo", retain_loss="kl", learning_rate=0.05)
+    u = cfg.build(apply, jit=False)
+
+    @jax.jit
+    def three_steps(state, ref):
+        return jax.lax.scan(lambda s, _: u.step(s, fb, rb, ref), state, None, length=3)
+
+    scanned, metrics = three_steps(u.init(p), ref)
+    assert metrics["forget_loss"].shape == (3,) and int(scanned.step) == 3
+    looped, _ = _run(cfg.build(apply), p, fb, rb, ref)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), scanned.params, looped.params)
 
 
 def test_bad_input():
@@ -106,19 +261,23 @@ def test_bad_input():
     with pytest.raises(ValueError, match="UnlearnConfig.retain_loss"):
         UnlearnConfig(retain_loss="l2")
     p, fb, rb = _params(), _batch(4, 1), _batch(5, 2)
-    step = make_unlearn_step(apply, UnlearnConfig(method="npo"))
-    with pytest.raises(ValueError, match="needs ref_params"):
-        step(init_unlearn_state(p, UnlearnConfig()), fb, rb)
-    from jaxunlearn.unlearn import UnlearnState
-    aliased = UnlearnState(jnp.zeros((), jnp.int32), p, init_unlearn_state(p, UnlearnConfig()).opt_state)
+    u = UnlearnConfig(method="npo").build(apply)
+    with pytest.raises(ValueError, match="needs ref_params.*forget loss reads ref_logp"):
+        u.step(u.init(p), fb, rb)
+    aliased = UnlearnState(jnp.zeros((), jnp.int32), p, u.init(p).opt_state)
     with pytest.raises(ValueError, match="ref_params leaf 'E' shares its buffer"):
-        step(aliased, fb, rb, p)
-    cfg = UnlearnConfig(method="ga", project=True, retain_k=2)
+        u.step(aliased, fb, rb, p)
+    u = UnlearnConfig(method="ga", project=True, retain_k=2).build(apply)
     with pytest.raises(ValueError, match="not divisible by retain_k=2"):
-        make_unlearn_step(apply, cfg)(init_unlearn_state(p, cfg), fb, rb)
+        u.step(u.init(p), fb, rb)
+    u = UnlearnConfig(method="grad_diff").build(apply)
     with pytest.raises(ValueError, match="needs a retain batch"):
-        cfg = UnlearnConfig(method="grad_diff")
-        make_unlearn_step(apply, cfg)(init_unlearn_state(p, cfg), fb, None)
+        u.step(u.init(p), fb, None)
+    u = UnlearnConfig(method="ga").build(apply)
     with pytest.raises(KeyError, match="loss_mask"):
-        cfg = UnlearnConfig(method="ga")
-        make_unlearn_step(apply, cfg)(init_unlearn_state(p, cfg), {k: fb[k] for k in ("input_ids", "attention_mask")})
+        u.step(u.init(p), {k: fb[k] for k in ("input_ids", "attention_mask")})
+    with pytest.raises(ValueError, match="forget batch is empty"):
+        u.step(u.init(p), jax.tree.map(lambda x: x[:0], fb))
+    # a preset without a retain term ignores a retain batch; an unused ref_params is not read
+    state, _ = u.step(u.init(p), fb, rb, p)
+    assert int(state.step) == 1

@@ -11,13 +11,14 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as PS
 
 import jaxunlearn as ju
 from jaxunlearn import validate as V
 from jaxunlearn.kernels import projection as kp
-from jaxunlearn.projection import orthogonal_projection, project_orthogonal
+from jaxunlearn.projection import orthogonal_projection, project_orthogonal, project_tree
 from jaxunlearn.quant import fake_quantize, fake_quantize_leaf, quantize_leaf
 from jaxunlearn.unlearn import UnlearnConfig
 
@@ -146,6 +147,47 @@ def test_unlearn_config_accepts_and_normalises():
         UnlearnConfig(saf=True, sam_rho=0.1)
 
 
+def _tiny_loss(p, b):
+    return jnp.sum(p)
+
+
+BAD_UNLEARNER_PARTS = [
+    (lambda: ju.sam_estimator(-0.05), ValueError, r"sam_estimator\.rho must be a finite number >= 0"),
+    (lambda: ju.sam_estimator(NAN), ValueError, r"sam_estimator\.rho must be"),
+    (lambda: ju.sam_estimator(0.05, adaptive=1), TypeError, r"sam_estimator\.adaptive must be a bool"),
+    (lambda: ju.saf_estimator("int2"), ValueError, r"saf_estimator\.scheme must be one of"),
+    (lambda: ju.saf_estimator(block_size=0), ValueError, r"saf_estimator\.block_size must be an int >= 1"),
+    (lambda: ju.saf_estimator(block_size=8.0), TypeError, r"saf_estimator\.block_size must be an int"),
+    (lambda: ju.saf_estimator(rho=-1.0), ValueError, r"saf_estimator\.rho must be"),
+    (lambda: ju.unlearner(_tiny_loss, optax.sgd(0.1), gamma=-1.0), ValueError, r"unlearner\.gamma must be"),
+    (lambda: ju.unlearner(_tiny_loss, optax.sgd(0.1), alpha=INF), ValueError, r"unlearner\.alpha must be"),
+    (lambda: ju.unlearner(_tiny_loss, optax.sgd(0.1), retain_loss=_tiny_loss, retain_k=0), ValueError,
+     r"unlearner\.retain_k must be an int >= 1"),
+    (lambda: ju.unlearner(_tiny_loss, optax.sgd(0.1), retain_k=2), ValueError, "retain_k=2 needs a retain_loss"),
+    (lambda: ju.unlearner(_tiny_loss, optax.sgd(0.1), retain_loss=_tiny_loss, retain_k=2, alpha=0.5), ValueError,
+     "with retain_k the transform weights the retain term"),
+    (lambda: ju.unlearner(_tiny_loss, optax.sgd(0.1), forget_ref_logp=True), ValueError,
+     "need the reference's apply_fn"),
+    (lambda: ju.unlearner(_tiny_loss, optax.sgd(0.1), retain_ref_logits=True, apply_fn=_tiny_loss), ValueError,
+     "retain_ref_logits=True needs a retain_loss"),
+    (lambda: ju.unlearner(_tiny_loss, optax.sgd(0.1), forget_ref_logp=1), TypeError,
+     r"unlearner\.forget_ref_logp must be a bool"),
+    (lambda: ju.unlearner(_tiny_loss, "adamw"), TypeError, r"unlearner\.tx must be an optax GradientTransformation"),
+    (lambda: ju.unlearner(None, optax.sgd(0.1)), TypeError, r"unlearner\.forget_loss must be callable"),
+    (lambda: ju.forget_loss_fn(_tiny_loss, "rmu"), ValueError, r"forget_loss_fn\.method must be one of"),
+    (lambda: ju.forget_loss_fn(_tiny_loss, "npo", beta=0.0), ValueError, r"forget_loss_fn\.beta must be"),
+    (lambda: ju.retain_loss_fn(_tiny_loss, "l2"), ValueError, r"retain_loss_fn\.kind must be one of"),
+]
+
+
+@pytest.mark.parametrize("make,exc,msg", BAD_UNLEARNER_PARTS, ids=range(len(BAD_UNLEARNER_PARTS)))
+def test_unlearner_parts_refuse(make, exc, msg):
+    """The building blocks of the unlearning step check their arguments when built, naming them."""
+    with pytest.raises(exc, match=msg) as info:
+        make()
+    assert type(info.value) is exc
+
+
 # ---------------------------------------------------------------- projection under/overflow
 
 
@@ -206,7 +248,7 @@ def test_projection_kernel_passes_with_scale(impl, scale):
     Rn, gn = rng.standard_normal((4, 300)), rng.standard_normal(300)
     R32, g32 = np.asarray(Rn, np.float32), np.asarray(gn, np.float32)
     R = jnp.asarray(R32 * np.float32(scale))
-    out = kp.project_tree({"w": jnp.asarray(g32)}, {"w": R}, impl=impl, block_p=64, interpret=True)["w"]
+    out = project_tree({"w": jnp.asarray(g32)}, {"w": R}, impl=impl, block_p=64, interpret=True)["w"]
     ref = _proj64(np.float64(R32), np.float64(g32))
     np.testing.assert_allclose(_np64(out), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     # the passes themselves: with s = pow2_row_scales(max|r_i|) the Gram is that of S R
@@ -230,7 +272,7 @@ def test_project_tree_sharded_scales_agree_across_shards(scale, per_tensor):
     R32, g32 = np.float64(np.float32(Rn)), np.float64(np.float32(gn))
     g, r = {"w": jnp.asarray(g32, jnp.float32)}, {"w": jnp.asarray(R32 * scale, jnp.float32)}
     f = jax.jit(jax.shard_map(
-        lambda g, r: kp.project_tree(g, r, impl="xla", per_tensor=per_tensor, axis_name="x"),
+        lambda g, r: project_tree(g, r, impl="xla", per_tensor=per_tensor, axis_name="x"),
         mesh=mesh, in_specs=({"w": PS("x")}, {"w": PS(None, "x")}), out_specs={"w": PS("x")}))
     out = _np64(f(g, r)["w"])
     ref = _proj64(R32, g32)
@@ -271,7 +313,7 @@ def test_projection_all_zero_retain_is_nothing_to_project(impl, per_tensor):
 
 
 def test_project_orthogonal_transform_with_tiny_retain_grads():
-    """The optax transform (used by make_unlearn_step) projects 1e-19 retain gradients too."""
+    """The optax transform (used by the unlearning step) projects 1e-19 retain gradients too."""
     Rn, gn = _problem(4, seed=5)
     R32, g32 = np.float64(np.float32(Rn)), np.float64(np.float32(gn))
     tx = project_orthogonal()
