@@ -19,8 +19,7 @@ def load_demo_run(demo_dir: str, *, rouge_examples: int) -> SimpleNamespace:
     from jaxunlearn.data import encode_split, load_benchmark
     from jaxunlearn.eval.runner import encode_eval_splits, evaluate_model
     from jaxunlearn.methods import UnlearnContext
-    from jaxunlearn.models import from_pretrained
-    from jaxunlearn.train import apply_fn_for, split_model
+    from jaxunlearn.models import DecoderFn, from_pretrained
 
     results = os.path.join(demo_dir, "results.json")
     if not os.path.isfile(results):
@@ -32,9 +31,9 @@ def load_demo_run(demo_dir: str, *, rouge_examples: int) -> SimpleNamespace:
     dd, tok = load_benchmark(os.path.join(demo_dir, "data"))
     target, _ = from_pretrained(os.path.join(demo_dir, "models", "target"))
     reference, _ = from_pretrained(os.path.join(demo_dir, "models", "reference"))
-    graphdef, params, rest = split_model(target)
+    fn, params = DecoderFn.of(target)
     max_len = res["max_length"]
-    ctx = UnlearnContext(apply_fn_for(graphdef, rest), params,
+    ctx = UnlearnContext(fn, params,
                          encode_split(tok, dd[fs], max_length=max_len), encode_split(tok, dd[rs], max_length=max_len))
     roles = {fs: "forget", rs: "retain", "general": "general", "holdout": "holdout"}
     enc = encode_eval_splits(tok, {s: dd[s] for s in roles}, roles=roles)

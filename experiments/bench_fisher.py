@@ -2,10 +2,15 @@
 
 For each model and (batch, sequence) size, three jit-compiled functions of the same batch:
 
-* ``fused``: :func:`jaxunlearn.fisher_fused.fisher_diagonal_fused`'s per-batch step (one
-  forward and backward pass, dense layers by ``jaxunlearn.kernels.fisher.dense_fisher``),
-* ``vmap``:  :func:`jaxunlearn.fisher.fisher_diagonal` ``method="vmap"``'s per-batch step
-  (``vmap(grad)`` over chunks of ``--chunk`` examples, squared and summed by a ``lax.scan``),
+* ``fused``: the per-batch step of the Fisher that PerTA-fisher (and SSD) run: the
+  :func:`jaxunlearn.reduction.accumulate` step with the local sums
+  ``fisher_local_sums(importance_loss(ctx), **ctx.fisher_kwargs)`` of an
+  :class:`~jaxunlearn.methods.UnlearnContext` built on the model's
+  :class:`~jaxunlearn.models.DecoderFn`, i.e. what ``methods.importances`` hands
+  ``fisher_diagonal`` (``method="auto"``): the fused path (one forward and backward pass,
+  dense layers by ``jaxunlearn.kernels.fisher.dense_fisher``; checked, not assumed),
+* ``vmap``:  the same step with ``method="vmap"``'s local sums (``vmap(grad)`` over chunks of
+  ``--chunk`` examples, squared and summed by a ``lax.scan``),
 * ``grad``:  one ordinary gradient of the batch loss ``sum_n l_n`` (no per-example work).
 
 Each is compiled ahead of time (compile seconds reported separately), then run
@@ -41,9 +46,10 @@ import numpy as np
 from flax import nnx
 
 from jaxunlearn import fisher as fi
-from jaxunlearn import fisher_fused as ff
-from jaxunlearn.losses import sequence_nll
-from jaxunlearn.models import Decoder, ModelConfig, apply, count_params
+from jaxunlearn import reduction as rd
+from jaxunlearn.fisher_fused import FusedFisherSums
+from jaxunlearn.methods import UnlearnContext, importance_loss
+from jaxunlearn.models import Decoder, DecoderFn, ModelConfig, count_params
 from jaxunlearn.pipeline import write_json_atomic
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -65,8 +71,7 @@ SKIP_REASON = "skipped by default on CPU (time budget); run with --full"
 
 def _model(name: str, dtype: str):
     cfg = ModelConfig(**MODELS[name], dtype=dtype, param_dtype=dtype)
-    graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    return graphdef, params
+    return DecoderFn.of(Decoder(cfg, rngs=nnx.Rngs(0)))
 
 
 def _batch(vocab: int, B: int, T: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -81,16 +86,22 @@ def _batch(vocab: int, B: int, T: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _grad_step(graphdef):
+def _grad_step(fn):
     @jax.jit
     def step(params, batch):
-        def loss(p):
-            logits = apply(graphdef, p, batch["input_ids"], batch["attention_mask"])
-            return jnp.sum(sequence_nll(logits, batch["input_ids"], batch["loss_mask"]))
-
-        return jax.grad(loss)(params)
+        return jax.grad(lambda p: jnp.sum(fn.answer_nll(p, batch)))(params)
 
     return step
+
+
+def perta_fisher_local_sums(fn, params, chunk: int):
+    """``(fused, vmap)`` local sums: the first is what PerTA-fisher's ``importances`` runs for this model."""
+    ctx = UnlearnContext(fn, params, forget={}, retain={})
+    loss = importance_loss(ctx)
+    fused = fi.fisher_local_sums(loss, **ctx.fisher_kwargs)
+    if not isinstance(fused, FusedFisherSums):
+        raise SystemExit(f"PerTA-fisher's Fisher is not the fused one here ({type(fused).__name__})")
+    return fused, fi.fisher_local_sums(loss, method="vmap", chunk_size=chunk)
 
 
 def _measure(lowered, args, repeats: int) -> dict:
@@ -117,20 +128,16 @@ def bench_one(name: str, B: int, T: int, *, chunk: int, repeats: int, dtype: str
     if name not in cache:
         cache.clear()  # one model alive at a time
         cache[name] = _model(name, dtype)
-    graphdef, params = cache[name]
+    fn, params = cache[name]
     batch = _batch(MODELS[name]["vocab_size"], B, T)
     weight = np.ones((B,), np.float32)
-    acc, total = fi._zeros_f32(params)
+    acc, total = rd.zeros(params)
+    args = (acc, total, params, batch, weight, None)
+    fused, vmap = perta_fisher_local_sums(fn, params, chunk)
     rows = {}
-    rows["fused"] = _measure(
-        ff._accumulate_fused.lower(acc, total, params, batch, weight, None, graphdef=graphdef, sample_fn=None,
-                                   impl="auto", microbatch=None),
-        (acc, total, params, batch, weight, None), repeats)
-    rows["vmap"] = _measure(
-        fi._accumulate_batch.lower(acc, total, params, batch, weight, None, loss_fn=ff.decoder_nll(graphdef),
-                                   sample_fn=None, chunk_size=chunk, reduce="square"),
-        (acc, total, params, batch, weight, None), repeats)
-    rows["grad"] = _measure(_grad_step(graphdef).lower(params, batch), (params, batch), repeats)
+    rows["fused"] = _measure(rd.accumulate.lower(*args, local_sums=fused), args, repeats)
+    rows["vmap"] = _measure(rd.accumulate.lower(*args, local_sums=vmap), args, repeats)
+    rows["grad"] = _measure(_grad_step(fn).lower(params, batch), (params, batch), repeats)
     for r in rows.values():
         r["ms_per_example"] = 1e3 * r["seconds"] / B
     g = rows["grad"]["temp_bytes"] or 1
@@ -140,6 +147,7 @@ def bench_one(name: str, B: int, T: int, *, chunk: int, repeats: int, dtype: str
         "batch": B,
         "seq": T,
         "vmap_chunk": chunk,
+        "perta_fisher_path": type(fused).__name__,
         "paths": rows,
         "speedup_fused_vs_vmap": rows["vmap"]["seconds"] / rows["fused"]["seconds"],
         "time_fused_over_grad": rows["fused"]["seconds"] / rows["grad"]["seconds"],
@@ -149,7 +157,7 @@ def bench_one(name: str, B: int, T: int, *, chunk: int, repeats: int, dtype: str
 
 
 def _table(results: list[dict]) -> str:
-    head = ("| model | params | B | T | fused ms/ex | vmap ms/ex | grad ms/ex | vmap/fused | fused/grad time "
+    head = ("| model | params | B | T | fused (PerTA-fisher) ms/ex | vmap ms/ex | grad ms/ex | vmap/fused | fused/grad time "
             "| fused temp MB | vmap temp MB | grad temp MB | fused/grad mem |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -219,6 +227,8 @@ def main(argv=None) -> dict:
         "machine": machine_info(),
         "dtype": args.dtype,
         "memory_measure": "compiled.memory_analysis().temp_size_in_bytes",
+        "fused_is": "the Fisher step PerTA-fisher and SSD run: fisher_local_sums(methods.importance_loss(ctx)) "
+                    "for ctx.apply_fn = DecoderFn.of(model)[0] (fisher_diagonal method='auto')",
         "results": results,
         "skipped": skipped,
     }
@@ -226,7 +236,8 @@ def main(argv=None) -> dict:
     write_json_atomic(out, res)
     table = _table(results)
     m = res["machine"]
-    header = (f"Fused vs chunked-vmap diagonal Fisher ({args.dtype}, vmap chunk {args.chunk}); backend "
+    header = (f"Fused vs chunked-vmap diagonal Fisher ({args.dtype}, vmap chunk {args.chunk}); fused = the "
+              "Fisher step PerTA-fisher / SSD run (methods.importance_loss -> fisher_diagonal, method='auto'); backend "
               f"{m['backend']} ({m['device']}, {m['cpu_count']} CPUs), jax {m['jax']}. Best of "
               f"{args.repeats} runs (1 for llama100m); memory = XLA temp bytes of the compiled step.")
     skipped_txt = "\n".join(f"- {s['model']} B={s['batch']} T={s['seq']}: {s['reason']}" for s in skipped)

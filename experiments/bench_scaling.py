@@ -48,9 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from jaxunlearn import sharding as sh  # noqa: E402
 from jaxunlearn.fisher import fisher_diagonal  # noqa: E402
-from jaxunlearn.losses import sequence_nll  # noqa: E402
-from jaxunlearn.models import Decoder, ModelConfig, count_params  # noqa: E402
-from jaxunlearn.train import apply_fn_for, split_model  # noqa: E402
+from jaxunlearn.models import Decoder, DecoderFn, ModelConfig, count_params  # noqa: E402
 from jaxunlearn.unlearn import UnlearnConfig, init_unlearn_state, make_unlearn_step  # noqa: E402
 from jaxunlearn.pipeline import write_json_atomic  # noqa: E402
 
@@ -106,12 +104,8 @@ def bench_devices(n: int, params, apply, forget, retain, *, retain_k: int, chunk
 
     t_unlearn, ts_unlearn = _best(one_step, repeats)
 
-    def example_loss(q, ex):
-        logits = apply(q, ex["input_ids"][None], ex["attention_mask"][None])
-        return sequence_nll(logits, ex["input_ids"][None], ex["loss_mask"][None])[0]
-
     def fisher():
-        return fisher_diagonal(example_loss, p, [fb], method="vmap", chunk_size=chunk, check_finite=False)
+        return fisher_diagonal(apply.example_nll, p, [fb], method="vmap", chunk_size=chunk, check_finite=False)
 
     t0 = time.perf_counter()
     F = jax.block_until_ready(fisher())  # compiles
@@ -166,8 +160,7 @@ def main(argv=None) -> dict:
     backend = jax.default_backend()
     forced = backend == "cpu"
     cfg = ModelConfig(**DEMO)
-    graphdef, params, rest = split_model(Decoder(cfg, rngs=nnx.Rngs(0)))
-    apply = apply_fn_for(graphdef, rest)
+    apply, params = DecoderFn.of(Decoder(cfg, rngs=nnx.Rngs(0)))
     forget, retain = _batch(cfg.vocab_size, args.batch, args.seq, 1), _batch(cfg.vocab_size, args.batch, args.seq, 2)
 
     rows = []

@@ -6,8 +6,9 @@ jit-compiled and shardable. The public API is re-exported here, as in
 
 >>> import jaxunlearn as ju
 >>> tau = ju.task_vector(finetuned, base)                          # doctest: +SKIP
->>> F_f = ju.fisher_diagonal(loss_fn, base, forget_batches)        # doctest: +SKIP
->>> F_r = ju.fisher_diagonal(loss_fn, base, retain_batches)        # doctest: +SKIP
+>>> fn, base = ju.DecoderFn.of(model)                              # doctest: +SKIP
+>>> F_f = ju.fisher_diagonal(fn.example_nll, base, forget_batches) # doctest: +SKIP
+>>> F_r = ju.fisher_diagonal(fn.example_nll, base, retain_batches) # doctest: +SKIP
 >>> unlearned = ju.perta(base, tau, F_f, F_r, strength=3.5)        # doctest: +SKIP
 
 Sub-packages: ``jaxunlearn.models`` (Llama-family nnx decoders, Hugging Face IO),
@@ -19,7 +20,8 @@ from jaxunlearn import tree
 from jaxunlearn.checkpoint import restore_pytree, save_pytree
 from jaxunlearn.dampening import ssd, ssd_factors
 from jaxunlearn.fisher import fisher_diagonal, grad_importance, mean_grad, per_example_grads, sample_labels_fn
-from jaxunlearn.fisher_fused import decoder_nll, fisher_diagonal_fused
+from jaxunlearn.fisher_fused import fisher_diagonal_fused
+from jaxunlearn.models import DecoderFn
 from jaxunlearn.losses import (
     grad_diff,
     gradient_ascent,
@@ -37,27 +39,28 @@ from jaxunlearn.sam import saf_loss, saf_perturbation_radius, sam, sam_gradient,
 from jaxunlearn.task_vector import apply_task_vector, perta, perta_weights, ratio_weight_fn, task_vector
 from jaxunlearn import train  # the module (jaxunlearn.train.train is the training loop)
 from jaxunlearn.train import TrainConfig
-from jaxunlearn.unlearn import UnlearnConfig, UnlearnState, init_unlearn_state, make_unlearn_step
+from jaxunlearn.estimators import plain_estimator, saf_estimator, sam_estimator
+from jaxunlearn.unlearn import UnlearnConfig, Unlearner, UnlearnState, forget_loss_fn, retain_loss_fn, unlearner
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecoderFn",
     "NF4_LEVELS",
     "ProjectOrthogonalState",
     "TrainConfig",
     "UnlearnConfig",
     "UnlearnState",
+    "Unlearner",
     "apply_task_vector",
-    "decoder_nll",
     "fake_quantize",
     "fisher_diagonal",
     "fisher_diagonal_fused",
+    "forget_loss_fn",
     "grad_diff",
     "grad_importance",
     "gradient_ascent",
-    "init_unlearn_state",
     "kl_to_reference",
-    "make_unlearn_step",
     "masked_updates",
     "mean_grad",
     "mean_token_nll",
@@ -66,13 +69,17 @@ __all__ = [
     "per_example_grads",
     "perta",
     "perta_weights",
+    "plain_estimator",
     "project_orthogonal",
     "ratio_weight_fn",
     "restore_pytree",
+    "retain_loss_fn",
+    "saf_estimator",
     "saf_loss",
     "saf_perturbation_radius",
     "salun_mask",
     "sam",
+    "sam_estimator",
     "sam_gradient",
     "sam_perturbation",
     "sample_labels_fn",
@@ -85,4 +92,5 @@ __all__ = [
     "token_logprobs",
     "train",  # module
     "tree",
+    "unlearner",
 ]

@@ -27,10 +27,10 @@ from jaxunlearn.eval.runner import EvalResult, encode_eval_splits, evaluate_mode
 from jaxunlearn.eval.tofu import forget_quality
 from jaxunlearn.method_configs import MethodConfig, load_method_config, method_config_to_dict
 from jaxunlearn.methods import UnlearnContext, run_method
+from jaxunlearn.models import DecoderFn
 from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
 from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair
 from jaxunlearn.validate import check_finite_tree
-from jaxunlearn.train import apply_fn_for, split_model
 
 __all__ = ["DEFAULT_METHODS", "load_method_configs", "summarize", "failed_row", "format_results_table", "plot_forget_vs_utility",
            "run_benchmark", "benchmark_methods", "compare_methods", "write_benchmark", "default_configs_dir"]
@@ -229,8 +229,8 @@ def benchmark_methods(
     enc = encode_eval_splits(tok, {s: data.dataset[s] for s in roles}, roles=roles)
     ev = dict(forget=fs, retain=rs, general="general", holdout="holdout", rouge_examples=rouge_examples)
     target, reference = trained["target"][0], trained["reference"][0]
-    graphdef, params, rest = split_model(target)
-    ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, data.encoded[fs], data.encoded[rs], seed=cfg.seed)
+    fn, params = DecoderFn.of(target)
+    ctx = UnlearnContext(fn, params, data.encoded[fs], data.encoded[rs], seed=cfg.seed)
     head = {"demo_config": to_jsonable(cfg), "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
             "forget_split": fs, "retain_split": rs}
     update = None if on_update is None else (lambda partial: on_update({**head, **partial, "complete": False}))

@@ -317,8 +317,7 @@ def _unlearn(args, mesh) -> int:
     from jaxunlearn.benchmark import load_method_configs
     from jaxunlearn.method_configs import load_method_config
     from jaxunlearn.methods import UnlearnContext, run_method
-    from jaxunlearn.models import save_pretrained
-    from jaxunlearn.train import apply_fn_for, split_model
+    from jaxunlearn.models import DecoderFn, save_pretrained
 
     _check_checkpoint_out(args)
     if args.config:
@@ -332,9 +331,8 @@ def _unlearn(args, mesh) -> int:
     enc = _encode_splits(model, tok, dd, (args.forget, args.retain), args.separator)
     if mesh is not None:
         _shard_model(model, mesh)
-    graphdef, params, rest = split_model(model)
-    ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, enc[args.forget], enc[args.retain], seed=args.seed,
-                         mesh=mesh)
+    fn, params = DecoderFn.of(model)  # its Fisher importances take the fused path
+    ctx = UnlearnContext(fn, params, enc[args.forget], enc[args.retain], seed=args.seed, mesh=mesh)
     new_params = run_method(ctx, cfg, checkpoint_dir=args.resume_dir, checkpoint_every=args.checkpoint_every)
     check_finite_tree(new_params, f"the parameters method {args.method!r} returned (nothing written)")
     nnx.update(model, _host(new_params))
@@ -352,10 +350,9 @@ def _bench(args, mesh) -> int:
                                       load_method_configs, write_benchmark)
     from jaxunlearn.eval.runner import encode_eval_splits
     from jaxunlearn.methods import UnlearnContext
-    from jaxunlearn.models import from_pretrained
+    from jaxunlearn.models import DecoderFn, from_pretrained
     from jaxunlearn.method_configs import method_config_to_dict
     from jaxunlearn.outputs import write_json_atomic
-    from jaxunlearn.train import apply_fn_for, split_model
 
     check_output_dir(args.out, overwrite=args.overwrite, what="--out")
     if args.rouge_examples < 0:
@@ -375,8 +372,8 @@ def _bench(args, mesh) -> int:
         _shard_model(model, mesh)
         if reference is not None:
             _shard_model(reference, mesh)
-    graphdef, params, rest = split_model(model)
-    ctx = UnlearnContext(apply_fn_for(graphdef, rest), params, train_enc[args.forget], train_enc[args.retain],
+    fn, params = DecoderFn.of(model)
+    ctx = UnlearnContext(fn, params, train_enc[args.forget], train_enc[args.retain],
                          seed=args.seed, mesh=mesh)
     ev = dict(forget=args.forget, retain=args.retain, general=args.general or None, holdout=args.holdout,
               rouge_examples=args.rouge_examples)

@@ -4,7 +4,10 @@ The loss of example ``n`` is its summed answer-token NLL,
 ``l_n = sequence_nll(model(x_n), x_n, loss_mask_n)`` (the batch convention of
 :mod:`jaxunlearn.losses`), and the result is the same weighted diagonal Fisher as
 :func:`jaxunlearn.fisher.fisher_diagonal`, ``F = (1/W) sum_n w_n (grad l_n)**2``,
-without one gradient per example.
+without one gradient per example. It is what ``fisher_diagonal(fn.example_nll, params, batches)``
+runs for ``fn, params = jaxunlearn.models.DecoderFn.of(model)``: that loss object offers
+:class:`FusedFisherSums` (the :class:`jaxunlearn.fisher.FusedFisherLoss` protocol), and the
+batch loop, placement and data parallelism are those of :mod:`jaxunlearn.reduction`.
 
 Examples of a batch do not interact in the decoder, so the gradient of the summed
 loss ``L = sum_n l_n`` with respect to a quantity of example ``n`` is the gradient of
@@ -46,11 +49,10 @@ one gradient computation plus the taps' cotangents (the size of the dense output
 ``microbatch`` bounds it for large batches.
 
 Sharded (``mesh=``, or params/batches placed on a mesh): the pass runs per data shard under
-``jax.shard_map`` with the parameters gathered over the data axes, exactly as the vmap path
-(module docstring of :mod:`jaxunlearn.fisher`); a data shard holding only weight-0 rows
-contributes zeros. With a ``tp`` axis, XLA partitions the forward over it; a Pallas
-``dense_fisher`` (GPU/TPU) is a custom call XLA cannot split over ``tp``, so its operands
-are gathered over ``tp`` (activation-sized), not the parameters.
+``jax.shard_map`` with the parameters gathered over the data axes (:mod:`jaxunlearn.reduction`);
+a data shard holding only weight-0 rows contributes zeros. With a ``tp`` axis, XLA partitions
+the forward over it; a Pallas ``dense_fisher`` (GPU/TPU) is a custom call XLA cannot split over
+``tp``, so its operands are gathered over ``tp`` (activation-sized), not the parameters.
 
 References:
   Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
@@ -61,85 +63,43 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxunlearn import fisher as fi
+from jaxunlearn import reduction as rd
 from jaxunlearn import tree as jt
 from jaxunlearn.kernels import fisher as kf
 from jaxunlearn.losses import sequence_nll
-from jaxunlearn.models.decoder import Decoder, apply, dense_shapes
+from jaxunlearn.models.decoder import Decoder, dense_shapes
 
 PyTree = Any
+SampleFn = Callable[[PyTree, PyTree, jax.Array], PyTree]
 
-__all__ = ["REQUIRED_KEYS", "DecoderNLL", "decoder_nll", "fisher_diagonal_fused"]
+__all__ = ["REQUIRED_KEYS", "FusedFisherSums", "fisher_diagonal_fused"]
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "loss_mask")
 _HI = jax.lax.Precision.HIGHEST
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-# ---------------------------------------------------------------- the standard loss
+# ---------------------------------------------------------------- checks
 
 
-def _graphdef_of(model: Decoder | nnx.GraphDef) -> nnx.GraphDef:
+def _graphdef_of(model: Any) -> nnx.GraphDef:
+    """The ``nnx.GraphDef`` of a Decoder, of a decoder adapter (its ``graphdef``), or the graphdef itself."""
     if isinstance(model, Decoder):
         return nnx.split(model, nnx.Param)[0]
     if isinstance(model, nnx.GraphDef):
         return model
-    raise TypeError(
-        f"model must be a jaxunlearn.models.Decoder or its nnx.GraphDef, got {type(model).__name__}"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderNLL:
-    """Per-example loss of a decoder: the summed answer-token NLL of one example.
-
-    ``loss(params, example) = sequence_nll(apply(graphdef, params, ids[None], mask[None]),
-    ids[None], loss_mask[None])[0]`` for an example with ``input_ids``,
-    ``attention_mask`` and ``loss_mask`` of shape ``(T,)``. Hashable (a static argument
-    under ``jit``); :func:`jaxunlearn.fisher.fisher_diagonal` recognises it and, with
-    ``method="auto"`` or ``"fused"``, computes the Fisher by :func:`fisher_diagonal_fused`.
-
-    Attributes:
-      graphdef: the ``nnx.GraphDef`` of a :class:`~jaxunlearn.models.Decoder`.
-    """
-
-    graphdef: nnx.GraphDef
-
-    def __call__(self, params: PyTree, example: Mapping[str, jax.Array]) -> jax.Array:
-        """Summed answer NLL (float32 scalar) of one example (arrays of shape ``(T,)``)."""
-        _check_keys(example, "example")
-        ids = jnp.asarray(example["input_ids"])[None]
-        logits = apply(self.graphdef, params, ids, jnp.asarray(example["attention_mask"])[None])
-        return sequence_nll(logits, ids, jnp.asarray(example["loss_mask"])[None])[0]
-
-
-def decoder_nll(model: Decoder | nnx.GraphDef) -> DecoderNLL:
-    """The standard per-example loss of a decoder, for :func:`jaxunlearn.fisher.fisher_diagonal`.
-
-    Args:
-      model: a :class:`~jaxunlearn.models.Decoder` or its ``nnx.GraphDef``
-        (``graphdef, params = nnx.split(model, nnx.Param)``).
-
-    Returns:
-      A :class:`DecoderNLL`: ``loss(params, example) -> l_n``, the summed answer NLL.
-
-    Example:
-      >>> graphdef, params = nnx.split(model, nnx.Param)               # doctest: +SKIP
-      >>> F = ju.fisher_diagonal(decoder_nll(graphdef), params, batches)  # fused path
-    """
-    return DecoderNLL(_graphdef_of(model))
-
-
-# ---------------------------------------------------------------- checks
+    if isinstance(getattr(model, "graphdef", None), nnx.GraphDef):
+        return model.graphdef
+    raise TypeError(f"model must be a jaxunlearn.models.Decoder, its DecoderFn or its nnx.GraphDef, "
+                    f"got {type(model).__name__}")
 
 
 def _check_keys(batch: Mapping, what: str) -> None:
@@ -286,73 +246,66 @@ def _fused_sums(params, examples, weight, *, graphdef, impl) -> list[jax.Array]:
     return out
 
 
-def _fused_local(params, data, *, graphdef, sample_fn, impl, microbatch):
-    """``(per params leaf sum_n w_n (grad l_n)**2, sum_n w_n)`` over the rows of ``data``
-    (``"ex"``, ``"w"``, optional ``"key"``): the whole batch, or one data shard under ``shard_map``.
+# ---------------------------------------------------------------- local sums and the public API
 
-    Rows are sampled first (``labels="sampled"``), rows of weight 0 then replaced by a row of
-    positive weight (so no NaN reaches ``F``); a shard without such a row contributes zeros.
+
+@dataclasses.dataclass(frozen=True)
+class FusedFisherSums:
+    """Local sums ``(sum_n w_n (grad l_n)**2 per params leaf, sum_n w_n)`` of a decoder, fused.
+
+    A :class:`jaxunlearn.reduction.LocalSums` (hashable: compiled once per architecture and
+    options). Rows are first sampled (``sample_fn``, true Fisher), rows of weight 0 then
+    replaced by a row of positive weight (so no NaN reaches ``F``; a data shard of padding
+    only contributes zeros), then the rows run in micro-batches of ``microbatch`` (one pass
+    each, a ``lax.scan``; ``None``: one pass).
+
+    Attributes:
+      graphdef: the ``nnx.GraphDef`` of a :class:`~jaxunlearn.models.Decoder`.
+      sample_fn: ``sample_fn(params, example, key) -> example`` or None.
+      impl: :func:`jaxunlearn.kernels.fisher.dense_fisher` path.
+      microbatch: rows per forward/backward pass, or None.
     """
-    examples, weight, keys = data["ex"], data["w"], data.get("key")
-    size = weight.shape[0]
-    if sample_fn is not None:  # the vmap path's keys: fold_in(batch_key, n)
-        examples = jax.vmap(sample_fn, in_axes=(None, 0, 0))(jax.lax.stop_gradient(params), examples, keys)
-        examples = {k: examples[k] for k in REQUIRED_KEYS}
-    examples = fi._valid_rows(examples, weight)  # weight-0 rows: a valid row, so no NaN reaches F
-    mb = size if microbatch is None else min(microbatch, size)
-    n_chunks = -(-size // mb)
-    pad = n_chunks * mb - size
-    examples = jax.tree.map(lambda x: fi._pad_rows(x, pad), examples)
-    padded = jnp.pad(weight, (0, pad))
-    xs = jax.tree.map(lambda x: x.reshape((n_chunks, mb) + x.shape[1:]), (examples, padded))
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    zeros = [jnp.zeros(x.shape, jnp.float32) for x in leaves]
 
-    def body(carry, chunk):
-        ex, w = chunk
-        sums = _fused_sums(params, ex, w, graphdef=graphdef, impl=impl)
-        return [c + s for c, s in zip(carry, sums)], None
+    graphdef: nnx.GraphDef
+    sample_fn: SampleFn | None = None
+    impl: str = "auto"
+    microbatch: int | None = None
+    check_vma: ClassVar[bool] = False  # dense_fisher's scan starts from an invariant carry; Pallas is untyped
 
-    if n_chunks == 1:
-        sums, _ = body(zeros, jax.tree.map(lambda x: x[0], xs))
-    else:
-        sums, _ = jax.lax.scan(body, zeros, xs)
-    wsum = jnp.sum(weight)
-    sums = [jnp.where(wsum > 0, x, 0.0) for x in sums]
-    return jax.tree_util.tree_unflatten(treedef, sums), wsum
+    def check_batch(self, params: PyTree, examples: PyTree, index: int) -> None:
+        """Host-side checks before a batch runs: the keys, and (batch 0) the params' leaves."""
+        _check_keys(examples, f"batch {index}")
+        if index == 0:
+            _classify(params, self.graphdef)
 
+    def __call__(self, params: PyTree, data: Mapping[str, Any]) -> tuple[PyTree, jax.Array]:
+        weight = data["w"]
+        examples = {k: jnp.asarray(data["ex"][k]) for k in REQUIRED_KEYS}
+        if self.sample_fn is not None:  # the vmap path's keys: fold_in(batch_key, n)
+            drawn = jax.vmap(self.sample_fn, in_axes=(None, 0, 0))(jax.lax.stop_gradient(params), examples,
+                                                                    data["key"])
+            examples = {k: drawn[k] for k in REQUIRED_KEYS}
+        examples = rd.valid_rows(examples, weight)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sample_fn", "impl", "microbatch", "mesh", "specs"))
-def _accumulate_fused(acc, total, params, examples, weight, batch_key, *, graphdef, sample_fn, impl,
-                      microbatch, mesh=None, specs=None):
-    """``(acc + sum_n w_n (grad l_n)**2, total + sum_n w_n)`` over one batch; with ``mesh``,
-    each data shard runs :func:`_fused_local` on its rows (``jaxunlearn.fisher`` sharding)."""
-    weight = jnp.asarray(weight).astype(jnp.float32)
-    examples = {k: jnp.asarray(examples[k]) for k in REQUIRED_KEYS}
-    local = functools.partial(_fused_local, graphdef=graphdef, sample_fn=sample_fn, impl=impl,
-                              microbatch=microbatch)
-    if mesh is None:
-        data = {"ex": examples, "w": weight, "key": fi._example_keys(batch_key, weight.shape[0])}
-        sums, wsum = local(params, data)
-    else:
-        data = fi._pad_batch_for_mesh(examples, weight, batch_key, mesh)
-        # check_vma=False: dense_fisher's scan starts from an invariant zero carry (and a Pallas
-        # call has no manual-axis typing); the gathers and reductions are explicit either way.
-        sums, wsum = fi._data_parallel_sums(local, mesh, specs, params, data, check_vma=False)
-    return fi._add_sums(acc, sums, mesh, specs), total + wsum
+        def body(carry, chunk):
+            sums = _fused_sums(params, chunk["ex"], chunk["w"], graphdef=self.graphdef, impl=self.impl)
+            return [c + s for c, s in zip(carry, sums)]
 
-
-# ---------------------------------------------------------------- public API
+        zeros = [jnp.zeros(x.shape, jnp.float32) for x in leaves]
+        sums = rd.scan_chunks(body, zeros, {"ex": examples, "w": weight}, self.microbatch)
+        wsum = jnp.sum(weight)
+        return jax.tree_util.tree_unflatten(treedef, [jnp.where(wsum > 0, x, 0.0) for x in sums]), wsum
 
 
 def fisher_diagonal_fused(
-    model: Decoder | nnx.GraphDef,
+    model: Any,
     params: PyTree,
     batches: Iterable[Mapping[str, jax.Array]],
     *,
     labels: Literal["empirical", "sampled"] = "empirical",
     rng: jax.Array | None = None,
-    sample_fn: fi.SampleFn | None = None,
+    sample_fn: SampleFn | None = None,
     microbatch: int | None = None,
     impl: str = "auto",
     check_finite: bool = True,
@@ -361,15 +314,17 @@ def fisher_diagonal_fused(
     """Diagonal Fisher of a decoder's answer NLL, by one forward/backward pass per batch.
 
     ``F_i = (1/W) sum_n w_n (d l_n / d theta_i)**2`` with ``l_n`` the summed
-    answer-token NLL of example ``n`` (:class:`DecoderNLL`), ``w_n`` the batch's
-    ``"example_weight"`` (1 if absent) and ``W = sum_n w_n``: the same quantity as
-    ``fisher_diagonal(decoder_nll(model), params, batches, method="vmap")``, computed
+    answer-token NLL of example ``n``, ``w_n`` the batch's ``"example_weight"`` (1 if
+    absent) and ``W = sum_n w_n``: the same quantity as
+    ``fisher_diagonal(fn.example_nll, params, batches, method="vmap")``, computed
     from per-example activations and cotangents instead of per-example gradients
-    (the rules are in the module docstring).
+    (the rules are in the module docstring). ``fisher_diagonal(fn.example_nll, ...)``
+    (``method="auto"``) runs this; call it directly for ``microbatch`` and ``impl``.
 
     Args:
-      model: a :class:`~jaxunlearn.models.Decoder` or its ``nnx.GraphDef``.
-      params: the decoder's ``nnx.Param`` state (``nnx.split(model, nnx.Param)[1]``).
+      model: a :class:`~jaxunlearn.models.Decoder`, its :class:`~jaxunlearn.models.DecoderFn`
+        or its ``nnx.GraphDef``.
+      params: the decoder's ``nnx.Param`` state (``DecoderFn.of(model)[1]``).
       batches: iterable of batch dicts with ``input_ids``, ``attention_mask`` and
         ``loss_mask`` of shape ``(B, T)`` and optionally ``example_weight`` ``(B,)``;
         other keys are ignored.
@@ -386,19 +341,17 @@ def fisher_diagonal_fused(
         TPU/GPU, the XLA scan on CPU; ``"pallas"``, ``"xla"``, ``"reference"``).
       check_finite: raise ``FloatingPointError`` naming the first leaf with NaN/Inf.
       mesh: run data-parallel on this mesh, as :func:`jaxunlearn.fisher.fisher_diagonal`
-        (``None``: the mesh the params, else the first batch, are sharded on): each data
-        shard runs the fused pass on its rows with the params gathered over the data axes,
-        the sums are ``psum`` / ``psum_scatter`` -ed back to the params' shardings.
+        (``None``: the mesh the params, else the first batch, are sharded on).
 
     Returns:
       A pytree like ``params`` with float32 leaves (with the params' shardings on a
-      mesh). With a bfloat16 compute dtype the
-      dense layers' ``a^T g`` products accumulate in float32 (more accurate than the
-      vmap path's bfloat16 per-example gradients) and the example weights enter
-      ``dense_fisher`` as ``sqrt(w_n)`` rounded to bfloat16 (exact for 0/1 weights).
+      mesh). With a bfloat16 compute dtype the dense layers' ``a^T g`` products accumulate
+      in float32 (more accurate than the vmap path's bfloat16 per-example gradients) and the
+      example weights enter ``dense_fisher`` as ``sqrt(w_n)`` rounded to bfloat16 (exact for
+      0/1 weights).
 
     Raises:
-      TypeError: ``model`` is not a Decoder / GraphDef, batches not dicts.
+      TypeError: ``model`` is not a Decoder / DecoderFn / GraphDef, batches not dicts.
       KeyError: a batch lacks ``input_ids``, ``attention_mask`` or ``loss_mask``.
       ValueError: empty ``batches``, mismatched batch sizes, negative or all-zero
         weights, params the fused rules do not cover, bad ``microbatch``, missing
@@ -406,29 +359,29 @@ def fisher_diagonal_fused(
       FloatingPointError: NaN or Inf in the result.
 
     Example:
-      >>> graphdef, params = nnx.split(model, nnx.Param)                # doctest: +SKIP
-      >>> F = fisher_diagonal_fused(graphdef, params, [batch])          # doctest: +SKIP
+      >>> from jaxunlearn.models import Decoder, DecoderFn, ModelConfig
+      >>> cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1,
+      ...                   num_heads=2, num_kv_heads=1)
+      >>> fn, params = DecoderFn.of(Decoder(cfg, rngs=nnx.Rngs(0)))
+      >>> batch = {"input_ids": jnp.ones((2, 4), jnp.int32), "attention_mask": jnp.ones((2, 4)),
+      ...          "loss_mask": jnp.ones((2, 4))}
+      >>> F = fisher_diagonal_fused(fn, params, [batch], microbatch=1)
+      >>> F["norm"]["scale"].shape
+      (8,)
     """
     graphdef = _graphdef_of(model)
-    if labels not in fi._LABELS:
-        raise ValueError(f"unknown labels {labels!r}; expected one of {fi._LABELS}")
-    if labels == "sampled" and (rng is None or sample_fn is None):
-        raise ValueError("fisher_diagonal_fused(labels='sampled') needs an `rng` key and `sample_fn`")
-    if labels == "empirical" and sample_fn is not None:
+    name = "fisher_diagonal_fused"
+    if labels not in ("empirical", "sampled"):
+        raise ValueError(f"unknown labels {labels!r}; expected one of ('empirical', 'sampled')")
+    sampled = labels == "sampled"
+    if sampled and (rng is None or sample_fn is None):
+        raise ValueError(f"{name}(labels='sampled') needs an `rng` key and `sample_fn`")
+    if not sampled and sample_fn is not None:
         raise ValueError("sample_fn is only used with labels='sampled'")
     if microbatch is not None:
-        fi._check_chunk_size(microbatch)
-    fi._check_params(params, "fisher_diagonal_fused")
+        rd.check_chunk_size(microbatch, "microbatch")
+    rd.check_params(params, name)
     _classify(params, graphdef)  # unknown leaves / wrong shapes fail before any compilation
-    acc = total = specs = None
-    for i, examples, weight in fi._iter_checked(batches, "fisher_diagonal_fused"):
-        _check_keys(examples, f"batch {i}")
-        if i == 0:
-            mesh, specs = fi._placement(mesh, params, examples, "fisher_diagonal_fused")
-            acc, total = fi._zeros_f32(params, mesh, specs)
-        key = None if sample_fn is None else jax.random.fold_in(rng, i)
-        acc, total = _accumulate_fused(
-            acc, total, params, examples, weight, key, graphdef=graphdef, sample_fn=sample_fn, impl=impl,
-            microbatch=None if microbatch is None else int(microbatch), mesh=mesh, specs=specs,
-        )
-    return fi._finish(acc, total, "fisher_diagonal_fused", check_finite)
+    local = FusedFisherSums(graphdef, sample_fn, impl, None if microbatch is None else int(microbatch))
+    acc, total = rd.reduce_batches(local, params, batches, name=name, rng=rng if sampled else None, mesh=mesh)
+    return rd.finish(acc, total, name, check_finite)

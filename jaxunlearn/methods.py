@@ -51,7 +51,7 @@ from jaxunlearn import tree as jt
 
 from jaxunlearn.dampening import ssd
 from jaxunlearn.fisher import fisher_diagonal, grad_importance
-from jaxunlearn.losses import sequence_nll
+from jaxunlearn.models.functional import example_nll
 from jaxunlearn.method_configs import (FinetuneConfig, GradientMethod, MethodConfig, PertaMethod, SSDMethod,
                                        TaskVectorMethod, method_config_to_dict, parse_method_config)
 from jaxunlearn.runs import ResumableRun, array_digest, params_digest
@@ -61,7 +61,7 @@ from jaxunlearn.train import BATCH_KEYS, TrainConfig, TrainState, batch_at, make
 from jaxunlearn.unlearn import UnlearnState, init_unlearn_state, make_unlearn_step
 
 __all__ = ["UnlearnContext", "KINDS", "run_method", "run_record", "context_mesh",
-           "place_batch", "example_nll_fn", "importance_batches", "finetune_on_forget", "importances"]
+           "place_batch", "importance_loss", "importance_batches", "finetune_on_forget", "importances"]
 
 KINDS = ("task_vector", "perta", "ssd", "gradient")
 
@@ -71,7 +71,9 @@ class UnlearnContext:
     """What every method needs.
 
     Attributes:
-      apply_fn: ``apply(params, input_ids, attention_mask) -> logits``.
+      apply_fn: ``apply(params, input_ids, attention_mask) -> logits``: the model's
+        :class:`~jaxunlearn.models.DecoderFn` (``fn, params = DecoderFn.of(model)``; its
+        Fisher importances then take the fused path) or any such function.
       params: the target model's parameters (theta_0; never modified).
       forget: encoded forget split (numpy arrays of the batch convention).
       retain: encoded retain split.
@@ -139,15 +141,16 @@ def _on_mesh(tree: Any, mesh: Mesh | None) -> Any:
                         else jax.device_put(x, rep), tree)
 
 
-def example_nll_fn(apply_fn: Callable) -> Callable:
-    """``loss(params, example) -> scalar``: one example's summed answer NLL (for Fisher / importances)."""
+def importance_loss(ctx: UnlearnContext) -> Callable:
+    """The per-example loss of every importance a method computes (Fisher, gradient, SalUn saliency).
 
-    def loss(params, ex):
-        ids = ex["input_ids"][None]
-        logits = apply_fn(params, ids, ex["attention_mask"][None])
-        return sequence_nll(logits, ids, ex["loss_mask"][None])[0]
-
-    return loss
+    :func:`jaxunlearn.models.example_nll` of ``ctx.apply_fn``: one example's summed answer NLL.
+    For a :class:`~jaxunlearn.models.DecoderFn` of a Decoder it is the adapter's
+    ``example_nll``, which offers the fused Fisher, so :func:`jaxunlearn.fisher.fisher_diagonal`
+    (``method="auto"``) computes PerTA-fisher's and SSD's Fisher by one forward and backward
+    pass per batch; any other apply function gets the chunked ``vmap`` path.
+    """
+    return example_nll(ctx.apply_fn)
 
 
 def importance_batches(data: Mapping[str, np.ndarray], batch_size: int, max_examples: int | None = None,
@@ -190,10 +193,13 @@ def importances(ctx: UnlearnContext, cfg: PertaMethod | SSDMethod | Mapping, whi
     """(I_forget, I_other) with I = diagonal Fisher or a gradient importance; ``which`` in {"retain", "full"}.
 
     ``cfg``: a PerTA or SSD config (or its JSON form): ``importance``, ``grad_kind``,
-    ``importance_batch_size``, ``max_importance_examples``.
+    ``importance_batch_size``, ``max_importance_examples``. The per-example loss is
+    :func:`importance_loss`: for a :class:`~jaxunlearn.models.DecoderFn` of a Decoder the Fisher
+    is the fused one (:mod:`jaxunlearn.fisher_fused`, unless ``ctx.fisher_kwargs`` says
+    ``method="vmap"``).
     """
     cfg = parse_method_config(cfg)
-    loss = example_nll_fn(ctx.apply_fn)
+    loss = importance_loss(ctx)  # a DecoderFn's offers the fused Fisher to fisher_diagonal
     bs = cfg.importance_batch_size
     cap = cfg.max_importance_examples
     fb = importance_batches(ctx.forget, bs, cap, ctx.seed)
@@ -255,19 +261,19 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
     record = run_record(ctx, cfg) if checkpoint_dir is not None else None
     mask = None
     if cfg.salun_fraction:
-        loss = example_nll_fn(ctx.apply_fn)
+        loss = importance_loss(ctx)
         sal = grad_importance(loss, ctx.params, importance_batches(ctx.forget, 32, seed=ctx.seed), kind="abs_sum")
         mask = jax.tree.map(lambda m: m.astype(jnp.float32), salun_mask(sal, fraction=cfg.salun_fraction))
         mask = _on_mesh(mask, mesh)
-    step = make_unlearn_step(ctx.apply_fn, ucfg, mask=mask)
-    fresh: UnlearnState = _on_mesh(init_unlearn_state(ctx.params, ucfg, mask), mesh)
+    unlearner = ucfg.build(ctx.apply_fn, mask=mask)  # the mask enters once: init and step share the optimizer
+    fresh: UnlearnState = _on_mesh(unlearner.init(ctx.params), mesh)
     with ResumableRun(checkpoint_dir, record, fresh, checkpoint_every=checkpoint_every) as run:
         state = run.state
         for s in range(int(state.step), ucfg.steps):
             fb = place_batch(batch_at(ctx.forget, bf, s, ctx.seed), mesh, "forget batch size")
             rb = (place_batch(batch_at(ctx.retain, br, s, ctx.seed + 1), mesh, "retain batch size")
-                  if ucfg.uses_retain else None)
-            state, metrics = step(state, fb, rb, ctx.params)
+                  if unlearner.uses_retain else None)
+            state, metrics = unlearner.step(state, fb, rb, ctx.params)
             run.after_step(s + 1, state)
             if callback is not None:
                 callback(s + 1, {k: float(v) for k, v in metrics.items()})

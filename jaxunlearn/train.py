@@ -1,8 +1,9 @@
 """Jit-compiled fine-tuning on answer tokens (AdamW, warmup + cosine), resumable.
 
-The model is handled functionally: ``graphdef, params = nnx.split(model, nnx.Param)``
-and every step is a pure ``(TrainState, batch) -> (TrainState, metrics)`` under
-``jax.jit`` (buffers donated), so it runs unchanged with sharded params. Batches
+The model is handled functionally through its adapter,
+``fn, params = jaxunlearn.models.DecoderFn.of(model)``, and every step is a pure
+``(TrainState, batch) -> (TrainState, metrics)`` under ``jax.jit`` (buffers donated),
+so it runs unchanged with sharded params. Batches
 are a deterministic function of ``(seed, step)`` (:func:`batch_at`), which is what
 makes an interrupted run resume to the exact same parameters (on the same mesh). A
 resumable run's directory holds a run record (:func:`train_record`: the config and
@@ -22,7 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxunlearn import tree as jt
-from jaxunlearn.losses import sequence_nll
+from jaxunlearn.models.functional import DecoderFn, answer_loss
 from jaxunlearn.runs import ResumableRun, array_digest, params_digest
 from jaxunlearn.sharding import jit_keeping_state_sharding, shard_batch
 from jaxunlearn.validate import check_float, check_int
@@ -30,10 +31,7 @@ from jaxunlearn.validate import check_float, check_int
 __all__ = [
     "TrainConfig",
     "TrainState",
-    "split_model",
-    "apply_fn_for",
     "make_optimizer",
-    "answer_loss",
     "make_train_step",
     "batch_at",
     "train",
@@ -90,22 +88,6 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def split_model(model: nnx.Module):
-    """``(graphdef, params, rest)``: params are the ``nnx.Param`` leaves, ``rest`` everything else."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params, rest
-
-
-def apply_fn_for(graphdef, rest=None) -> Callable:
-    """A pure ``apply(params, input_ids, attention_mask) -> logits`` for a split model."""
-
-    def apply(params, input_ids, attention_mask):
-        model = nnx.merge(graphdef, params, rest) if rest is not None else nnx.merge(graphdef, params)
-        return model(input_ids, attention_mask)
-
-    return apply
-
-
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """AdamW with linear warmup then cosine decay, optional global-norm clipping.
 
@@ -126,17 +108,13 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def answer_loss(apply_fn: Callable, params, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Mean NLL per answer token over the batch: ``sum_n NLL_n / sum_n |y_n|``."""
-    logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
-    nll = sequence_nll(logits, batch["input_ids"], batch["loss_mask"])
-    n_tok = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)), 1.0)
-    return jnp.sum(nll) / n_tok
-
-
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Callable:
     """The jitted step ``(state, batch) -> (state, {"loss", "grad_norm"})``; ``state`` is donated
-    and keeps its shardings (:func:`jaxunlearn.sharding.jit_keeping_state_sharding`)."""
+    and keeps its shardings (:func:`jaxunlearn.sharding.jit_keeping_state_sharding`).
+
+    The loss is :func:`jaxunlearn.models.answer_loss` (mean NLL per answer token) of
+    ``apply_fn(params, input_ids, attention_mask) -> logits``: a
+    :class:`~jaxunlearn.models.DecoderFn` or any such function."""
 
     def step(state: TrainState, batch):
         loss, grads = jax.value_and_grad(lambda p: answer_loss(apply_fn, p, batch))(state.params)
@@ -223,14 +201,14 @@ def train(
     for k in BATCH_KEYS:
         if k not in data:
             raise KeyError(f"training data lacks '{k}' (have {sorted(data)})")
-    graphdef, params, rest = split_model(model)
+    fn, params = DecoderFn.of(model)
     record = train_record(params, data, cfg) if checkpoint_dir else None
     params = jax.tree.map(jnp.copy, params)  # the step donates its state: keep the caller's model alive
     if mesh is None:
         mesh = _mesh_of(params)
     tx = make_optimizer(cfg)
     fresh = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    step_fn = make_train_step(apply_fn_for(graphdef, rest), tx)
+    step_fn = make_train_step(fn, tx)
     history: list[dict] = []
     with ResumableRun(checkpoint_dir or None, record, fresh, checkpoint_every=cfg.checkpoint_every) as run:
         state = run.state
@@ -252,4 +230,4 @@ def train(
             run.finish(state)
         finally:
             bar.close()
-    return nnx.merge(graphdef, state.params, rest), history
+    return fn.merge(state.params), history

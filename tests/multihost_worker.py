@@ -22,27 +22,20 @@ def build():
     import jax  # noqa: F401 - after jax.distributed.initialize in the worker
     from flax import nnx
 
-    from jaxunlearn.losses import sequence_nll
-    from jaxunlearn.models import Decoder, ModelConfig
-    from jaxunlearn.train import apply_fn_for, split_model
+    from jaxunlearn.models import Decoder, DecoderFn, ModelConfig
     from jaxunlearn.unlearn import UnlearnConfig
     from toy_lm import lm_batch  # tests/ is on sys.path: the script's directory, or pytest's pythonpath
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
                       num_kv_heads=2)
-    graphdef, params, _ = split_model(Decoder(cfg, rngs=nnx.Rngs(0)))
-    apply = apply_fn_for(graphdef)
+    apply, params = DecoderFn.of(Decoder(cfg, rngs=nnx.Rngs(0)))
 
     def batch(seed):
         return lm_batch(B, seed, vocab=cfg.vocab_size, seq=T, prompt=4)
 
-    def example_loss(p, ex):
-        logits = apply(p, ex["input_ids"][None], ex["attention_mask"][None])
-        return sequence_nll(logits, ex["input_ids"][None], ex["loss_mask"][None])[0]
-
     ucfg = UnlearnConfig(method="npo", project=True, retain_k=2, optimizer="adamw", learning_rate=1e-2,
                          grad_clip=0.0, steps=1)
-    return apply, params, batch(1), batch(2), example_loss, ucfg
+    return apply, params, batch(1), batch(2), apply.example_nll, ucfg
 
 
 def run(forget, retain, mesh=None):

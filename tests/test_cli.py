@@ -85,8 +85,8 @@ def test_train_command_equals_the_library_run_and_learns(demo_dir, tmp_path, cap
 
     from jaxunlearn.checkpoint import latest_step
     from jaxunlearn.data import encode_split, load_benchmark
-    from jaxunlearn.models import from_pretrained
-    from jaxunlearn.train import answer_loss, apply_fn_for, split_model, train
+    from jaxunlearn.models import DecoderFn, from_pretrained
+    from jaxunlearn.train import train
 
     ref_dir, data_dir, out, rd = demo_dir / "models" / "reference", demo_dir / "data", tmp_path / "t", tmp_path / "r"
     settings = dict(steps=12, batch_size=8, learning_rate=5e-3, warmup_steps=2, seed=3)
@@ -107,8 +107,8 @@ def test_train_command_equals_the_library_run_and_learns(demo_dir, tmp_path, cap
     batch = {k: jax.numpy.asarray(v) for k, v in enc.items()}
 
     def loss(m):
-        graphdef, params, rest = split_model(m)
-        return float(answer_loss(apply_fn_for(graphdef, rest), params, batch))
+        fn, params = DecoderFn.of(m)
+        return float(fn.answer_loss(params, batch))
 
     assert loss(got) < 0.8 * loss(model)  # the reference never saw these people; 12 steps teach it some
 

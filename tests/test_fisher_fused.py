@@ -1,6 +1,6 @@
 """Fused decoder Fisher (one forward/backward pass) against the chunked vmap(grad) Fisher.
 
-The reference is ``fisher_diagonal(decoder_nll(graphdef), ..., method="vmap")``: one
+The reference is ``fisher_diagonal(DecoderFn(graphdef).example_nll, ..., method="vmap")``: one
 ``jax.grad`` of the single-example loss per example, squared and averaged, which shares
 no code with the fused rules (taps, captured inputs, dense_fisher, embedding scatter).
 Tolerances: float32 ``rtol 1e-4`` (``atol 1e-6 * max|F|`` per leaf for entries near 0);
@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxunlearn import fisher as fi
 from jaxunlearn import fisher_fused as ff
-from jaxunlearn.models import Decoder, ModelConfig
+from jaxunlearn.models import Decoder, DecoderFn, ModelConfig
 
 B, T = 5, 8
 
@@ -71,7 +71,7 @@ def _assert_trees_close(out, ref, rtol, atol_rel):
 @pytest.mark.parametrize("spec", [LLAMA, QWEN2], ids=["llama-untied-all-biases", "qwen2-tied"])
 def test_fused_equals_vmap_float32(spec):
     graphdef, params = _model(*spec)
-    loss = ff.decoder_nll(graphdef)
+    loss = DecoderFn(graphdef).example_nll
     batches = [_batch(0), _batch(1)]
     ref = fi.fisher_diagonal(loss, params, batches, method="vmap", chunk_size=B)
     out = ff.fisher_diagonal_fused(graphdef, params, batches)
@@ -81,7 +81,7 @@ def test_fused_equals_vmap_float32(spec):
 def test_fused_equals_vmap_bfloat16():
     graphdef, params = _model(*QWEN2_BF16_1L)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
-    loss = ff.decoder_nll(graphdef)
+    loss = DecoderFn(graphdef).example_nll
     ref = fi.fisher_diagonal(loss, params, [_batch()], method="vmap", chunk_size=B)
     out = fi.fisher_diagonal(loss, params, [_batch()], method="fused")
     _assert_trees_close(out, ref, rtol=0.0, atol_rel=3e-2)
@@ -92,10 +92,13 @@ def test_auto_routing():
     model = nnx.merge(graphdef, params)
     batch = _batch()
     whole = ff.fisher_diagonal_fused(model, params, [batch])  # a Decoder works as well as its graphdef
-    # method="auto" (the default) picks the fused path for decoder_nll: the same computation
-    auto = fi.fisher_diagonal(ff.decoder_nll(model), params, [batch])
-    for a, b in zip(jax.tree.leaves(auto), jax.tree.leaves(whole)):
-        np.testing.assert_array_equal(a, b)
+    fn = DecoderFn.of(model)[0]
+    # method="auto" (the default) picks the fused path for the adapter's loss: the same computation
+    assert isinstance(fi.fisher_local_sums(fn.example_nll), ff.FusedFisherSums)
+    assert not isinstance(fi.fisher_local_sums(fn.example_nll, method="vmap"), ff.FusedFisherSums)
+    for out in (fi.fisher_diagonal(fn.example_nll, params, [batch]), ff.fisher_diagonal_fused(fn, params, [batch])):
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(whole)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_sampled_labels_and_microbatches():
@@ -120,7 +123,7 @@ def test_errors():
     graphdef, params = _model(*LLAMA)
     batch = _batch()
     toy_loss = lambda p, ex: jnp.sum(p["embed"]["embedding"][...])  # noqa: E731
-    with pytest.raises(NotImplementedError, match="decoder_nll"):
+    with pytest.raises(NotImplementedError, match="fisher_sums"):
         fi.fisher_diagonal(toy_loss, params, [batch], method="fused")
     with pytest.raises(KeyError, match="loss_mask"):
         ff.fisher_diagonal_fused(graphdef, params, [{k: v for k, v in batch.items() if k != "loss_mask"}])

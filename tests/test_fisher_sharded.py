@@ -23,8 +23,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxunlearn import fisher as fi
 from jaxunlearn import fisher_fused as ff
+from jaxunlearn import reduction as rd
 from jaxunlearn import sharding as sh
-from jaxunlearn.models import Decoder, ModelConfig
+from jaxunlearn.models import Decoder, DecoderFn, ModelConfig
 
 B, T = 8, 8
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
@@ -38,7 +39,7 @@ class _Setup:
         rng = np.random.default_rng(1)
         self.graphdef = graphdef
         self.params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), shapes)
-        self.loss = ff.decoder_nll(graphdef)
+        self.loss = DecoderFn(graphdef).example_nll
         self.grad = jax.jit(jax.grad(self.loss))
         self.batch = self.make_batch(0, B)
         self.odd = self.make_batch(1, 6)  # 6 rows: not divisible by 8 or 4 data shards
@@ -126,9 +127,9 @@ def _remat_control(mesh, capfd):
     """The global path (no shard_map) on a tiny embedding loss does warn: the capture works."""
     emb = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P(None, "fsdp")))
     ids = sh.shard_batch(np.arange(64, dtype=np.int32).reshape(8, 8), mesh)
-    fi._accumulate_batch.lower(
+    rd.accumulate.lower(
         {"emb": jnp.zeros((64, 32))}, jnp.zeros(()), {"emb": emb}, {"ids": ids}, jnp.ones(8), None,
-        loss_fn=_emb_loss, sample_fn=None, chunk_size=2, reduce="square").compile()
+        local_sums=fi.PerExampleSums(_emb_loss, chunk_size=2)).compile()
     return capfd.readouterr().err
 
 
@@ -143,13 +144,13 @@ def test_vmap_data_fsdp_hlo_has_no_remat_and_no_per_example_gather(setup, capfd)
     assert REMAT in _remat_control(mesh, capfd)
     params = sh.shard_params(setup.params, mesh)
     batch = sh.shard_batch(setup.batch, mesh)
-    examples, weight = fi._split_weight(batch)
-    m, specs = fi._placement(None, params, examples, "test")
+    examples, weight = rd.split_weight(batch)
+    m, specs = rd.placement(None, params, examples, "test")
     assert m == mesh
-    acc, total = fi._zeros_f32(params, mesh, specs)
+    acc, total = rd.zeros(params, mesh, specs)
     args = (acc, total, params, examples, weight, None)
-    compiled = fi._accumulate_batch.lower(*args, loss_fn=setup.loss, sample_fn=None, chunk_size=1,
-                                          reduce="square", mesh=mesh, specs=specs).compile()
+    local = fi.fisher_local_sums(setup.loss, method="vmap", chunk_size=1)  # what fisher_diagonal runs
+    compiled = rd.accumulate.lower(*args, local_sums=local, mesh=mesh, specs=specs).compile()
     assert REMAT not in capfd.readouterr().err
 
     hlo = compiled.as_text()
@@ -168,7 +169,7 @@ def test_vmap_data_fsdp_hlo_has_no_remat_and_no_per_example_gather(setup, capfd)
         assert int(np.prod(s)) <= block, s
 
     acc, total = compiled(*args)
-    f = fi._finish(acc, total, "test", True)
+    f = rd.finish(acc, total, "test", True)
     _assert_close(f, setup.loop(setup.batch, 2))
     _assert_sharded_like(f, params)
 
@@ -183,6 +184,9 @@ def test_fused_fisher_fsdp8_pads_odd_batch(setup):
     f = ff.fisher_diagonal_fused(setup.graphdef, params, [setup.odd], mesh=mesh)
     _assert_close(f, setup.loop(setup.odd, 2))
     _assert_sharded_like(f, params)
+    auto = fi.fisher_diagonal(setup.loss, params, [setup.odd], mesh=mesh)  # the adapter's loss: the fused path
+    for x, y in zip(jax.tree.leaves(auto), jax.tree.leaves(f)):
+        np.testing.assert_array_equal(x, y)
 
 
 # ---------------------------------------------------------------- generic losses: importances, sampling

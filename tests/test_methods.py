@@ -2,17 +2,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxunlearn import tree as jt
 from jaxunlearn.fisher import fisher_diagonal
+from jaxunlearn.kernels import fisher as kf
 from jaxunlearn.methods import (
     UnlearnContext,
-    example_nll_fn,
     finetune_on_forget,
     importance_batches,
     importances,
     run_method,
 )
+from jaxunlearn.models import Decoder, DecoderFn, ModelConfig, dense_shapes, example_nll
 
 from toy_lm import bigram_apply as apply
 from toy_lm import bigram_params, lm_batch
@@ -44,7 +46,7 @@ def test_importance_batches_pad_with_zero_weight_and_keep_fisher(ctx):
     bs = importance_batches(ctx.forget, 4)
     assert [b["input_ids"].shape for b in bs] == [(4, T)] * 3
     np.testing.assert_array_equal(bs[-1]["example_weight"], [1, 1, 0, 0])
-    loss = example_nll_fn(apply)
+    loss = example_nll(apply)
     got = fisher_diagonal(loss, ctx.params, bs)
     # independent: loop over the 10 examples
     ref = jax.tree.map(jnp.zeros_like, ctx.params)
@@ -88,3 +90,28 @@ def test_bad_configs(ctx):
         run_method(ctx, {"kind": "task_vector", "finetune": FT})
     with pytest.raises(ValueError, match="importance must be one of .* got 'hessian'"):
         run_method(ctx, {"kind": "ssd", "importance": "hessian"})
+
+
+def test_perta_fisher_on_a_decoder_runs_the_fused_fisher(monkeypatch):
+    """The public entry point: run_method(perta fisher) with the decoder adapter reaches the dense_fisher
+    kernel (the fused path) and gives the chunked-vmap Fisher's result (ctx.fisher_kwargs method="vmap")."""
+    cfg = ModelConfig(vocab_size=13, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                      num_kv_heads=1)  # a shape no other test compiles: the fused step is traced here
+    fn, params = DecoderFn.of(Decoder(cfg, rngs=nnx.Rngs(0)))
+    forget = lm_batch(6, 1, vocab=13, seq=T, prompt=2)
+    retain = lm_batch(8, 2, vocab=13, seq=T, prompt=2)
+    calls = []
+    real = kf.dense_fisher
+    monkeypatch.setattr(kf, "dense_fisher", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    mcfg = {"kind": "perta", "importance": "fisher", "strength": 1.5, "finetune": FT, "importance_batch_size": 4}
+    fused_ctx = UnlearnContext(fn, params, forget, retain)
+    out = run_method(fused_ctx, mcfg)
+    assert len(calls) == len(dense_shapes(cfg)) + cfg.tie_word_embeddings  # per dense layer (+ tied head)
+    vmap_ctx = UnlearnContext(fn, params, forget, retain, fisher_kwargs={"method": "vmap"})
+    calls.clear()
+    ref = run_method(vmap_ctx, mcfg)
+    assert not calls
+    for got, want in zip(importances(fused_ctx, mcfg, "retain"), importances(vmap_ctx, mcfg, "retain")):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.max(np.abs(b))))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out, ref)

@@ -24,10 +24,9 @@ from jaxunlearn import sharding as sh
 from jaxunlearn import tree as jt
 from jaxunlearn.fisher import fisher_diagonal
 from jaxunlearn.losses import sequence_nll
-from jaxunlearn.models import Decoder, ModelConfig
+from jaxunlearn.models import Decoder, DecoderFn, ModelConfig, answer_loss
 from jaxunlearn.projection import orthogonal_projection
 from jaxunlearn.task_vector import perta
-from jaxunlearn.train import answer_loss, apply_fn_for, split_model
 from jaxunlearn.unlearn import UnlearnConfig, UnlearnState, make_unlearn_optimizer, make_unlearn_step
 from toy_lm import lm_batch
 
@@ -45,10 +44,9 @@ B, T = 8, 8
 class _Setup:
     def __init__(self):
         model = Decoder(SMALL, rngs=nnx.Rngs(0))
-        _, self.params2, _ = split_model(Decoder(CFG, rngs=nnx.Rngs(0)))
-        self.graphdef, params, _ = split_model(model)
+        _, self.params2 = DecoderFn.of(Decoder(CFG, rngs=nnx.Rngs(0)))
+        self.apply, params = DecoderFn.of(model)
         self.params = params
-        self.apply = apply_fn_for(self.graphdef)
         rng = np.random.default_rng(0)
 
         def batch(seed):
@@ -57,11 +55,7 @@ class _Setup:
         self.forget, self.retain = batch(1), batch(2)
         apply = self.apply
 
-        def example_loss(p, ex):
-            logits = apply(p, ex["input_ids"][None], ex["attention_mask"][None])
-            return sequence_nll(logits, ex["input_ids"][None], ex["loss_mask"][None])[0]
-
-        self.example_loss = example_loss
+        self.example_loss = example_loss = apply.example_nll
         self.eval_fn = jax.jit(lambda p, b: (answer_loss(apply, p, b),
                                              sequence_nll(apply(p, b["input_ids"], b["attention_mask"]),
                                                           b["input_ids"], b["loss_mask"])))
@@ -202,7 +196,7 @@ def test_undivisible_dimension_is_replicated_with_one_warning():
     mesh = sh.make_mesh("fsdp=2,tp=4")
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=50, num_layers=2, num_heads=4,
                       num_kv_heads=2)
-    _, params, _ = split_model(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    _, params = DecoderFn.of(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         specs = dict(jt.leaves_with_paths(sh.param_specs(params, mesh)))

@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from jaxunlearn import train as tr
+from jaxunlearn.models import DecoderFn, ExampleNLL, answer_loss
 from jaxunlearn.losses import sequence_nll
 
 
@@ -43,10 +44,12 @@ def test_batch_at_is_deterministic_epoch_permutation():
 
 def test_answer_loss_matches_manual_token_mean():
     model = Bigram(16, nnx.Rngs(0))
-    graphdef, params, rest = tr.split_model(model)
+    fn, params = DecoderFn.of(model)  # any nnx model called as model(ids, mask) -> logits
     data = _data(n=4)
     batch = {k: jnp.asarray(v) for k, v in tr.batch_at(data, 4, 0, 0).items()}
-    got = tr.answer_loss(tr.apply_fn_for(graphdef, rest), params, batch)
+    got = fn.answer_loss(params, batch)
+    np.testing.assert_array_equal(got, answer_loss(fn, params, batch))
+    assert not fn.is_decoder and type(fn.example_nll) is ExampleNLL  # no fused Fisher for a non-Decoder
     logits = np.asarray(model(batch["input_ids"]), np.float64)
     ids = np.asarray(batch["input_ids"])
     m = np.asarray(batch["loss_mask"])

@@ -82,8 +82,7 @@ def quantization_recovery(
     Raises:
       ValueError: an unknown scheme (from ``fake_quantize``), a repeated scheme.
     """
-    from flax import nnx
-
+    from jaxunlearn.models import DecoderFn
     from jaxunlearn.quant import SCHEMES, fake_quantize
 
     unknown = [s for s in schemes if s not in SCHEMES]
@@ -92,7 +91,7 @@ def quantization_recovery(
     if len(set(schemes)) != len(schemes):
         raise ValueError(f"repeated scheme in {list(schemes)}")
     if params is None:
-        params = nnx.split(model, nnx.Param, ...)[1]
+        params = DecoderFn.of(model)[1]
     run = functools.partial(evaluate_model, model, tokenizer, data, forget=forget, holdout=holdout,
                             reference=reference, **eval_kwargs)
     base = baseline if baseline is not None else run(params=params)

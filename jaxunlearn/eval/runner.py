@@ -13,8 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax import nnx
-
 from jaxunlearn.data import encode_prompts, encode_split
 from jaxunlearn.eval.metrics import answer_stats, extraction_strength
 from jaxunlearn.eval.mia import mia_aucs, mia_scores, privleak, zlib_score
@@ -28,7 +26,7 @@ from jaxunlearn.eval.tofu import (
     utility_components,
 )
 from jaxunlearn.losses import mean_token_nll
-from jaxunlearn.models import Decoder, check_tokenizer, generate
+from jaxunlearn.models import Decoder, DecoderFn, check_tokenizer, generate
 
 __all__ = [
     "fixed_batches",
@@ -64,7 +62,9 @@ def evaluate_encoded(
     """Per-example :func:`~jaxunlearn.eval.metrics.answer_stats` over a whole encoded split.
 
     Args:
-      apply_fn: ``apply(params, input_ids, attention_mask) -> logits``.
+      apply_fn: ``apply(params, input_ids, attention_mask) -> logits``: a
+        :class:`~jaxunlearn.models.DecoderFn` (``DecoderFn.of(model)``) or any such function;
+        a static argument of the jitted pass (equal adapters share its compilation).
       params: the model parameters.
       data: encoded split (``input_ids``, ``attention_mask``, ``loss_mask``, optional ``fact_mask``).
       batch_size: rows per jitted call.
@@ -73,15 +73,9 @@ def evaluate_encoded(
       ``{metric: np.ndarray of shape (N,)}``.
     """
     keys = [k for k in ("input_ids", "attention_mask", "loss_mask", "fact_mask") if k in data]
-
-    @jax.jit
-    def stats(params, batch):
-        logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
-        return answer_stats(logits, batch)
-
     parts: dict[str, list] = {}
     for batch, n_valid in fixed_batches(data, batch_size, keys):
-        out = stats(params, {k: jnp.asarray(v) for k, v in batch.items()})
+        out = _stats_pass(apply_fn, params, {k: jnp.asarray(v) for k, v in batch.items()})
         for k, v in out.items():
             parts.setdefault(k, []).append(np.asarray(v)[:n_valid])
     return {k: np.concatenate(v) for k, v in parts.items()}
@@ -243,6 +237,11 @@ def encode_eval_splits(
     }
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _stats_pass(apply_fn, params, batch):
+    return answer_stats(apply_fn(params, batch["input_ids"], batch["attention_mask"]), batch)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "k"))
 def _answer_pass(apply_fn, params, batch, *, k: float):
     logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
@@ -329,17 +328,6 @@ def score_split(
         out["truth_ratio"] = truth_ratio(correct, pert)
         out["normalized_probability"] = normalized_probability(out["probability"], out["perturbed_probability"])
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _DecoderApply:
-    """``apply((params, rest), ids, mask)`` for a fixed nnx graph; hashable by the graphdef, so the
-    jitted passes compile once per architecture, not once per call."""
-
-    graphdef: Any
-
-    def __call__(self, state, input_ids, attention_mask):
-        return nnx.merge(self.graphdef, *state)(input_ids, attention_mask)
 
 
 def _greedy_texts(model, tokenizer, prompts: Mapping[str, np.ndarray], n: int, max_new_tokens: int,
@@ -472,7 +460,7 @@ def evaluate_model(
         (TOFU's real authors / world facts; needs ``perturbed_answer``).
       holdout: name of the never-trained split (MIA non-members).
       params: evaluate these parameters (an ``nnx.State`` of ``nnx.Param`` like
-        ``nnx.split(model, nnx.Param, ...)[1]``, e.g. fake-quantised) instead of the model's.
+        ``DecoderFn.of(model)[1]``, e.g. fake-quantised) instead of the model's.
       reference: the :class:`EvalResult` of the reference model on the same splits.
       rouge_examples: generate for the first n rows of each forget / retain / general split
         (``None``: all rows; 0: no generation, hence no ROUGE and no model utility).
@@ -518,14 +506,12 @@ def evaluate_model(
     else:
         raise TypeError("data must map split names to datasets.Dataset, or all to EvalSplit")
 
-    graphdef, own_params, rest = nnx.split(model, nnx.Param, ...)
+    apply_fn, own_params = DecoderFn.of(model)  # hashable: the jitted passes compile once per architecture
     if params is None:
         params = own_params
     elif jax.tree.structure(params) != jax.tree.structure(own_params):
         raise ValueError("params do not have the structure of the model's nnx.Param state")
-    apply_fn = _DecoderApply(graphdef)
-    state = (params, rest)
-    run_model = nnx.merge(graphdef, params, rest)
+    run_model = apply_fn.merge(params)
 
     if max_new_tokens is None:  # one value for every split: one compilation of the decode
         max_new_tokens = 2 * max(int(np.max(s.answer["lengths"] - s.answer["prompt_lengths"]))
@@ -534,7 +520,7 @@ def evaluate_model(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     splits, generations = {}, {}
     for name, split in encoded.items():
-        res = score_split(apply_fn, state, split, batch_size=batch_size, k=k)
+        res = score_split(apply_fn, params, split, batch_size=batch_size, k=k)
         n_gen = split.num_rows if rouge_examples is None else min(rouge_examples, split.num_rows)
         if roles[name] != "holdout" and n_gen > 0:
             gen = _greedy_texts(run_model, tokenizer, split.prompts, n_gen, int(max_new_tokens), batch_size)

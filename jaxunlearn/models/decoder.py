@@ -28,13 +28,14 @@ Taps. Every dense projection is a :class:`Dense`, and the forward accepts
 output. With zero taps the forward is unchanged, and ``d loss / d taps[p]`` is the cotangent
 ``G`` of layer ``p``'s output. With ``capture_inputs=True`` the forward also returns the layer
 inputs ``A``; the per-example weight gradient is then ``A^T G`` (the fused Fisher of
-``jaxunlearn.fisher``). With tied embeddings the output projection is ``embed.T``, not a Dense:
+``jaxunlearn.fisher_fused``). With tied embeddings the output projection is ``embed.T``, not a Dense:
 it has no tap and no captured input.
 
-Functional use (per-example gradients, jit with shardings)::
+Functional use (per-example gradients, jit with shardings): the adapter of
+:mod:`jaxunlearn.models.functional`::
 
-    graphdef, params = nnx.split(model, nnx.Param)
-    logits = apply(graphdef, params, input_ids, attention_mask)   # == model(input_ids, attention_mask)
+    fn, params = DecoderFn.of(model)
+    logits = fn(params, input_ids, attention_mask)   # == model(input_ids, attention_mask)
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ __all__ = [
     "Block",
     "Decoder",
     "KVCache",
-    "apply",
     "dense_paths",
     "dense_shapes",
     "zero_taps",
@@ -427,21 +427,6 @@ class Decoder(nnx.Module):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def apply(graphdef: nnx.GraphDef, params: nnx.State, input_ids: Array,
-          attention_mask: Array | None = None, **kwargs: Any):
-    """Functional forward: ``nnx.merge(graphdef, params)(input_ids, attention_mask, **kwargs)``.
-
-    Args:
-      graphdef, params: from ``nnx.split(model, nnx.Param)``.
-      input_ids, attention_mask, **kwargs: as :meth:`Decoder.__call__`.
-
-    Returns:
-      As :meth:`Decoder.__call__`. Pure in ``params``: use it under ``jax.grad`` / ``jax.vmap`` /
-      ``jax.jit`` (with ``graphdef`` static or closed over).
-    """
-    return nnx.merge(graphdef, params)(input_ids, attention_mask, **kwargs)
 
 
 def _config_of(model_or_config: Union[Decoder, ModelConfig]) -> ModelConfig:

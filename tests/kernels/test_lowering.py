@@ -25,9 +25,11 @@ from jax import export
 
 from jaxunlearn import fisher as fi
 from jaxunlearn import fisher_fused as ff
+from jaxunlearn import reduction as rd
 from jaxunlearn.kernels import fisher as kf
 from jaxunlearn.kernels import projection as kp
-from jaxunlearn.models import Decoder, ModelConfig, dense_shapes
+from jaxunlearn.models import Decoder, DecoderFn, ModelConfig, dense_shapes
+from jaxunlearn.projection import project_tree
 
 TPU_CALL = "tpu_custom_call"
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -98,7 +100,7 @@ def test_projection_passes_lower_per_platform(k, triton):
     assert _calls(kp.subtract, g, R, c, platform="tpu") == (1, 0)
     assert _calls(kp.gram_and_dots, R, g, platform="cuda") == (0, int(triton))
     assert _calls(kp.subtract, g, R, c, platform="cuda") == (0, int(triton))
-    tree = lambda g, R: kp.project_tree({"a": g[:50_000], "b": g[50_000:]}, {"a": R[:, :50_000], "b": R[:, 50_000:]})
+    tree = lambda g, R: project_tree({"a": g[:50_000], "b": g[50_000:]}, {"a": R[:, :50_000], "b": R[:, 50_000:]})
     # two leaves, each long enough for one block on each platform: 2 reductions + 2 subtracts
     assert _calls(tree, g, R, platform="tpu") == (4, 0)
     assert _calls(tree, g, R, platform="cuda") == (0, 4 * int(triton))
@@ -108,7 +110,7 @@ def test_projection_passes_lower_per_platform(k, triton):
 def test_auto_is_decided_at_lowering_not_from_the_jit_cache():
     """A function traced and run on CPU first, then exported for TPU: the export has the kernel."""
     R, g = _rand(16, 20_000), _rand(20_000, seed=1)
-    step = jax.jit(lambda R, g: kp.project_tree({"w": g}, {"w": R}))
+    step = jax.jit(lambda R, g: project_tree({"w": g}, {"w": R}))
     out = step(R, g)["w"]  # traced, lowered and run on CPU (XLA path)
     ref = g - R.T @ jnp.linalg.lstsq(R.T, g)[0]
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
@@ -148,9 +150,10 @@ def test_fused_fisher_step_lowers_one_kernel_per_dense_layer(tied):
     B, T = 2, 8
     batch = {"input_ids": jnp.zeros((B, T), jnp.int32), "attention_mask": jnp.ones((B, T), jnp.int32),
              "loss_mask": jnp.ones((B, T), jnp.float32)}
-    acc, total = fi._zeros_f32(params)
-    step = functools.partial(ff._accumulate_fused, graphdef=graphdef, sample_fn=None, impl="auto",
-                             microbatch=None)
+    acc, total = rd.zeros(params)
+    local = fi.fisher_local_sums(DecoderFn(graphdef).example_nll)  # the step fisher_diagonal runs (auto)
+    assert isinstance(local, ff.FusedFisherSums)
+    step = functools.partial(rd.accumulate, local_sums=local)
     args = (acc, total, params, batch, jnp.ones((B,)), None)
     n_dense = len(dense_shapes(cfg)) + int(tied)  # the tied head's H**2 term is one more dense_fisher
     assert _calls(step, *args, platform="tpu") == (n_dense, 0)

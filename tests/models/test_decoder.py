@@ -14,8 +14,8 @@ from flax import nnx
 from jaxunlearn.models import (
     Decoder,
     Dense,
+    DecoderFn,
     ModelConfig,
-    apply,
     count_params,
     dense_paths,
     dense_shapes,
@@ -51,12 +51,13 @@ def model():
 
 @pytest.fixture(scope="module")
 def fwd():
-    """One jitted functional forward shared by the tests (compiled once per shape/graph)."""
-    return jax.jit(apply, static_argnums=0)
+    """One jitted functional forward shared by the tests (the adapter is a static, hashable
+    argument: compiled once per shape and architecture)."""
+    return jax.jit(lambda fn, params, ids, mask: fn(params, ids, mask), static_argnums=0)
 
 
 def _split(m):
-    return nnx.split(m, nnx.Param)
+    return DecoderFn.of(m)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -100,7 +101,7 @@ def test_tied_embeddings_have_no_lm_head(fwd):
     assert "lm_head" not in dense_paths(m)
     ids = jnp.array([[3, 4, 5, 6, 7, 8, 9]] * 3)
     g, p = _split(m)
-    logits, inputs = jax.jit(lambda p: apply(g, p, ids, None, capture_inputs=True))(p)
+    logits, inputs = jax.jit(lambda p: g(p, ids, None, capture_inputs=True))(p)
     assert "lm_head" not in inputs and len(inputs) == 7 * L
     # reference: an untied model with the same weights and lm_head/kernel = embed/embedding.T
     untied = nnx.eval_shape(lambda: Decoder(_config(), rngs=nnx.Rngs(0)))
@@ -108,7 +109,7 @@ def test_tied_embeddings_have_no_lm_head(fwd):
     pure = nnx.to_pure_dict(nnx.state(m, nnx.Param))
     pure["lm_head"] = {"kernel": pure["embed"]["embedding"].T}
     nnx.replace_by_pure_dict(s_u, pure)
-    np.testing.assert_allclose(logits, fwd(g_u, s_u, ids, None), atol=1e-5)
+    np.testing.assert_allclose(logits, fwd(DecoderFn(g_u), s_u, ids, None), atol=1e-5)
     with pytest.raises(ValueError, match="lm_head is tied"):
         jax.eval_shape(lambda: m(ids, taps={"lm_head": jnp.zeros((3, 7, V))}))
 
@@ -133,7 +134,7 @@ def test_padding_invariance_right_and_left(model, fwd):
     out2 = np.asarray(fwd(g, p, ids.at[1, 5:].set(33).at[2, :2].set(44), mask))
     np.testing.assert_allclose(out2[1, :5], ref, atol=1e-5)
     np.testing.assert_allclose(out2[2, 2:], ref, atol=1e-5)
-    # the module call and the functional apply agree
+    # the module call and the adapter agree
     np.testing.assert_allclose(np.asarray(nnx.jit(lambda m: m(ids, mask))(model)), out, atol=1e-5)
 
 
@@ -142,7 +143,7 @@ def test_positions_argument(model, fwd):
     ids = jnp.array([SEQ, [0, 0] + SEQ[:5], SEQ])
     mask = jnp.array([[1] * 7, [0, 0] + [1] * 5, [1] * 7])
     explicit = jnp.array([list(range(7)), [0, 0, 0, 1, 2, 3, 4], list(range(7))])
-    f = jax.jit(lambda pos: apply(g, p, ids, mask, positions=pos))
+    f = jax.jit(lambda pos: g(p, ids, mask, positions=pos))
     default = np.asarray(fwd(g, p, ids, mask))
     np.testing.assert_allclose(f(explicit), default, atol=1e-5)
     # RoPE is relative: shifting every position of a row by a constant leaves its logits unchanged
@@ -159,7 +160,7 @@ def test_bfloat16_forward_close_to_float32(model, fwd):
         cfg = model.config.replace(dtype="bfloat16", param_dtype=param_dtype)
         g16, p16 = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
         p16 = jax.tree.map(lambda a, b: a.astype(b.dtype), p, p16)   # same weights, stored in param_dtype
-        out = np.asarray(fwd(g16, p16, ids, None))
+        out = np.asarray(fwd(DecoderFn(g16), p16, ids, None))
         assert out.dtype == np.float32
         err = np.abs(out - ref).max() / np.abs(ref).max()
         assert 0 < err < 0.05, (param_dtype, err)                     # it really ran in bfloat16
@@ -179,7 +180,7 @@ def test_taps_give_output_cotangents_and_weight_gradients(model, fwd):
     r = jax.random.normal(jax.random.key(3), (3, 7, V))
 
     def loss(prm, taps, weights):
-        logits, inputs = apply(g, prm, ids, mask, taps=taps, capture_inputs=True)
+        logits, inputs = g(prm, ids, mask, taps=taps, capture_inputs=True)
         return jnp.sum(logits * r * weights[:, None, None]), (logits, inputs)
 
     @jax.jit
