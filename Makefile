@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: test demo bench clean
+.PHONY: test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The whole suite, docstring examples included (tests/test_doctests.py runs every >>> of jaxunlearn
+# and jaxunlearn.kernels as a doctest).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The inner loop: everything but the end-to-end tier (tests/conftest.py SLOW_MODULES), under 3 minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) -m jaxunlearn.cli demo --overwrite

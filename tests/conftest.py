@@ -25,6 +25,21 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "standard")
 
 
+# The end-to-end tier (models trained or loaded from disk, whole commands, several processes, compiler
+# lowering for every platform): `make test` runs it, `make test-fast` (pytest -m "not slow") leaves it out.
+SLOW_MODULES = {
+    "test_cli.py", "test_cli_mesh.py", "test_demo.py", "test_benchmark.py", "test_multihost.py",
+    "bad_inputs/test_cli.py", "models/test_hf_parity.py", "kernels/test_lowering.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(__file__)
+    for item in items:
+        if os.path.relpath(str(item.path), here) in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)
