@@ -7,7 +7,7 @@ devices (:func:`jaxunlearn.sharding.make_mesh`, parameters by
 jitted computations run on the same global batch:
 
 * ``unlearn``: one step of NPO with the orthogonal projection (``retain_k`` retain
-  gradients), AdamW, :func:`jaxunlearn.make_unlearn_step`; throughput counts the forget
+  gradients), AdamW, :meth:`jaxunlearn.UnlearnConfig.build`; throughput counts the forget
   plus retain rows of a step;
 * ``fisher``: :func:`jaxunlearn.fisher_diagonal` ``method="vmap"`` (chunked
   ``vmap(grad)``, the per-example work split over the data axis) on one batch.
@@ -49,7 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from jaxunlearn import sharding as sh  # noqa: E402
 from jaxunlearn.fisher import fisher_diagonal  # noqa: E402
 from jaxunlearn.models import Decoder, DecoderFn, ModelConfig, count_params  # noqa: E402
-from jaxunlearn.unlearn import UnlearnConfig, init_unlearn_state, make_unlearn_step  # noqa: E402
+from jaxunlearn.unlearn import UnlearnConfig  # noqa: E402
 from jaxunlearn.pipeline import write_json_atomic  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -87,8 +87,8 @@ def bench_devices(n: int, params, apply, forget, retain, *, retain_k: int, chunk
     fb, rb = sh.shard_batch(forget, mesh), sh.shard_batch(retain, mesh)
     rep = NamedSharding(mesh, P())
     cfg = UnlearnConfig(method="npo", project=True, retain_k=retain_k, learning_rate=1e-5, steps=1)
-    step = make_unlearn_step(apply, cfg)
-    state = init_unlearn_state(p, cfg)
+    u = cfg.build(apply)
+    step, state = u.step, u.init(p)
     state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, rep), state)
 
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ method in its row and goes on (exit status 1 when any failed).
 Every command takes ``--mesh SPEC`` (e.g. ``fsdp=4,tp=2``; one size may be ``-1``, "the
 rest"): the parameters are sharded on that device mesh by
 :func:`jaxunlearn.sharding.partition_rules`, batches are split over its data-parallel axes,
-and in a multi-process run (:func:`jaxunlearn.sharding.initialize`) only process 0 writes
+and in a multi-process run (:func:`jaxunlearn.multihost.initialize`) only process 0 writes
 results.
 """
 
@@ -182,10 +182,11 @@ def _mesh_of(args):
     """The mesh of ``--mesh`` (after joining a multi-process run), or None."""
     if not getattr(args, "mesh", None):
         return None
-    from jaxunlearn import sharding as sh
+    from jaxunlearn.multihost import initialize
+    from jaxunlearn.sharding import make_mesh
 
-    sh.initialize()
-    return sh.make_mesh(args.mesh)
+    initialize()
+    return make_mesh(args.mesh)
 
 
 def _shard_model(model, mesh) -> None:
@@ -197,19 +198,8 @@ def _shard_model(model, mesh) -> None:
     nnx.update(model, sh.shard_params(nnx.state(model, nnx.Param), mesh))
 
 
-def _host(tree):
-    """``tree`` with every leaf readable on this host: arrays spread over several processes are
-    all-gathered (a collective: every process calls it)."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
-        return tree
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def _is_main() -> bool:
-    from jaxunlearn.sharding import is_main_process
+    from jaxunlearn.multihost import is_main_process
 
     return is_main_process()
 
@@ -278,6 +268,8 @@ def _check_checkpoint_out(args) -> None:
 def _train(args, mesh) -> int:
     from flax import nnx
 
+    from jaxunlearn.multihost import gather_to_host
+
     from jaxunlearn.models import save_pretrained
     from jaxunlearn.pipeline import concat_encoded
     from jaxunlearn.train import train
@@ -302,7 +294,7 @@ def _train(args, mesh) -> int:
     model, hist = train(model, data, cfg, checkpoint_dir=args.resume_dir, progress=not args.no_progress,
                         mesh=mesh)
     check_finite_tree(nnx.state(model, nnx.Param), "the trained parameters (training diverged; nothing written)")
-    nnx.update(model, _host(nnx.state(model, nnx.Param)))
+    nnx.update(model, gather_to_host(nnx.state(model, nnx.Param)))
     if _is_main():
         save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
         loss = f", final loss {hist[-1]['loss']:.4f}" if hist else ""
@@ -315,6 +307,7 @@ def _unlearn(args, mesh) -> int:
     from flax import nnx
 
     from jaxunlearn.benchmark import load_method_configs
+    from jaxunlearn.multihost import gather_to_host
     from jaxunlearn.method_configs import load_method_config
     from jaxunlearn.methods import UnlearnContext, run_method
     from jaxunlearn.models import DecoderFn, save_pretrained
@@ -335,7 +328,7 @@ def _unlearn(args, mesh) -> int:
     ctx = UnlearnContext(fn, params, enc[args.forget], enc[args.retain], seed=args.seed, mesh=mesh)
     new_params = run_method(ctx, cfg, checkpoint_dir=args.resume_dir, checkpoint_every=args.checkpoint_every)
     check_finite_tree(new_params, f"the parameters method {args.method!r} returned (nothing written)")
-    nnx.update(model, _host(new_params))
+    nnx.update(model, gather_to_host(new_params))
     if _is_main():
         save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
         print(f"unlearned {args.forget} ({len(enc[args.forget]['input_ids'])} rows) with {args.method}"

@@ -15,8 +15,8 @@ encoded forget and retain data) and a plain-dict configuration (as read from
   (GA, GradDiff, NPO, SimNPO, each optionally with the orthogonal projection, SAM,
   SAF), optionally under a SalUn mask (``salun_fraction``; Fan et al., 2024).
 
-Sharded runs: with a mesh (``UnlearnContext.mesh``, or the one set by ``jax.set_mesh``)
-every batch (unlearning steps, fine-tuning, Fisher / importance batches) is placed with
+Sharded runs: with a mesh (:func:`context_mesh`: ``UnlearnContext.mesh``, else the mesh the
+parameters are on, else the one set by ``jax.set_mesh``) every batch (unlearning steps, fine-tuning, Fisher / importance batches) is placed with
 its rows split over the mesh's data-parallel axes (:func:`jaxunlearn.sharding.shard_batch`);
 the parameters keep the placement the caller gave them (e.g.
 :func:`jaxunlearn.sharding.shard_params`), and the run state follows them.
@@ -44,9 +44,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from jaxunlearn import sharding as sh
 from jaxunlearn import tree as jt
 
 from jaxunlearn.dampening import ssd
@@ -54,14 +53,14 @@ from jaxunlearn.fisher import fisher_diagonal, grad_importance
 from jaxunlearn.models.functional import example_nll
 from jaxunlearn.method_configs import (FinetuneConfig, GradientMethod, MethodConfig, PertaMethod, SSDMethod,
                                        TaskVectorMethod, method_config_to_dict, parse_method_config)
+from jaxunlearn.placement import check_batch_size, place_batch, replicate_unplaced, resolve_mesh
 from jaxunlearn.runs import ResumableRun, array_digest, params_digest
 from jaxunlearn.saliency import salun_mask
 from jaxunlearn.task_vector import apply_task_vector, perta, task_vector
 from jaxunlearn.train import BATCH_KEYS, TrainConfig, TrainState, batch_at, make_optimizer, make_train_step
-from jaxunlearn.unlearn import UnlearnState, init_unlearn_state, make_unlearn_step
+from jaxunlearn.unlearn import UnlearnState
 
-__all__ = ["UnlearnContext", "KINDS", "run_method", "run_record", "context_mesh",
-           "place_batch", "importance_loss", "importance_batches", "finetune_on_forget", "importances"]
+__all__ = ["UnlearnContext", "KINDS", "run_method", "run_record", "context_mesh", "importance_loss", "importance_batches", "finetune_on_forget", "importances"]
 
 KINDS = ("task_vector", "perta", "ssd", "gradient")
 
@@ -96,49 +95,9 @@ class UnlearnContext:
 
 
 def context_mesh(ctx: UnlearnContext) -> Mesh | None:
-    """The mesh a run uses: ``ctx.mesh``, else the one set by ``jax.set_mesh``, else None."""
-    if ctx.mesh is not None:
-        return ctx.mesh
-    ambient = jax.sharding.get_mesh()
-    return None if ambient.empty else ambient
-
-
-def _check_divisible(rows: int, mesh: Mesh | None, what: str) -> None:
-    if mesh is None:
-        return
-    dp = sh.data_parallel_size(mesh)
-    if rows % dp:
-        raise ValueError(f"{what} {rows} is not divisible by the mesh's data-parallel size {dp} (axes "
-                         f"{sh.data_axes(mesh)} of mesh {dict(mesh.shape)}): choose a multiple of {dp}")
-
-
-def place_batch(batch: Mapping[str, Any], mesh: Mesh | None, what: str = "batch size") -> Any:
-    """``batch`` with its rows split over ``mesh``'s data-parallel axes (unchanged when ``mesh`` is None).
-
-    Args:
-      batch: dict of host arrays with a leading batch axis.
-      mesh: the mesh, or None.
-      what: how the error names the batch size.
-
-    Returns:
-      The batch as sharded ``jax.Array`` s (:func:`jaxunlearn.sharding.shard_batch`), or ``batch``.
-
-    Raises:
-      ValueError: the batch size is not a multiple of the data-parallel size (naming both).
-    """
-    if mesh is None:
-        return batch
-    _check_divisible(int(np.shape(next(iter(batch.values())))[0]), mesh, what)
-    return sh.shard_batch(batch, mesh)
-
-
-def _on_mesh(tree: Any, mesh: Mesh | None) -> Any:
-    """Leaves already on a mesh keep their sharding; the others are replicated over ``mesh``."""
-    if mesh is None:
-        return tree
-    rep = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding)
-                        else jax.device_put(x, rep), tree)
+    """The mesh a run uses (:func:`jaxunlearn.placement.resolve_mesh`): ``ctx.mesh``, else the
+    mesh the parameters are sharded on, else the one set by ``jax.set_mesh``, else None."""
+    return resolve_mesh(ctx.mesh, ctx.params)
 
 
 def importance_loss(ctx: UnlearnContext) -> Callable:
@@ -181,9 +140,9 @@ def finetune_on_forget(ctx: UnlearnContext, cfg: FinetuneConfig | Mapping) -> An
     step = make_train_step(ctx.apply_fn, tx)
     mesh = context_mesh(ctx)
     bs = min(tcfg.batch_size, len(ctx.forget["input_ids"]))
-    _check_divisible(bs, mesh, "fine-tuning batch size")
-    params = _on_mesh(jax.tree.map(jnp.copy, ctx.params), mesh)
-    state = _on_mesh(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), mesh)
+    check_batch_size(bs, mesh, "fine-tuning batch size")
+    params = replicate_unplaced(jax.tree.map(jnp.copy, ctx.params), mesh)
+    state = replicate_unplaced(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), mesh)
     for s in range(tcfg.steps):
         state, _ = step(state, place_batch(batch_at(ctx.forget, bs, s, ctx.seed), mesh))
     return state.params
@@ -255,18 +214,18 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
     mesh = context_mesh(ctx)
     bf = min(cfg.batch_size, len(ctx.forget["input_ids"]))
     br = cfg.retain_batch_size or bf
-    _check_divisible(bf, mesh, "forget batch size")
+    check_batch_size(bf, mesh, "forget batch size")
     if ucfg.uses_retain:
-        _check_divisible(br, mesh, "retain batch size")
+        check_batch_size(br, mesh, "retain batch size")
     record = run_record(ctx, cfg) if checkpoint_dir is not None else None
     mask = None
     if cfg.salun_fraction:
         loss = importance_loss(ctx)
         sal = grad_importance(loss, ctx.params, importance_batches(ctx.forget, 32, seed=ctx.seed), kind="abs_sum")
         mask = jax.tree.map(lambda m: m.astype(jnp.float32), salun_mask(sal, fraction=cfg.salun_fraction))
-        mask = _on_mesh(mask, mesh)
+        mask = replicate_unplaced(mask, mesh)
     unlearner = ucfg.build(ctx.apply_fn, mask=mask)  # the mask enters once: init and step share the optimizer
-    fresh: UnlearnState = _on_mesh(unlearner.init(ctx.params), mesh)
+    fresh: UnlearnState = replicate_unplaced(unlearner.init(ctx.params), mesh)
     with ResumableRun(checkpoint_dir, record, fresh, checkpoint_every=checkpoint_every) as run:
         state = run.state
         for s in range(int(state.step), ucfg.steps):
@@ -319,7 +278,7 @@ def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_d
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     mesh = context_mesh(ctx)
     if mesh is not None:
-        ctx = dataclasses.replace(ctx, params=_on_mesh(ctx.params, mesh))
+        ctx = dataclasses.replace(ctx, params=replicate_unplaced(ctx.params, mesh))
     if isinstance(cfg, TaskVectorMethod):
         tau = task_vector(finetune_on_forget(ctx, cfg.finetune), ctx.params)
         return apply_task_vector(ctx.params, tau, -cfg.alpha)

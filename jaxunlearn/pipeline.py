@@ -25,6 +25,7 @@ from jaxunlearn.data.tokenizer import benchmark_texts
 from jaxunlearn.eval.runner import evaluate_encoded
 from jaxunlearn.models import Decoder, DecoderFn, ModelConfig
 from jaxunlearn.outputs import write_json_atomic  # noqa: F401 - re-exported (experiments use it)
+from jaxunlearn.placement import resolve_mesh
 from jaxunlearn.sharding import shard_params
 from jaxunlearn.train import TrainConfig, train
 
@@ -136,9 +137,7 @@ def train_pair(cfg: DemoConfig, data: PreparedData, *, progress: bool = True,
     Returns:
       ``{"target": (model, history), "reference": (model, history)}``.
     """
-    if mesh is None:
-        ambient = jax.sharding.get_mesh()
-        mesh = None if ambient.empty else ambient
+    mesh = resolve_mesh(mesh)
     mcfg = model_config_for(cfg, data.tokenizer, data.max_length)
     e = data.encoded
     sets = {

@@ -60,6 +60,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxunlearn import sharding as sh
 from jaxunlearn import tree as jt
+from jaxunlearn.placement import mesh_of
 
 PyTree = Any
 
@@ -251,15 +252,6 @@ def scan_chunks(body: Callable[[Any, Mapping[str, Any]], Any], init: Any, data: 
 # ---------------------------------------------------------------- placement and data parallelism
 
 
-def _mesh_of(tree: PyTree) -> Mesh | None:
-    """The mesh of the first leaf of ``tree`` that is a concrete array with a ``NamedSharding``."""
-    for x in jax.tree.leaves(tree):
-        s = getattr(x, "sharding", None)
-        if isinstance(s, NamedSharding) and not isinstance(x, jax.core.Tracer) and isinstance(s.mesh, Mesh):
-            return s.mesh
-    return None
-
-
 def placement(mesh: Mesh | None, params: PyTree, examples: PyTree, name: str
               ) -> tuple[Mesh | None, tuple[P, ...] | None]:
     """``(mesh, PartitionSpec per params leaf)`` of a call, or ``(None, None)`` (unsharded).
@@ -273,7 +265,7 @@ def placement(mesh: Mesh | None, params: PyTree, examples: PyTree, name: str
       ValueError: a params leaf sharded on a different mesh.
     """
     if mesh is None:
-        mesh = _mesh_of(params) or _mesh_of(examples)
+        mesh = mesh_of(params) or mesh_of(examples)
         if mesh is None:
             return None, None
     elif not isinstance(mesh, Mesh):

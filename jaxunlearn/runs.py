@@ -32,7 +32,7 @@ import numpy as np
 from jaxunlearn import checkpoint as ckpt
 from jaxunlearn import tree as jt
 from jaxunlearn.outputs import write_json_atomic
-from jaxunlearn.sharding import is_main_process
+from jaxunlearn.multihost import gather_to_host, is_main_process
 
 __all__ = ["RUN_RECORD_FILE", "array_digest", "params_digest", "check_run_record", "ResumableRun"]
 
@@ -63,11 +63,7 @@ def params_digest(params: Any) -> str:
     Leaves spread over several processes are all-gathered first (a collective: every process
     of a multi-process run must call it).
     """
-    leaves = jt.leaves_with_paths(params)
-    if not all(getattr(x, "is_fully_addressable", True) for _, x in leaves):
-        from jax.experimental import multihost_utils
-
-        leaves = jt.leaves_with_paths(multihost_utils.process_allgather(params, tiled=True))
+    leaves = jt.leaves_with_paths(gather_to_host(params))
     return array_digest({p: jax.device_get(x) for p, x in leaves})
 
 

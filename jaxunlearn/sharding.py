@@ -25,10 +25,8 @@ module only decides *where* things live:
   state) like the parameters, matching leaves by path suffix and shape;
   :func:`init_opt_state` creates an optax state directly in place.
 - :func:`batch_sharding` / :func:`shard_batch`: the batch axis over the data-parallel
-  axes ``("data", "fsdp")``; :func:`process_local_batch` assembles a global batch
-  from each process's own rows (``jax.make_array_from_process_local_data``).
-- :func:`initialize` wraps ``jax.distributed.initialize()``; :func:`is_main_process`
-  says whether this process writes results (process 0 only).
+  axes ``("data", "fsdp")`` (multi-process runs: :mod:`jaxunlearn.multihost`);
+  :mod:`jaxunlearn.placement` places a run's batches and state on the mesh it resolves.
 - :func:`sharded_orthogonal_projection`: the projection core
   (:func:`jaxunlearn.projection.project_tree`) run per shard under ``jax.shard_map``, the
   ``k x k`` Gram matrix and the ``k`` dot products ``psum`` -ed across shards.
@@ -48,7 +46,6 @@ Example (8 devices, e.g. ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` 
 from __future__ import annotations
 
 import math
-import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -82,10 +79,8 @@ __all__ = [
     "data_axes",
     "data_parallel_size",
     "batch_sharding",
+    "check_batch_rows",
     "shard_batch",
-    "process_local_batch",
-    "initialize",
-    "is_main_process",
     "sharded_orthogonal_projection",
 ]
 
@@ -442,7 +437,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
 
 
-def _check_batch_rows(batch: PyTree, per: int, name: str) -> None:
+def check_batch_rows(batch: PyTree, per: int, name: str) -> None:
+    """Raise ``ValueError`` (prefixed ``name``) for a batch without arrays, a scalar leaf, or a leaf
+    whose row count ``per`` (the batch shards) does not divide, naming the leaf."""
     leaves = jt.leaves_with_paths(batch)
     if not leaves:
         raise ValueError(f"{name}: the batch has no arrays")
@@ -469,88 +466,8 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
     Raises:
       ValueError: a scalar leaf, or a batch size not divisible by :func:`data_parallel_size`.
     """
-    _check_batch_rows(batch, data_parallel_size(mesh), "shard_batch")
+    check_batch_rows(batch, data_parallel_size(mesh), "shard_batch")
     return jax.device_put(batch, batch_sharding(mesh))
-
-
-def process_local_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
-    """Assemble a global batch from each process's own rows (multi-host data loading).
-
-    Process ``i`` passes the rows it loaded; the global batch is their concatenation in
-    process order, sharded by :func:`batch_sharding` (``jax.make_array_from_process_local_data``).
-    With one process this is :func:`shard_batch`.
-
-    Args:
-      local_batch: pytree of host arrays; leading axis = this process's rows.
-      mesh: the global mesh.
-
-    Returns:
-      Global ``jax.Array`` s of ``process_count * local rows`` rows.
-
-    Raises:
-      ValueError: as :func:`shard_batch`, for the local rows against this process's
-        share of the batch shards.
-    """
-    per = max(1, data_parallel_size(mesh) // jax.process_count())
-    _check_batch_rows(local_batch, per, "process_local_batch")
-    sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
-
-
-# ---------------------------------------------------------------- multi-host
-
-
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, **kwargs) -> bool:
-    """Start the JAX distributed runtime (``jax.distributed.initialize``) when there is one to join.
-
-    Call it first thing in a multi-host program (before any other JAX call). It is a
-    no-op returning False when already initialised (returns True then), when
-    ``num_processes == 1``, or when it is called without arguments outside a cluster JAX
-    can detect (no ``JAX_COORDINATOR_ADDRESS``, Slurm, Open MPI or TPU pod): a single process.
-    On CPU the cross-process collectives are JAX's default, gloo
-    (``jax_cpu_collectives_implementation``).
-
-    Args:
-      coordinator_address: ``host:port`` of process 0's coordinator service.
-      num_processes: number of processes.
-      process_id: this process's index in ``[0, num_processes)``.
-      **kwargs: passed to ``jax.distributed.initialize`` (``local_device_ids``,
-        ``initialization_timeout``, ...).
-
-    Returns:
-      Whether the distributed runtime is (now) initialised.
-
-    Raises:
-      ValueError / RuntimeError: from ``jax.distributed.initialize`` when arguments were
-        given (e.g. after the backend is already in use).
-    """
-    if jax.distributed.is_initialized():
-        return True
-    if num_processes == 1:
-        return False
-    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
-    if not explicit and "JAX_COORDINATOR_ADDRESS" not in os.environ and _backend_started():
-        return False  # this process already computes on its own: a single-process run
-    try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
-    except ValueError as e:
-        if explicit or "coordinator_address" not in str(e):
-            raise
-        return False  # nothing to join: a single process
-    return True
-
-
-def _backend_started() -> bool:
-    """Whether the XLA backend is already in use (then ``jax.distributed`` can no longer start)."""
-    from jax._src import xla_bridge  # no public equivalent in jax 0.10
-
-    return xla_bridge.backends_are_initialized()
-
-
-def is_main_process() -> bool:
-    """Whether this is process 0, the one that writes results, logs and plots."""
-    return jax.process_index() == 0
 
 
 # ---------------------------------------------------------------- sharded projection

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from jaxunlearn import tree as jt
 from jaxunlearn.models.functional import DecoderFn, answer_loss
+from jaxunlearn.placement import mesh_of
 from jaxunlearn.runs import ResumableRun, array_digest, params_digest
 from jaxunlearn.sharding import jit_keeping_state_sharding, shard_batch
 from jaxunlearn.validate import check_float, check_int
@@ -144,14 +145,6 @@ def batch_at(data: Mapping[str, np.ndarray], batch_size: int, step: int, seed: i
     return {k: np.asarray(data[k])[idx] for k in BATCH_KEYS}
 
 
-def _mesh_of(tree) -> jax.sharding.Mesh | None:
-    for x in jax.tree.leaves(tree):
-        sharding = getattr(x, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            return sharding.mesh
-    return None
-
-
 def train_record(params: Any, data: Mapping[str, np.ndarray], cfg: TrainConfig) -> dict[str, Any]:
     """What identifies a training run, as stored in :data:`jaxunlearn.runs.RUN_RECORD_FILE`.
 
@@ -205,7 +198,7 @@ def train(
     record = train_record(params, data, cfg) if checkpoint_dir else None
     params = jax.tree.map(jnp.copy, params)  # the step donates its state: keep the caller's model alive
     if mesh is None:
-        mesh = _mesh_of(params)
+        mesh = mesh_of(params)
     tx = make_optimizer(cfg)
     fresh = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     step_fn = make_train_step(fn, tx)

@@ -32,8 +32,7 @@ from jaxunlearn.unlearn_step import (METHODS, RETAIN_LOSSES, Unlearner, UnlearnS
                                      retain_loss_fn, unlearner)
 
 __all__ = ["METHODS", "RETAIN_LOSSES", "UnlearnConfig", "UnlearnState", "Unlearner", "unlearner",
-           "forget_loss_fn", "retain_loss_fn", "make_unlearn_optimizer", "make_unlearn_step",
-           "init_unlearn_state"]
+           "forget_loss_fn", "retain_loss_fn"]
 
 OPTIMIZERS = ("adamw", "sgd")
 _NEEDS_REF = ("npo",)
@@ -229,27 +228,3 @@ def _validate_unlearn_config(cfg: UnlearnConfig) -> None:
     if cfg.saf and cfg.sam_rho > 0:
         raise ValueError("UnlearnConfig.saf=True already includes a SAM-style perturbation: set sam_rho=0 "
                          f"(got sam_rho={cfg.sam_rho!r})")
-
-
-# ---------------------------------------------------------------- thin wrappers
-
-
-def make_unlearn_optimizer(cfg: UnlearnConfig, mask: Any = None) -> optax.GradientTransformationExtraArgs:
-    """``cfg.transform(mask)`` (kept for existing callers; see :meth:`UnlearnConfig.transform`)."""
-    return cfg.transform(mask)
-
-
-def make_unlearn_step(apply_fn: Callable, cfg: UnlearnConfig, *, mask: Any = None,
-                      forget_loss: Callable | None = None) -> Callable:
-    """``cfg.build(apply_fn, mask=mask, forget_loss=forget_loss).step`` (kept for existing callers).
-
-    Pair it with an initial state from the same ``mask`` (:func:`init_unlearn_state`), or use
-    :meth:`UnlearnConfig.build`, whose ``init`` and ``step`` share one optimizer.
-    """
-    return cfg.build(apply_fn, mask=mask, forget_loss=forget_loss).step
-
-
-def init_unlearn_state(params, cfg: UnlearnConfig, mask: Any = None) -> UnlearnState:
-    """``UnlearnState(0, copy of params, cfg.transform(mask).init(params))`` (kept for existing
-    callers; :meth:`UnlearnConfig.build`'s ``init`` is the same)."""
-    return _init_state(cfg.transform(mask), params)

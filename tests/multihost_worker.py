@@ -48,25 +48,27 @@ def run(forget, retain, mesh=None):
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
 
+    from jaxunlearn import multihost as mh
     from jaxunlearn import sharding as sh
     from jaxunlearn import tree as jt
     from jaxunlearn.fisher import fisher_diagonal
-    from jaxunlearn.unlearn import UnlearnState, make_unlearn_optimizer, make_unlearn_step
+    from jaxunlearn.unlearn import UnlearnState
 
     apply, params, _, _, example_loss, ucfg = build()
-    tx = make_unlearn_optimizer(ucfg)
+    u = ucfg.build(apply)
+    tx = u.tx
     if mesh is None:
         fb, rb = forget, retain
         state = UnlearnState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), tx.init(params))
         ref = params
     else:
         ref = sh.shard_params(params, mesh)
-        fb, rb = sh.process_local_batch(forget, mesh), sh.process_local_batch(retain, mesh)
+        fb, rb = mh.process_local_batch(forget, mesh), mh.process_local_batch(retain, mesh)
         # a copy: the step donates its state, and shard_params of the same arrays may alias ref
         state = UnlearnState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, sh.shard_params(params, mesh)),
                              sh.init_opt_state(tx, ref, mesh))
     fisher = fisher_diagonal(example_loss, ref, [fb], method="vmap")
-    new, metrics = make_unlearn_step(apply, ucfg)(state, fb, rb, ref)
+    new, metrics = u.step(state, fb, rb, ref)
     out = {"fisher": fisher, "params": new.params, "metrics": metrics}
     if mesh is not None:
         out = multihost_utils.process_allgather(out, tiled=True)  # full arrays on every process
@@ -75,9 +77,10 @@ def run(forget, retain, mesh=None):
 
 def main(argv):
     process_id, num_processes, port, out_path = int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    from jaxunlearn import multihost as mh
     from jaxunlearn import sharding as sh
 
-    assert sh.initialize(f"127.0.0.1:{port}", num_processes, process_id, initialization_timeout=60,
+    assert mh.initialize(f"127.0.0.1:{port}", num_processes, process_id, initialization_timeout=60,
                          heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
     import jax
 
@@ -87,7 +90,7 @@ def main(argv):
     rows = slice(process_id * B // num_processes, (process_id + 1) * B // num_processes)
     local = lambda b: {k: v[rows] for k, v in b.items()}  # noqa: E731 - this process's own rows
     result = run(local(forget), local(retain), mesh)
-    if sh.is_main_process():
+    if mh.is_main_process():
         np.savez(out_path, **result)
     jax.distributed.shutdown()
 

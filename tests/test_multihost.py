@@ -1,6 +1,6 @@
 """Two processes on loopback, 4 CPU devices each, one global 8-device mesh == one process.
 
-Each process runs tests/multihost_worker.py: ``jaxunlearn.sharding.initialize`` on
+Each process runs tests/multihost_worker.py: ``jaxunlearn.multihost.initialize`` on
 ``127.0.0.1:<free port>`` (CPU cross-process collectives: gloo, JAX 0.10's default
 ``jax_cpu_collectives_implementation``), a ``fsdp=4,tp=2`` mesh spanning both processes,
 process-local rows of the forget / retain batches, the diagonal Fisher and one NPO +

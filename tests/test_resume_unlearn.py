@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxunlearn import sharding as sh
 from jaxunlearn.checkpoint import latest_step, save_pytree
 from jaxunlearn.method_configs import method_config_to_dict
-from jaxunlearn.methods import UnlearnContext, context_mesh, place_batch, run_method
+from jaxunlearn.methods import UnlearnContext, context_mesh, run_method
+from jaxunlearn.placement import place_batch
 from jaxunlearn.runs import RUN_RECORD_FILE
 from toy_lm import bigram_apply as apply
 from toy_lm import bigram_params, lm_batch

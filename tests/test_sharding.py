@@ -21,13 +21,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxunlearn import checkpoint as ckpt
 from jaxunlearn import sharding as sh
+from jaxunlearn.multihost import initialize, is_main_process, process_local_batch
 from jaxunlearn import tree as jt
 from jaxunlearn.fisher import fisher_diagonal
 from jaxunlearn.losses import sequence_nll
 from jaxunlearn.models import Decoder, DecoderFn, ModelConfig, answer_loss
 from jaxunlearn.projection import orthogonal_projection
 from jaxunlearn.task_vector import perta
-from jaxunlearn.unlearn import UnlearnConfig, UnlearnState, make_unlearn_optimizer, make_unlearn_step
+from jaxunlearn.unlearn import UnlearnConfig, UnlearnState
 from toy_lm import lm_batch
 
 MESHES = ["fsdp=8", "fsdp=4,tp=2", "fsdp=2,tp=4"]
@@ -77,7 +78,8 @@ class _Setup:
     def unlearn_step(self, params, mesh):
         cfg = self.ucfg
         state = UnlearnState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), optax.EmptyState())
-        tx = make_unlearn_optimizer(cfg)
+        u = cfg.build(self.apply)
+        tx = u.tx
         ref = params
         fb, rb = self.forget, self.retain
         if mesh is None:
@@ -85,8 +87,7 @@ class _Setup:
         else:
             state = state._replace(opt_state=sh.init_opt_state(tx, state.params, mesh))
             fb, rb = sh.shard_batch(fb, mesh), sh.shard_batch(rb, mesh)
-        step = make_unlearn_step(self.apply, cfg)
-        new, metrics = step(state, fb, rb, ref)
+        new, metrics = u.step(state, fb, rb, ref)
         return new.params, metrics
 
 
@@ -253,16 +254,16 @@ def test_batch_sharding():
     with pytest.raises(ValueError, match="'input_ids' has 6 rows, not divisible by 4"):
         sh.shard_batch({"input_ids": x[:6]}, mesh)
     # one process: the process-local batch is the global batch
-    lb = sh.process_local_batch({"input_ids": x}, mesh)["input_ids"]
+    lb = process_local_batch({"input_ids": x}, mesh)["input_ids"]
     np.testing.assert_array_equal(np.asarray(lb), x)
     assert lb.sharding.is_equivalent_to(b.sharding, 2)
     assert sh.batch_sharding(sh.make_mesh("tp=8")).spec == P()
 
 
 def test_initialize_single_process_is_noop():
-    assert sh.initialize() is False
-    assert sh.initialize(num_processes=1) is False
-    assert sh.is_main_process()
+    assert initialize() is False
+    assert initialize(num_processes=1) is False
+    assert is_main_process()
 
 
 # ---------------------------------------------------------------- sharded == unsharded

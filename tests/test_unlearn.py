@@ -9,7 +9,7 @@ from jaxunlearn.estimators import plain_estimator, saf_estimator, sam_estimator
 from jaxunlearn.losses import mean_token_nll, sequence_nll
 from jaxunlearn.projection import orthogonal_projection, project_orthogonal
 from jaxunlearn.saliency import masked_updates
-from jaxunlearn.unlearn import (UnlearnConfig, UnlearnState, forget_loss_fn, init_unlearn_state, make_unlearn_step,
+from jaxunlearn.unlearn import (UnlearnConfig, UnlearnState, forget_loss_fn,
                                 retain_loss_fn, unlearner)
 from toy_lm import bigram_apply as apply
 from toy_lm import bigram_params, lm_batch
@@ -177,17 +177,6 @@ def test_composed_unlearner_equals_the_preset(variant):
     s2, m2 = _run(composed, p, fb, rb, ref)
     _assert_trees_equal(s1, s2)
     _assert_trees_equal(m1, m2)
-
-
-def test_thin_wrappers_are_the_preset():
-    p, fb = _params(), _batch(4, 1)
-    mask = jax.tree.map(lambda x: (jnp.arange(x.size).reshape(x.shape) % 2).astype(jnp.float32), p)
-    cfg = UnlearnConfig(method="ga", learning_rate=0.05)
-    built, _ = _run(cfg.build(apply, mask=mask), p, fb, None, None, steps=2)
-    state, step = init_unlearn_state(p, cfg, mask), make_unlearn_step(apply, cfg, mask=mask)
-    for _ in range(2):
-        state, _ = step(state, fb)
-    _assert_trees_equal(built, state)
 
 
 def test_custom_forget_loss_retain_loss_estimator_and_transform():
