@@ -11,12 +11,17 @@ keys (a typo'd ``batchsize`` is an error with a suggestion, not a silently-run d
 no missing required keys, and that every value has the field's type and range; each error
 names the source (file) and the key path (``unlearn.learning_rate``). Kinds:
 
-- ``task_vector`` (:class:`TaskVectorMethod`): ``theta_0 - alpha * (theta_ft - theta_0)``,
+- ``task_vector`` (:class:`TaskVectorMethod`): ``theta_0 - scale * (theta_ft - theta_0)``,
   ``theta_ft`` the target fine-tuned on the forget set (:class:`FinetuneConfig`).
 - ``perta`` (:class:`PertaMethod`): ``theta_0 - strength * (w * tau)``,
   ``w = I_f / (I_f + retain_scale * I_r + eps)`` with Fisher or gradient importances.
 - ``ssd`` (:class:`SSDMethod`): selective synaptic dampening, ``theta_i *= min(lam I_D/I_f, 1)``
-  where ``I_f > alpha I_D``.
+  where ``I_f > threshold I_D``.
+
+Each name means one thing across kinds: ``alpha`` is only the retain-loss weight of gradient
+methods (``unlearn.alpha``); the negation scale is ``scale``, SSD's selection threshold
+``threshold`` (the paper's alpha). A config using a renamed key gets an error that names its
+new name.
 - ``gradient`` (:class:`GradientMethod`): an :class:`~jaxunlearn.unlearn.UnlearnConfig` run
   on forget (and retain) batches, optionally under a SalUn mask (``salun_fraction``).
 """
@@ -78,15 +83,15 @@ class TaskVectorMethod:
 
     Attributes:
       finetune: how ``theta_ft`` is obtained from the target.
-      alpha: negation scale (> 0) in ``theta_0 - alpha * tau``.
+      scale: negation scale (> 0) in ``theta_0 - scale * tau``.
     """
 
     finetune: FinetuneConfig
-    alpha: float
+    scale: float
     kind: str = dataclasses.field(default="task_vector", init=False)
 
     def __post_init__(self):
-        check_float("TaskVectorMethod", "alpha", self.alpha, min=0.0, min_exclusive=True)
+        check_float("TaskVectorMethod", "scale", self.scale, min=0.0, min_exclusive=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +128,14 @@ class SSDMethod:
     """Selective synaptic dampening (Foster et al., 2024) with importances on forget and all data.
 
     Attributes:
-      alpha: selection threshold (> 0): parameter i is dampened iff ``I_f,i > alpha I_D,i``.
-      lam: dampening constant (> 0) in ``min(lam I_D,i / I_f,i, 1)``.
+      threshold: selection threshold (> 0; the paper's alpha): parameter i is dampened iff
+        ``I_f,i > threshold I_D,i``.
+      lam: dampening constant (> 0; the paper's lambda) in ``min(lam I_D,i / I_f,i, 1)``.
       importance, grad_kind, importance_batch_size, max_importance_examples: as in
         :class:`PertaMethod`.
     """
 
-    alpha: float = 10.0
+    threshold: float = 10.0
     lam: float = 1.0
     importance: str = "fisher"
     grad_kind: str = "squared_mean"
@@ -138,7 +144,7 @@ class SSDMethod:
     kind: str = dataclasses.field(default="ssd", init=False)
 
     def __post_init__(self):
-        check_float("SSDMethod", "alpha", self.alpha, min=0.0, min_exclusive=True)
+        check_float("SSDMethod", "threshold", self.threshold, min=0.0, min_exclusive=True)
         check_float("SSDMethod", "lam", self.lam, min=0.0, min_exclusive=True)
         _check_importance("SSDMethod", self)
 
@@ -177,6 +183,10 @@ METHOD_KINDS: dict[str, type] = {"task_vector": TaskVectorMethod, "perta": Perta
 """``kind`` -> its config dataclass."""
 
 
+_RENAMED = {"TaskVectorMethod": {"alpha": "scale"}, "SSDMethod": {"alpha": "threshold"}}
+"""Keys renamed so that one name means one thing (``alpha``: the retain weight of gradient methods)."""
+
+
 def _dataclass_of(hint) -> type | None:
     """The dataclass in a field's type hint (``X`` or ``X | None``), or None."""
     if dataclasses.is_dataclass(hint):
@@ -197,6 +207,8 @@ def _build(cls: type, obj: Any, source: str, prefix: str) -> Any:
         if key not in fields and not (key == "kind" and not prefix):
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
+            if key in _RENAMED.get(cls.__name__, {}):
+                hint = f"; it is called '{_RENAMED[cls.__name__][key]}' now"
             raise ValueError(f"{source}: unknown key '{prefix}{key}' for {cls.__name__} "
                              f"(known: {', '.join(sorted(fields))}){hint}")
     kwargs = {}

@@ -5,7 +5,7 @@ encoded forget and retain data) and a plain-dict configuration (as read from
 ``experiments/configs/<name>.json``) and returns unlearned parameters. Families:
 
 - ``task_vector``: fine-tune the target on the forget set to ``theta_ft``, then
-  ``theta_0 - alpha * (theta_ft - theta_0)`` (Ilharco et al., 2023).
+  ``theta_0 - scale * (theta_ft - theta_0)`` (Ilharco et al., 2023).
 - ``perta``: the same task vector rescaled per parameter,
   ``theta_0 - strength * w * tau``, ``w = I_f / (I_f + a I_r + eps)`` with ``I`` the
   diagonal Fisher (``importance="fisher"``) or gradient importances (``"grad"``).
@@ -281,13 +281,13 @@ def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_d
         ctx = dataclasses.replace(ctx, params=replicate_unplaced(ctx.params, mesh))
     if isinstance(cfg, TaskVectorMethod):
         tau = task_vector(finetune_on_forget(ctx, cfg.finetune), ctx.params)
-        return apply_task_vector(ctx.params, tau, -cfg.alpha)
+        return apply_task_vector(ctx.params, tau, -cfg.scale)
     if isinstance(cfg, PertaMethod):
         tau = task_vector(finetune_on_forget(ctx, cfg.finetune), ctx.params)
         i_f, i_r = importances(ctx, cfg, "retain")
         return perta(ctx.params, tau, i_f, i_r, strength=cfg.strength, retain_scale=cfg.retain_scale)
     if isinstance(cfg, SSDMethod):
         i_f, i_d = importances(ctx, cfg, "full")
-        return ssd(ctx.params, i_f, i_d, alpha=cfg.alpha, lam=cfg.lam)
+        return ssd(ctx.params, i_f, i_d, alpha=cfg.threshold, lam=cfg.lam)
     return _run_gradient(ctx, cfg, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          callback=callback)

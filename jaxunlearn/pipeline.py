@@ -28,6 +28,7 @@ from jaxunlearn.outputs import write_json_atomic  # noqa: F401 - re-exported (ex
 from jaxunlearn.placement import resolve_mesh
 from jaxunlearn.sharding import shard_params
 from jaxunlearn.train import TrainConfig, train
+from jaxunlearn.validate import check_choice, check_int
 
 __all__ = [
     "DemoConfig",
@@ -56,6 +57,15 @@ class DemoConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     train: TrainConfig = TrainConfig(steps=900, batch_size=64, learning_rate=3e-3, warmup_steps=100)
+
+    def __post_init__(self):
+        check_int("DemoConfig", "seed", self.seed, min=0)
+        for name in ("num_people", "num_general", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads"):
+            check_int("DemoConfig", name, getattr(self, name), min=1)
+        check_choice("DemoConfig", "forget_split", self.forget_split, ("forget01", "forget05", "forget10"))
+        if not isinstance(self.train, TrainConfig):
+            raise TypeError(f"DemoConfig.train must be a TrainConfig, got {type(self.train).__name__}")
 
 
 @dataclasses.dataclass

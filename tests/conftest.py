@@ -25,18 +25,23 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "standard")
 
 
-# The end-to-end tier (models trained or loaded from disk, whole commands, several processes, compiler
-# lowering for every platform): `make test` runs it, `make test-fast` (pytest -m "not slow") leaves it out.
+# The slow tier (models trained or loaded from disk, whole commands, several processes, compiler
+# lowering for every platform, sharded-vs-unsharded runs on every mesh shape): `make test` runs it,
+# `make test-fast` (pytest -m "not slow", under 3 minutes on 2 cores) leaves it out.
 SLOW_MODULES = {
     "test_cli.py", "test_cli_mesh.py", "test_demo.py", "test_benchmark.py", "test_multihost.py",
     "bad_inputs/test_cli.py", "models/test_hf_parity.py", "kernels/test_lowering.py",
+    "test_sharding.py", "test_fisher_sharded.py", "test_fisher_fused.py", "test_resume_unlearn.py",
+    "test_projection_kernel_integration.py", "eval/test_eval_runner.py", "kernels/test_fisher_kernel.py",
 }
+SLOW_TESTS = {"test_methods.py::test_perta_fisher_on_a_decoder_runs_the_fused_fisher"}
 
 
 def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(__file__)
     for item in items:
-        if os.path.relpath(str(item.path), here) in SLOW_MODULES:
+        module = os.path.relpath(str(item.path), here)
+        if module in SLOW_MODULES or f"{module}::{item.originalname}" in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
 
 
@@ -50,3 +55,36 @@ def _seed():
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+# One trained tiny target/reference pair for the whole session (the end-to-end tests of the CLI
+# and the benchmark share it instead of each training their own).
+def tiny_demo_config():
+    """The shared pair's configuration: 10 people, a 2-layer d-32 decoder, 60 training steps."""
+    from jaxunlearn.pipeline import DemoConfig
+    from jaxunlearn.train import TrainConfig
+
+    return DemoConfig(num_people=10, num_general=10, vocab_size=200, hidden_size=32, intermediate_size=64,
+                      num_heads=2, num_kv_heads=1,
+                      train=TrainConfig(steps=60, batch_size=16, learning_rate=1e-2, warmup_steps=5))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """``SimpleNamespace(cfg, data, trained, dir)``: the prepared benchmark, the trained
+    ``{"target": (model, history), "reference": ...}`` and, under ``dir``, the layout
+    ``jaxunlearn demo`` writes (``data/`` and ``models/{target,reference}``)."""
+    import types
+
+    from jaxunlearn.data import save_benchmark
+    from jaxunlearn.models import save_pretrained
+    from jaxunlearn.pipeline import prepare_data, train_pair
+
+    cfg = tiny_demo_config()
+    data = prepare_data(cfg)
+    trained = train_pair(cfg, data, progress=False)
+    out = tmp_path_factory.mktemp("tiny_pair") / "demo"
+    save_benchmark(out / "data", data.dataset, data.tokenizer)
+    for name, (model, _) in trained.items():
+        save_pretrained(model, out / "models" / name, tokenizer=data.tokenizer)
+    return types.SimpleNamespace(cfg=cfg, data=data, trained=trained, dir=out)

@@ -26,10 +26,10 @@ def configs_dir(tmp_path):
     return d
 
 
-def test_benchmark_end_to_end_toy(tmp_path, configs_dir):
+def test_benchmark_end_to_end_toy(tmp_path, configs_dir, tiny_pair):
     out = tmp_path / "bench"
-    res = run_benchmark(out, cfg=TINY, methods=["npo", "ga_proj"], configs_dir=configs_dir, progress=False,
-                        rouge_examples=4)
+    res = run_benchmark(out, cfg=tiny_pair.cfg, methods=["npo", "ga_proj"], configs_dir=configs_dir, progress=False,
+                        rouge_examples=4, trained=tiny_pair.trained, data=tiny_pair.data)
     saved = json.loads((out / "results.json").read_text())
     assert (out / "forget_vs_utility.png").stat().st_size > 1000
     table = saved["table"]
@@ -45,7 +45,7 @@ def test_benchmark_end_to_end_toy(tmp_path, configs_dir):
     text = format_results_table(res["table"])
     assert text.splitlines()[0].split()[:3] == ["method", "forget_q", "utility"]
     with pytest.raises(FileExistsError):
-        run_benchmark(out, cfg=TINY, methods=["npo"], configs_dir=configs_dir, progress=False)
+        run_benchmark(out, cfg=tiny_pair.cfg, methods=["npo"], configs_dir=configs_dir, progress=False)
 
 
 def test_unknown_method_and_bad_config(tmp_path, configs_dir):

@@ -4,20 +4,13 @@ import numpy as np
 import pytest
 
 from jaxunlearn.cli import main
-from jaxunlearn.demo import run_demo
-from jaxunlearn.pipeline import DemoConfig
 from jaxunlearn.train import TrainConfig
-
-TINY = DemoConfig(num_people=10, num_general=10, vocab_size=200, hidden_size=32, intermediate_size=64,
-                  num_heads=2, num_kv_heads=1,
-                  train=TrainConfig(steps=60, batch_size=16, learning_rate=1e-2, warmup_steps=5))
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "demo"
-    run_demo(str(out), cfg=TINY, progress=False, methods=[])
-    return out
+def demo_dir(tiny_pair):
+    """The layout `jaxunlearn demo` writes, with the session's trained tiny target/reference."""
+    return tiny_pair.dir
 
 
 def test_unlearn_then_eval_with_two_commands(demo_dir, tmp_path, capsys):
@@ -132,7 +125,7 @@ def test_bench_rows_equal_unlearn_then_eval(demo_dir, tmp_path, capsys):
     configs.mkdir()
     (configs / "ga.json").write_text(json.dumps({"kind": "gradient", "batch_size": 8,
                                                  "unlearn": {"method": "ga", "steps": 3, "learning_rate": 1e-2}}))
-    (configs / "task_vector.json").write_text(json.dumps({"kind": "task_vector", "alpha": 1.0, "finetune": {
+    (configs / "task_vector.json").write_text(json.dumps({"kind": "task_vector", "scale": 1.0, "finetune": {
         "steps": 3, "learning_rate": 1e-2, "batch_size": 8}}))
     model, ref, data = (str(demo_dir / "models" / "target"), str(demo_dir / "models" / "reference"),
                         str(demo_dir / "data"))

@@ -36,7 +36,7 @@ FT = {"steps": 3, "learning_rate": 0.05, "batch_size": 4}
 
 def test_task_vector_is_negated_finetuning(ctx):
     ft = finetune_on_forget(ctx, FT)
-    out = run_method(ctx, {"kind": "task_vector", "alpha": 2.0, "finetune": FT})
+    out = run_method(ctx, {"kind": "task_vector", "scale": 2.0, "finetune": FT})
     jax.tree.map(lambda o, p, f: np.testing.assert_allclose(o, p - 2.0 * (f - p), rtol=1e-5, atol=1e-6),
                  out, ctx.params, ft)
     assert float(jt.global_norm(jt.sub(ft, ctx.params))) > 1e-3
@@ -65,7 +65,7 @@ def test_perta_and_ssd_use_the_importances(ctx):
     tau = jt.sub(finetune_on_forget(ctx, FT), ctx.params)
     want = jax.tree.map(lambda p, t, f, r: p - 1.5 * f / (f + r + 1e-12) * t, ctx.params, tau, i_f, i_r)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out, want)
-    scfg = {"kind": "ssd", "alpha": 1.0, "lam": 1.0, "importance_batch_size": 4}
+    scfg = {"kind": "ssd", "threshold": 1.0, "lam": 1.0, "importance_batch_size": 4}
     i_f, i_d = importances(ctx, scfg, "full")
     out = run_method(ctx, scfg)
     want = jax.tree.map(lambda p, f, d: np.where(f > d, p * np.minimum(d / f, 1.0), p), ctx.params, i_f, i_d)
@@ -86,7 +86,7 @@ def test_gradient_kind_with_salun_mask(ctx):
 def test_bad_configs(ctx):
     with pytest.raises(ValueError, match="key 'kind' must be one of .* got 'rmu'"):
         run_method(ctx, {"kind": "rmu"})
-    with pytest.raises(ValueError, match="missing key 'alpha'"):
+    with pytest.raises(ValueError, match="missing key 'scale'"):
         run_method(ctx, {"kind": "task_vector", "finetune": FT})
     with pytest.raises(ValueError, match="importance must be one of .* got 'hessian'"):
         run_method(ctx, {"kind": "ssd", "importance": "hessian"})
