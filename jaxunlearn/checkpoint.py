@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxunlearn import tree as jt
+from jaxunlearn.errors import reason
 
 __all__ = [
     "save_pytree",
@@ -48,26 +49,6 @@ def abstract_like(target: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree.map(one, target)
-
-
-def _reason(exc: BaseException, limit: int = 300) -> str:
-    """A one-line reason for ``exc``: the first line of the innermost error of its chain.
-
-    TensorStore errors wrap the useful sentence (``OUT_OF_RANGE: Error reading "w/0" ...``) in
-    an outer error whose text is a multi-page JSON spec; the spec parts are dropped.
-    """
-    inner, seen = exc, {id(exc)}
-    while True:  # the chain a traceback would print: __cause__, else an unsuppressed __context__
-        nxt = inner.__cause__ if inner.__cause__ is not None else (
-            None if inner.__suppress_context__ else inner.__context__)
-        if nxt is None or id(nxt) in seen:
-            break
-        seen.add(id(nxt))
-        inner = nxt
-    text = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
-    text = text.split(" [tensorstore_spec", 1)[0].split(" See full TensorStore details", 1)[0]
-    text = f"{type(inner).__name__}: {text}" if not text.startswith(type(inner).__name__) else text
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_saveable(tree: Any, what: str) -> None:
@@ -140,13 +121,14 @@ def restore_pytree(path: str | os.PathLike, target: Any = None) -> Any:
             try:
                 return ckptr.restore(path)
             except Exception as e:
-                raise ValueError(f"checkpoint '{path}' is corrupt or incomplete ({_reason(e)})") from None
+                why = reason(e, innermost=True)
+                raise ValueError(f"checkpoint '{path}' is corrupt or incomplete ({why})") from None
         abstract = abstract_like(target)
         try:
             meta = ckptr.metadata(path)
         except Exception as e:
             raise ValueError(f"checkpoint '{path}' is corrupt or not an orbax checkpoint: cannot read its "
-                             f"metadata ({_reason(e)})") from None
+                             f"metadata ({reason(e, innermost=True)})") from None
         stored = getattr(meta, "item_metadata", meta)
         stored = getattr(stored, "tree", stored)
         if stored is None or not jt.leaves_with_paths(stored):
@@ -157,7 +139,7 @@ def restore_pytree(path: str | os.PathLike, target: Any = None) -> Any:
         try:
             return ckptr.restore(path, abstract)
         except Exception as e:
-            raise ValueError(f"checkpoint '{path}' is corrupt or incomplete ({_reason(e)})") from None
+            raise ValueError(f"checkpoint '{path}' is corrupt or incomplete ({reason(e, innermost=True)})") from None
     finally:
         ckptr.close()
 
@@ -268,7 +250,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_target: Any) -> tupl
         try:
             state = manager.restore(step, args=ocp.args.StandardRestore(abstract_target))
         except Exception as e:  # TensorStore raises bare Exception subclasses
-            failed.append((step, _reason(e)))
+            failed.append((step, reason(e, innermost=True)))
             continue
         if failed:
             directory = os.fspath(manager.directory)

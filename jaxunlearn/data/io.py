@@ -41,6 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import transformers
 
+from jaxunlearn.errors import reason
+
 __all__ = ["save_benchmark", "load_benchmark", "load_tofu", "load_tokenizer", "read_json", "TOFU_EVAL_COLUMNS"]
 
 _FORMAT = "jaxunlearn-benchmark"
@@ -50,15 +52,6 @@ _SUFFIXES = (".json", ".jsonl", ".parquet")
 TOFU_EVAL_COLUMNS = ("paraphrased_answer", "perturbed_answer")
 # JSON files of a saved tokenizer that AutoTokenizer may read (checked when loading fails)
 _TOKENIZER_JSON = ("tokenizer.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "config.json")
-
-
-def _reason(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an error's message, at most ``limit`` characters."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-    text = lines.pop(0)
-    while text.endswith(":") and lines:  # "Validation error for field 'x':" / "    TypeError: ..."
-        text += " " + lines.pop(0)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _decode_utf8(raw: bytes, file: Path) -> str:
@@ -116,9 +109,9 @@ def _tokenizer_failure(path: Path, exc: BaseException) -> ValueError:
             try:
                 Tokenizer.from_file(str(f))
             except Exception as e:  # the Rust deserialiser raises plain Exception
-                return ValueError(f"{f} is corrupt ({_reason(e)})")
+                return ValueError(f"{f} is corrupt ({reason(e)})")
     files = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    return ValueError(f"cannot load the tokenizer in {path} (files {files}): {type(exc).__name__}: {_reason(exc)}")
+    return ValueError(f"cannot load the tokenizer in {path} (files {files}): {type(exc).__name__}: {reason(exc)}")
 
 
 def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
@@ -289,10 +282,10 @@ def _saved_splits_failure(data_dir: Path, exc: BaseException) -> ValueError:
                     with pa.memory_map(str(arrow)) as source:
                         pa.ipc.open_stream(source).read_all()
                 except Exception as e:
-                    return ValueError(f"{arrow} is corrupt ({type(e).__name__}: {_reason(e)})")
+                    return ValueError(f"{arrow} is corrupt ({type(e).__name__}: {reason(e)})")
     except ValueError as e:  # from _json_object: names its file
         return e
-    return ValueError(f"cannot load the benchmark data in {data_dir}: {type(exc).__name__}: {_reason(exc)}")
+    return ValueError(f"cannot load the benchmark data in {data_dir}: {type(exc).__name__}: {reason(exc)}")
 
 
 # --- TOFU ------------------------------------------------------------------------------------
@@ -322,7 +315,7 @@ def _read_rows(file: Path) -> list:
         try:
             return pq.read_table(file).to_pylist()
         except (pa.ArrowException, OSError) as e:  # ArrowInvalid: bad magic bytes, truncated footer
-            raise ValueError(f"{file} is corrupt (not a readable parquet file: {_reason(e)})") from None
+            raise ValueError(f"{file} is corrupt (not a readable parquet file: {reason(e)})") from None
     return _read_json_rows(file)
 
 

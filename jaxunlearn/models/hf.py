@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxunlearn.errors import reason
 from jaxunlearn.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from jaxunlearn.models.decoder import Decoder
 from jaxunlearn.outputs import umask_mode
@@ -133,15 +134,6 @@ def _check_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def _reason(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an error's message (``transformers`` and Rust errors can be long)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-    text = lines.pop(0)
-    while text.endswith(":") and lines:  # "Validation error for field 'x':" / "    TypeError: ..."
-        text += " " + lines.pop(0)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _is_remote_code_refusal(exc: BaseException) -> bool:
     """Whether ``transformers`` refused to run a directory's custom code (``trust_remote_code=False``)."""
     return isinstance(exc, ValueError) and "trust_remote_code" in str(exc)
@@ -191,11 +183,11 @@ def load_config(path: str | os.PathLike, *, dtype: str | None = None,
                 f"{cfg_file} asks for custom code (auto_map {raw.get('auto_map')!r}): code from a "
                 "checkpoint directory is never run (trust_remote_code=False)"
             ) from None
-        raise ValueError(f"{cfg_file} is invalid ({_reason(e)})") from None
+        raise ValueError(f"{cfg_file} is invalid ({reason(e)})") from None
     try:
         return ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
     except (ValueError, TypeError, KeyError, ArithmeticError) as e:
-        msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {_reason(e)}"
+        msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {reason(e)}"
         raise ValueError(f"{cfg_file}: {msg}") from None
 
 
@@ -236,7 +228,7 @@ def _iter_tensors(path: Path) -> Iterator[tuple[str, Any, Path]]:
         try:
             handle = safe_open(str(fp), framework="np")
         except Exception as e:  # SafetensorError: bad header, truncated file
-            raise ValueError(f"{fp} is corrupt ({_reason(e)})") from None
+            raise ValueError(f"{fp} is corrupt ({reason(e)})") from None
         with handle as f:
             keys = list(f.keys())
             for k in keys:
@@ -270,7 +262,7 @@ def _read_tensor(handle: Any, name: str, fp: Path) -> np.ndarray:
     try:
         arr = np.asarray(handle.get_tensor(name))
     except Exception as e:
-        raise ValueError(f"{fp} is corrupt: cannot read tensor '{name}' ({_reason(e)})") from None
+        raise ValueError(f"{fp} is corrupt: cannot read tensor '{name}' ({reason(e)})") from None
     bad = _first_nonfinite(arr)
     if bad is not None:
         raise ValueError(f"tensor '{name}' in {fp} holds {bad} values: refusing to load a corrupt or "
@@ -340,7 +332,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
         try:
             shape = tuple(handle.get_slice(name).get_shape())
         except Exception as e:
-            raise ValueError(f"{fp} is corrupt: cannot read tensor '{name}' ({_reason(e)})") from None
+            raise ValueError(f"{fp} is corrupt: cannot read tensor '{name}' ({reason(e)})") from None
         hf_want = want[::-1] if transpose else want
         if shape != hf_want:
             raise ValueError(f"tensor '{name}' in {fp.name} has shape {shape}, expected {hf_want} from config.json")
