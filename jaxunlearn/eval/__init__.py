@@ -1,7 +1,7 @@
 """Evaluation: TOFU-style metrics, membership inference, quantisation recovery.
 
 - ``metrics``: per-example answer metrics from logits (probability, token accuracy,
-  extraction strength);
+  extraction strength, exact memorisation);
 - ``tofu``: truth ratio, forget quality (KS p-value), model utility (harmonic mean), forget
   summary;
 - ``mia``: LOSS / zlib / Min-k / Min-k++ scores, ROC-AUC, privleak;
@@ -17,7 +17,13 @@
 >>> # res.aggregates["forget_quality"], res.aggregates["model_utility"]
 """
 
-from jaxunlearn.eval.metrics import answer_probability, answer_stats, extraction_strength, token_accuracy
+from jaxunlearn.eval.metrics import (
+    answer_probability,
+    answer_stats,
+    exact_memorization,
+    extraction_strength,
+    token_accuracy,
+)
 from jaxunlearn.eval.mia import (
     MIA_ATTACKS,
     mia_auc,
@@ -29,6 +35,7 @@ from jaxunlearn.eval.mia import (
     privleak,
     roc_auc,
     token_logprob_moments,
+    tokenwise_mask,
     zlib_length,
     zlib_score,
 )
@@ -68,6 +75,7 @@ __all__ = [
     "encode_eval_splits",
     "evaluate_encoded",
     "evaluate_model",
+    "exact_memorization",
     "extraction_strength",
     "fixed_batches",
     "forget_metrics",
@@ -93,6 +101,7 @@ __all__ = [
     "score_split",
     "token_accuracy",
     "token_logprob_moments",
+    "tokenwise_mask",
     "truth_ratio",
     "truth_ratio_forget_score",
     "truth_ratio_retain_score",

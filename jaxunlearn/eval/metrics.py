@@ -1,6 +1,11 @@
 """Per-example answer metrics computed from logits (batch convention of ``jaxunlearn.losses``).
 
-All functions are pure and jit-friendly; each returns one value per example.
+All functions are pure and jit-friendly; each returns one value per example. ``loss_mask`` is
+the standard batch mask: 1 on the answer tokens *and* the closing EOS. Probability (like LOSS and
+truth ratio) scores every masked token; :func:`extraction_strength` and
+:func:`exact_memorization` drop the prediction of the last masked token (the EOS), as
+open-unlearning's ``tokenwise_vocab_logprobs`` does (``src/evals/metrics/utils.py``: label
+positions ``[:-1]``, "-1 to ignore eos prediction"); see :func:`jaxunlearn.eval.mia.tokenwise_mask`.
 """
 
 from __future__ import annotations
@@ -8,9 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxunlearn.eval.mia import tokenwise_mask
 from jaxunlearn.losses import mean_token_nll
 
-__all__ = ["answer_probability", "token_accuracy", "answer_stats", "extraction_strength"]
+__all__ = ["answer_probability", "token_accuracy", "answer_stats", "extraction_strength", "exact_memorization"]
 
 
 def answer_probability(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -22,10 +28,13 @@ def answer_probability(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.A
 
 
 def token_accuracy(logits: jax.Array, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Exact-match (teacher-forced) token accuracy on masked positions.
+    """Teacher-forced greedy token accuracy on *every* masked position.
 
-    ``acc = sum_t m_t [argmax logits_{t-1} == x_t] / sum_t m_t`` per example
-    (NaN-free: an example with an empty mask scores 0).
+    ``acc = sum_t m_t [argmax logits_{t-1} == x_t] / sum_t m_t`` per example (NaN-free: an
+    example with an empty mask scores 0). With the batch ``loss_mask`` this counts the closing
+    EOS too, so it is *not* open-unlearning's exact memorisation (which drops the EOS
+    prediction): use :func:`exact_memorization` for that. It is kept for the ``token_acc``
+    column and for ``fact_acc`` (accuracy on a ``fact_mask``, which has no EOS).
     """
     pred = jnp.argmax(logits[..., :-1, :], axis=-1)
     hit = (pred == input_ids[..., 1:]).astype(jnp.float32)
@@ -48,25 +57,26 @@ def answer_stats(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
 
 
 def extraction_strength(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Extraction strength ``ES = 1 - k* / |y|`` per example (teacher-forced greedy predictions).
+    """Extraction strength ``ES = 1 - k / n`` per example, as open-unlearning computes it.
 
-    With ``y_1 .. y_n`` the answer tokens (``loss_mask``) and ``yhat_i`` the argmax of the
-    logits predicting ``y_i`` given the true prefix, ``k*`` is the smallest ``k`` in
-    ``{0, ..., n}`` such that ``yhat_i == y_i`` for every ``i > k``: the length of the prefix
-    an attacker must be given before the model completes the rest of the answer by itself.
-    ``k* = 0`` (ES = 1) if every prediction matches, ``k* = n`` (ES = 0) if the last one
-    misses. Computed without a loop: ``k*`` is the answer-rank of the last mismatch,
-    ``k* = max_t m_t miss_t cumsum(m)_t``. An example with an empty mask scores 0.
+    With ``y_1 .. y_n`` the masked tokens other than the last (the answer without its closing
+    EOS; :func:`~jaxunlearn.eval.mia.tokenwise_mask`) and ``yhat_i`` the argmax of the logits
+    predicting ``y_i`` given the true prefix, ``k`` is the smallest index in ``{0, ..., n - 1}``
+    such that ``yhat_i == y_i`` for every ``i > k``, and ``k = n - 1`` when there is none.
+    This is open-unlearning's ``extraction_strength`` (``src/evals/metrics/memorization.py``):
+    its loop ``for k in range(n): if preds[k:] == labels[k:]: break`` leaves ``k = n - 1``
+    when no suffix matches, so a row whose last prediction misses scores ``1 / n`` (not 0 as
+    in the paper's ``min_k`` over ``{0, ..., n}``), and a one-token answer always scores 1.
+    ``n = 0`` (a mask of at most one token) scores 0, as there.
 
-    This is the definition of Wang et al. (``min_k {k : f([x, y_<k]) = y_>=k}``) and of
-    open-unlearning's ``extraction_strength``, except for one edge case: open-unlearning's
-    Python loop over ``k in range(n)`` leaves ``k = n - 1`` when no suffix matches, so it
-    reports ``1 / n`` where this function (and the paper's formula) gives 0.
+    Computed without a loop: with ``k* = max_t miss_t rank_t`` the answer-rank of the last
+    mismatch (0 if none), ``k = min(k*, n - 1)``.
 
     Args:
       logits: (..., T, V).
       input_ids: (..., T).
-      loss_mask: (..., T), 1 on the answer tokens (batch convention of ``jaxunlearn.losses``).
+      loss_mask: (..., T), 1 on the answer tokens and the closing EOS (batch convention of
+        ``jaxunlearn.losses``).
 
     Returns:
       float32 (...,) in [0, 1].
@@ -77,9 +87,38 @@ def extraction_strength(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.
       Comparisons for LLM Unlearning Methods", ICLR 2025 (as cited by open-unlearning).
     """
     pred = jnp.argmax(logits[..., :-1, :], axis=-1)
-    m = loss_mask[..., 1:].astype(jnp.float32)
+    m = tokenwise_mask(loss_mask)
     miss = (pred != input_ids[..., 1:]).astype(jnp.float32) * m
     rank = jnp.cumsum(m, axis=-1)
-    k_star = jnp.max(miss * rank, axis=-1)
     n = jnp.sum(m, axis=-1)
-    return jnp.where(n > 0, 1.0 - k_star / jnp.maximum(n, 1.0), 0.0)
+    k = jnp.minimum(jnp.max(miss * rank, axis=-1), n - 1.0)
+    return jnp.where(n > 0, 1.0 - k / jnp.maximum(n, 1.0), 0.0)
+
+
+def exact_memorization(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Exact memorisation ``EM = (1/n) sum_i [yhat_i == y_i]`` per example, as open-unlearning.
+
+    ``y_1 .. y_n`` are the masked tokens other than the last (the answer without its closing
+    EOS; :func:`~jaxunlearn.eval.mia.tokenwise_mask`) and ``yhat_i`` the argmax of the logits
+    predicting ``y_i`` given the true prefix (teacher forcing): open-unlearning's
+    ``exact_memorization`` (``src/evals/metrics/memorization.py``) on
+    ``tokenwise_vocab_logprobs``. ``n = 0`` gives NaN (open-unlearning's ``None``, left out of its
+    mean; :func:`jaxunlearn.eval.tofu.forget_summary` leaves it out too).
+
+    Args:
+      logits: (..., T, V).
+      input_ids: (..., T).
+      loss_mask: (..., T), 1 on the answer tokens and the closing EOS.
+
+    Returns:
+      float32 (...,) in [0, 1], NaN for a row without a scored token.
+
+    References:
+      Tirumala et al., "Memorization Without Overfitting: Analyzing the Training Dynamics of
+      Large Language Models", NeurIPS 2022 (as cited by open-unlearning).
+    """
+    pred = jnp.argmax(logits[..., :-1, :], axis=-1)
+    m = tokenwise_mask(loss_mask)
+    hit = (pred == input_ids[..., 1:]).astype(jnp.float32) * m
+    n = jnp.sum(m, axis=-1)
+    return jnp.where(n > 0, jnp.sum(hit, axis=-1) / jnp.maximum(n, 1.0), jnp.nan)

@@ -8,11 +8,21 @@ Scores follow open-unlearning's attacks (``src/evals/metrics/mia/``), in its ori
 - zlib: ``LOSS / len(zlib.compress(text.encode("utf-8")))`` with ``text`` the answer string
   (Carlini et al., 2021; open-unlearning decodes the answer's label tokens with special tokens
   skipped, which is the same string whenever the tokenizer round-trips);
-- Min-k: ``-(1/m) sum`` of the ``m = max(1, floor(k n))`` smallest ``l_i`` (Shi et al., 2024;
+- Min-k: ``-(1/m) sum`` of the ``m = max(1, floor(k n'))`` smallest ``l_i`` over the
+  ``n' = n - 1`` tokens **without the last masked one** (the closing EOS) (Shi et al., 2024;
   ``k = 0.4`` in the TOFU configs);
 - Min-k++: the same on ``z_i = (l_i - mu_i) / sigma_i`` with ``mu_i = sum_v p_v log p_v`` and
   ``sigma_i^2 = max(sum_v p_v (log p_v)^2 - mu_i^2, 1e-6)`` under the model's next-token
-  distribution ``p`` at that position (Zhang et al., 2025).
+  distribution ``p`` at that position (Zhang et al., 2025), over the same ``n - 1`` tokens.
+
+**Which tokens count.** The batch ``loss_mask`` covers the answer *and* its closing EOS. LOSS and
+zlib (like probability and truth ratio) score every masked token, EOS included, as
+open-unlearning's ``evaluate_probability`` does. Min-k and Min-k++ (like extraction strength and
+exact memorisation in :mod:`jaxunlearn.eval.metrics`) drop the prediction of the last masked
+token, as open-unlearning's ``tokenwise_logprobs`` / ``tokenwise_vocab_logprobs``
+(``src/evals/metrics/utils.py``) do: they keep the label positions ``[:-1]`` ("-1 to ignore eos
+prediction"); :func:`tokenwise_mask` is that mask. A row whose mask has at most one token scores 0
+(open-unlearning's empty-row value).
 
 ``mia_auc(forget, holdout)`` is the ROC-AUC of telling holdout (label 1) from forget (label 0)
 by the score, i.e. ``P(s_holdout > s_forget) + P(tie) / 2``: 1 when the forget answers are
@@ -41,6 +51,7 @@ from jaxunlearn.losses import mean_token_nll, token_logprobs
 
 __all__ = [
     "MIA_ATTACKS",
+    "tokenwise_mask",
     "min_k_count",
     "min_k_from_logprobs",
     "min_k_score",
@@ -58,6 +69,29 @@ __all__ = [
 #: Attack names, in report order; ``evaluate_model`` stores per-example scores as ``mia_<name>``.
 MIA_ATTACKS: tuple[str, ...] = ("loss", "zlib", "min_k", "min_k_plus_plus")
 _SIGMA2_FLOOR = 1e-6
+
+
+def tokenwise_mask(loss_mask: jax.Array) -> jax.Array:
+    """The next-token-prediction mask of open-unlearning's ``tokenwise_logprobs``: the batch
+    mask without the last masked token of each row (the closing EOS).
+
+    ``out[..., t] = 1`` iff token ``t + 1`` is masked and is not the row's last masked token, so
+    ``out`` is aligned with :func:`jaxunlearn.losses.token_logprobs` (``(..., T - 1)``). This is
+    open-unlearning's ``actual_indices = (labels != IGNORE_INDEX).nonzero()[0][:-1]  # -1 to
+    ignore eos prediction`` (``src/evals/metrics/utils.py``, ``tokenwise_logprobs`` and
+    ``tokenwise_vocab_logprobs``). Jit-friendly.
+
+    Args:
+      loss_mask: (..., T), 1 on the answer tokens and the closing EOS (the batch convention of
+        :mod:`jaxunlearn.losses`).
+
+    Returns:
+      float32 (..., T - 1).
+    """
+    m = jnp.asarray(loss_mask)[..., 1:] > 0
+    idx = jnp.arange(m.shape[-1])
+    last = jnp.max(jnp.where(m, idx, -1), axis=-1, keepdims=True)
+    return (m & (idx != last)).astype(jnp.float32)
 
 
 def min_k_count(num_tokens, k: float) -> np.ndarray:
@@ -95,16 +129,22 @@ def min_k_from_logprobs(values: jax.Array, mask: jax.Array, k: float) -> jax.Arr
 def min_k_score(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, *, k: float = 0.4) -> jax.Array:
     """Min-k% Prob score of each sequence's answer tokens (higher = less likely a member).
 
+    ``-(1/m) sum`` of the ``m = max(1, int(n' k))`` smallest ``log p(y_i | x, y_<i)`` over the
+    ``n'`` masked tokens other than the last (the closing EOS): :func:`tokenwise_mask`, as
+    open-unlearning's ``MinKProbAttack`` (``src/evals/metrics/mia/min_k.py``) on
+    ``tokenwise_logprobs``. 0 when ``n' = 0``.
+
     Args:
       logits: (..., T, V).
       input_ids: (..., T).
-      loss_mask: (..., T), 1 on the answer tokens (``jaxunlearn.losses`` convention).
+      loss_mask: (..., T), 1 on the answer tokens and the closing EOS (``jaxunlearn.losses``
+        convention).
       k: fraction of lowest log-probabilities averaged (TOFU: 0.4).
 
     Returns:
       float32 (...,).
     """
-    return min_k_from_logprobs(token_logprobs(logits, input_ids), loss_mask[..., 1:], k)
+    return min_k_from_logprobs(token_logprobs(logits, input_ids), tokenwise_mask(loss_mask), k)
 
 
 def token_logprob_moments(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -133,7 +173,9 @@ def min_k_plus_plus_score(
 
     ``z_t = (log p(x_t) - mu_t) / sqrt(max(sigma2_t, 1e-6))`` with the moments of
     :func:`token_logprob_moments` at the position predicting ``x_t``, then
-    :func:`min_k_from_logprobs` on ``z`` (open-unlearning's ``MinKPlusPlusAttack``).
+    :func:`min_k_from_logprobs` on ``z`` over :func:`tokenwise_mask` (the masked tokens but the
+    last, the closing EOS), as open-unlearning's ``MinKPlusPlusAttack``
+    (``src/evals/metrics/mia/min_k_plus_plus.py``) on ``tokenwise_vocab_logprobs``.
 
     Args:
       logits, input_ids, loss_mask, k: as in :func:`min_k_score`.
@@ -143,13 +185,16 @@ def min_k_plus_plus_score(
     """
     mu, sigma2 = token_logprob_moments(logits[..., :-1, :])
     z = (token_logprobs(logits, input_ids) - mu) / jnp.sqrt(jnp.maximum(sigma2, _SIGMA2_FLOOR))
-    return min_k_from_logprobs(z, loss_mask[..., 1:], k)
+    return min_k_from_logprobs(z, tokenwise_mask(loss_mask), k)
 
 
 def mia_scores(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, *, k: float = 0.4) -> dict[str, jax.Array]:
     """The logit-based attack scores of a batch: ``loss``, ``min_k``, ``min_k_plus_plus``.
 
-    (zlib needs the answer text: :func:`zlib_score` on the host.) Jit-friendly.
+    ``loss_mask`` is the standard batch mask (answer + closing EOS). ``loss`` scores every
+    masked token (EOS included); ``min_k`` / ``min_k_plus_plus`` drop the EOS prediction
+    (:func:`tokenwise_mask`), both as open-unlearning does. (zlib needs the answer text:
+    :func:`zlib_score` on the host, from ``loss``.) Jit-friendly.
 
     Returns:
       ``{name: float32 (...,)}``.

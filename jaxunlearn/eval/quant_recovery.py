@@ -30,8 +30,10 @@ QUANT_SCHEMES: tuple[str, ...] = ("int8", "int4", "nf4")
 
 
 def forget_metrics(result: EvalResult) -> dict[str, float]:
-    """Flat forget-side numbers of an :class:`EvalResult`: its ``aggregates["forget"]`` summary,
-    ``forget_quality`` (with a reference) and ``mia_auc/<attack>`` (with a holdout split)."""
+    """Flat forget-side numbers of an :class:`EvalResult`: its ``aggregates["forget"]`` summary
+    (probability, truth ratio, ROUGE-L, extraction strength, exact memorisation, ...; see
+    :func:`~jaxunlearn.eval.tofu.forget_summary`), ``forget_quality`` (with a reference) and
+    ``mia_auc/<attack>`` (with a holdout split)."""
     agg = result.aggregates
     if "forget" not in agg:
         raise KeyError("the result has no forget split (evaluate with forget=...)")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.data import encode_prompts, encode_split
-from jaxunlearn.eval.metrics import answer_stats, extraction_strength
+from jaxunlearn.eval.metrics import answer_stats, exact_memorization, extraction_strength
 from jaxunlearn.eval.mia import mia_aucs, mia_scores, privleak, zlib_score
 from jaxunlearn.eval.rouge import rouge_l_recall
 from jaxunlearn.eval.tofu import (
@@ -248,6 +248,7 @@ def _answer_pass(apply_fn, params, batch, *, k: float):
     ids, lm = batch["input_ids"], batch["loss_mask"]
     out = answer_stats(logits, batch)
     out["extraction_strength"] = extraction_strength(logits, ids, lm)
+    out["exact_memorization"] = exact_memorization(logits, ids, lm)
     for name, v in mia_scores(logits, ids, lm, k=k).items():
         out[f"mia_{name}"] = v
     return out
@@ -302,10 +303,12 @@ def score_split(
 
     Returns:
       float (N,) arrays: ``nll`` (mean answer NLL), ``probability``, ``token_acc``,
-      ``fact_acc`` (with a fact mask), ``extraction_strength``, ``mia_loss``, ``mia_zlib``,
-      ``mia_min_k``, ``mia_min_k_plus_plus``; and with truth-ratio columns ``correct_nll``,
-      ``correct_probability``, ``truth_ratio``, ``normalized_probability`` plus
-      ``perturbed_probability`` (N, K).
+      ``fact_acc`` (with a fact mask), ``extraction_strength``, ``exact_memorization`` (NaN for
+      a row with no answer token before the EOS), ``mia_loss``, ``mia_zlib``, ``mia_min_k``,
+      ``mia_min_k_plus_plus`` (``token_acc`` counts the EOS; ``extraction_strength``,
+      ``exact_memorization`` and Min-k / Min-k++ leave its prediction out, as open-unlearning);
+      and with truth-ratio columns ``correct_nll``, ``correct_probability``, ``truth_ratio``,
+      ``normalized_probability`` plus ``perturbed_probability`` (N, K).
 
     Raises:
       ValueError: a token id outside the model's vocabulary.

@@ -219,7 +219,9 @@ def forget_summary(split: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Forget-set aggregates of one split's per-example results.
 
     ``probability``, ``rouge_l`` (ROUGE-L recall), ``extraction_strength``, ``token_acc``,
-    ``fact_acc`` and ``nll``: means over the examples; ``truth_ratio``:
+    ``fact_acc`` and ``nll``: means over the examples; ``exact_memorization``: the mean over the
+    examples where it is defined (NaN rows, i.e. no answer token before the EOS, are left out as
+    open-unlearning leaves out its ``None``; NaN if none is defined); ``truth_ratio``:
     :func:`truth_ratio_forget_score`. Keys absent from ``split`` are skipped.
 
     Args:
@@ -231,6 +233,14 @@ def forget_summary(split: Mapping[str, np.ndarray]) -> dict[str, float]:
     names = {"probability": "probability", "rouge_l_recall": "rouge_l", "extraction_strength":
              "extraction_strength", "token_acc": "token_acc", "fact_acc": "fact_acc", "nll": "nll"}
     out = {new: float(np.mean(_vector(old, split[old]))) for old, new in names.items() if old in split}
+    if "exact_memorization" in split:
+        em = np.asarray(split["exact_memorization"], np.float64)
+        if em.ndim != 1 or em.shape[0] == 0:
+            raise ValueError(f"exact_memorization must be a non-empty 1-D array, got shape {em.shape}")
+        if np.isinf(em).any():
+            raise ValueError(f"exact_memorization contains inf at rows {np.nonzero(np.isinf(em))[0].tolist()[:10]}")
+        defined = em[~np.isnan(em)]
+        out["exact_memorization"] = float(defined.mean()) if defined.size else float("nan")
     if "truth_ratio" in split:
         out["truth_ratio"] = truth_ratio_forget_score(split["truth_ratio"])
     return out

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxunlearn.eval.metrics import answer_probability, answer_stats, token_accuracy
+from jaxunlearn.eval.metrics import answer_probability, answer_stats, exact_memorization, token_accuracy
 from jaxunlearn.eval.runner import evaluate_encoded, fixed_batches
 
 
@@ -31,6 +31,14 @@ def test_token_accuracy_hand_case_and_empty_mask():
     np.testing.assert_allclose(token_accuracy(logits, ids, jnp.zeros_like(lm)), [0.0])
     out = answer_stats(logits, {"input_ids": ids, "loss_mask": lm, "fact_mask": fact})
     np.testing.assert_allclose(out["nll"], [-(np.log(0.6) + np.log(0.2)) / 2], rtol=1e-6)
+
+
+def test_exact_memorization_leaves_out_the_last_masked_token():
+    # loss_mask = answer token x2 + closing token x3: token_accuracy scores both (hit, miss) -> 0.5;
+    # exact memorisation (open-unlearning) drops the last prediction -> 1.0; nothing left -> NaN
+    logits, ids, lm = _case()
+    np.testing.assert_allclose(exact_memorization(logits, ids, lm), [1.0])
+    assert np.isnan(exact_memorization(logits, ids, jnp.asarray([[0, 0, 0, 1]], jnp.float32))).all()
 
 
 def test_evaluate_encoded_matches_unbatched_with_ragged_last_batch():

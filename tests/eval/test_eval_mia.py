@@ -98,12 +98,22 @@ def _np_logprobs(logits, ids):
     return lp, np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0]
 
 
+def _without_last(mask_row):
+    """Prediction positions of the masked tokens but the last (the closing EOS).
+
+    Min-k and Min-k++ changed on purpose (issue 11): they now leave out the EOS prediction, as
+    open-unlearning's ``tokenwise_logprobs`` (label positions ``[:-1]``); the exact port of the
+    reference is in test_open_unlearning_parity.py."""
+    pos = np.nonzero(mask_row[1:] > 0)[0]
+    return pos[:-1]
+
+
 def test_min_k_score_matches_numpy_loop():
     logits, ids, mask = _random_case()
     _, tok = _np_logprobs(logits.astype(np.float64), ids)
     want = []
     for b in range(ids.shape[0]):
-        vals = sorted(tok[b][mask[b, 1:] > 0])
+        vals = sorted(tok[b][_without_last(mask[b])])
         m = max(1, int(len(vals) * 0.4))
         want.append(-np.mean(vals[:m]))
     got = jax.jit(lambda *a: min_k_score(*a, k=0.4))(logits, ids, mask)
@@ -117,9 +127,7 @@ def test_min_k_plus_plus_matches_numpy_loop():
     want = []
     for b in range(ids.shape[0]):
         zs = []
-        for t in range(ids.shape[1] - 1):
-            if mask[b, t + 1] == 0:
-                continue
+        for t in _without_last(mask[b]):  # EOS prediction left out (see _without_last)
             p = np.exp(lp_all[b, t])
             mu = sum(p[v] * lp_all[b, t, v] for v in range(p.size))
             var = sum(p[v] * lp_all[b, t, v] ** 2 for v in range(p.size)) - mu ** 2

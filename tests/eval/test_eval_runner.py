@@ -65,7 +65,7 @@ def test_score_split_matches_numpy_on_bigram_model_ragged_batches():
     np.testing.assert_allclose(out["truth_ratio"], np.exp(-nll_p.mean(1)) / (np.exp(-nll_c) + 1e-10), rtol=1e-5)
     p, pp = np.exp(-nll), np.exp(-nll_p)
     np.testing.assert_allclose(out["normalized_probability"], p / (p + pp.sum(1) + 1e-10), rtol=1e-5)
-    for key in ("extraction_strength", "mia_min_k", "mia_min_k_plus_plus", "token_acc"):
+    for key in ("extraction_strength", "exact_memorization", "mia_min_k", "mia_min_k_plus_plus", "token_acc"):
         assert out[key].shape == (n,) and np.all(np.isfinite(out[key]))
     # a token id outside the model's vocabulary
     small = jnp.asarray(w[:, :4])
@@ -123,13 +123,15 @@ def test_evaluate_model_shapes_ranges_and_direct_probability(setup, encoded, for
     assert res.roles == {v: k for k, v in ROLES.items()}
     for name, arrays in res.splits.items():
         n = len(dd[name])
-        for key in ("probability", "nll", "token_acc", "extraction_strength", "mia_loss", "mia_zlib",
+        for key in ("probability", "nll", "token_acc", "extraction_strength", "exact_memorization", "mia_loss",
+                    "mia_zlib",
                     "mia_min_k", "mia_min_k_plus_plus", "truth_ratio", "normalized_probability"):
             assert arrays[key].shape == (n,), (name, key)
             assert np.all(np.isfinite(arrays[key])), (name, key)
         assert arrays["perturbed_probability"].shape == (n, 3)
         assert np.all((arrays["probability"] > 0) & (arrays["probability"] <= 1))
         assert np.all((arrays["extraction_strength"] >= 0) & (arrays["extraction_strength"] <= 1))
+        assert np.all((arrays["exact_memorization"] >= 0) & (arrays["exact_memorization"] <= 1))
         assert np.all(arrays["truth_ratio"] > 0)
         if name != "holdout":
             assert arrays["rouge_l_recall"].shape == (3,) and len(res.generations[name]) == 3
@@ -181,6 +183,7 @@ def test_evaluate_model_aggregates(setup, encoded):
     f, h = res.splits["forget10"], res.splits["holdout"]
     assert agg["mia_auc"]["min_k"] == mia_auc(f["mia_min_k"], h["mia_min_k"])
     assert agg["forget"]["probability"] == pytest.approx(np.mean(f["probability"]))
+    assert agg["forget"]["exact_memorization"] == pytest.approx(np.mean(f["exact_memorization"]))
     # against itself as the reference: identical truth-ratio distributions, zero privleak
     again = evaluate_model(model, tok, encoded, **ROLES, rouge_examples=0, batch_size=8, reference=res)
     assert again.aggregates["forget_quality"] == 1.0
@@ -224,6 +227,7 @@ def test_quantization_recovery_matches_direct_evaluation(setup, encoded):
     q4 = evaluate_model(model, tok, dd, params=fake_quantize(params, "int4"), **kw)
     assert rec["int4"]["metrics"]["probability"] == pytest.approx(q4.aggregates["forget"]["probability"], rel=1e-6)
     assert rec["int4"]["metrics"]["mia_auc/loss"] == q4.aggregates["mia_auc"]["loss"]
+    assert {"extraction_strength", "exact_memorization"} <= set(rec["int4"]["recovery"])
     for s in ("int8", "int4", "nf4"):
         for m, r in rec[s]["recovery"].items():
             assert r == pytest.approx(rec[s]["metrics"][m] - rec["baseline"][m])

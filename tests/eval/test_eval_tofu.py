@@ -126,19 +126,24 @@ def test_forget_summary_hand_values():
 
 
 def _es_reference(pred, ids, mask):
-    """The definition: smallest k in 0..n with every answer prediction after the k-th correct."""
-    pos = [t for t in range(1, len(ids)) if mask[t]]
+    """open-unlearning's loop on the masked tokens but the last (the closing EOS): the smallest
+    k in 0..n-1 with every answer prediction from the k-th on correct, k = n - 1 if none."""
+    pos = [t for t in range(1, len(ids)) if mask[t]][:-1]
     n = len(pos)
     if n == 0:
         return 0.0
-    for k in range(n + 1):
+    for k in range(n):
         if all(pred[t - 1] == ids[t] for t in pos[k:]):
-            return 1.0 - k / n
+            break
+    return 1.0 - k / n
 
 
 def test_extraction_strength_hand_cases_and_definition():
+    # Changed on purpose (issue 11): extraction strength now follows open-unlearning exactly. The
+    # mask's last token (the closing EOS) is not scored, and when no suffix matches the reference
+    # loop leaves k = n - 1, so ES = 1/n (was 0); see test_open_unlearning_parity.py.
     ids = np.array([0, 1, 2, 3, 4, 5])
-    mask = np.array([0, 0, 1, 1, 1, 1], np.float32)  # 4 answer tokens at positions 2..5
+    mask = np.array([0, 0, 1, 1, 1, 1], np.float32)  # 3 answer tokens at positions 2..4, EOS at 5
 
     def logits_predicting(pred):  # argmax at position t is pred[t]
         out = np.zeros((len(ids), V), np.float32)
@@ -148,9 +153,10 @@ def test_extraction_strength_hand_cases_and_definition():
     right = list(ids[1:])
     cases = {
         "all right": (right, 1.0),
-        "first answer token wrong": ([1, 0, 3, 4, 5], 0.75),
-        "second wrong": ([1, 2, 0, 4, 5], 0.5),
-        "last wrong": ([1, 2, 3, 4, 0], 0.0),
+        "first answer token wrong": ([1, 0, 3, 4, 5], 2 / 3),
+        "second wrong": ([1, 2, 0, 4, 5], 1 / 3),
+        "last answer token wrong: no suffix matches, 1/n": ([1, 2, 3, 0, 5], 1 / 3),
+        "EOS wrong only (not scored)": ([1, 2, 3, 4, 0], 1.0),
         "prompt wrong only": ([0, 2, 3, 4, 5], 1.0),
     }
     for name, (pred, want) in cases.items():
@@ -159,6 +165,9 @@ def test_extraction_strength_hand_cases_and_definition():
         assert got == pytest.approx(_es_reference(pred, ids, mask)), name
     assert float(extraction_strength(jnp.asarray(logits_predicting(right)), jnp.asarray(ids),
                                      jnp.zeros(6))) == 0.0
+    one = np.array([0, 0, 0, 0, 1, 1], np.float32)  # a one-token answer scores 1 even when missed
+    assert float(extraction_strength(jnp.asarray(logits_predicting([1, 2, 3, 0, 0])), jnp.asarray(ids),
+                                     jnp.asarray(one))) == 1.0
     # random batch against the definition
     rng = np.random.default_rng(0)
     ids_b = rng.integers(0, 3, size=(20, 8))
