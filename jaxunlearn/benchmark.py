@@ -30,7 +30,7 @@ from jaxunlearn.methods import UnlearnContext, run_method
 from jaxunlearn.models import DecoderFn
 from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
 from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair
-from jaxunlearn.validate import check_finite_tree
+from jaxunlearn.tree import check_finite
 
 __all__ = ["DEFAULT_METHODS", "load_method_configs", "summarize", "failed_row", "format_results_table", "plot_forget_vs_utility",
            "run_benchmark", "benchmark_methods", "compare_methods", "write_benchmark", "default_configs_dir"]
@@ -328,7 +328,7 @@ def compare_methods(
         try:
             new_params = _block(run_method(ctx, cfg))
             seconds = time.perf_counter() - t0
-            check_finite_tree(new_params, f"the parameters {m} returned")
+            check_finite(new_params, f"the parameters {m} returned")
             evaluate(m, new_params, seconds)
         except Exception as e:  # recorded in the method's row; the other methods still run
             rows[m] = failed_row(e, time.perf_counter() - t0)

@@ -35,7 +35,7 @@ import tempfile
 import time
 
 from jaxunlearn.outputs import check_disjoint, check_output_dir, check_output_file, staged_dir
-from jaxunlearn.validate import check_finite_tree
+from jaxunlearn.tree import check_finite
 
 __all__ = ["main", "build_parser"]
 
@@ -293,7 +293,7 @@ def _train(args, mesh) -> int:
         _shard_model(model, mesh)
     model, hist = train(model, data, cfg, checkpoint_dir=args.resume_dir, progress=not args.no_progress,
                         mesh=mesh)
-    check_finite_tree(nnx.state(model, nnx.Param), "the trained parameters (training diverged; nothing written)")
+    check_finite(nnx.state(model, nnx.Param), "the trained parameters (training diverged; nothing written)")
     nnx.update(model, gather_to_host(nnx.state(model, nnx.Param)))
     if _is_main():
         save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
@@ -327,7 +327,7 @@ def _unlearn(args, mesh) -> int:
     fn, params = DecoderFn.of(model)  # its Fisher importances take the fused path
     ctx = UnlearnContext(fn, params, enc[args.forget], enc[args.retain], seed=args.seed, mesh=mesh)
     new_params = run_method(ctx, cfg, checkpoint_dir=args.resume_dir, checkpoint_every=args.checkpoint_every)
-    check_finite_tree(new_params, f"the parameters method {args.method!r} returned (nothing written)")
+    check_finite(new_params, f"the parameters method {args.method!r} returned (nothing written)")
     nnx.update(model, gather_to_host(new_params))
     if _is_main():
         save_pretrained(model, args.out, tokenizer=tok, overwrite=True)

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 
 from jaxunlearn import tree as jt
 from jaxunlearn import validate as V
-from jaxunlearn.task_vector import _check_nonnegative
 from jaxunlearn.tree import PyTree
 
 __all__ = ["ssd_factors", "ssd"]
@@ -42,11 +41,11 @@ def _check(owner: str, params: PyTree | None, importance_forget: PyTree, importa
     jt.check_same_shapes(params, importance_forget, (first, "importance_forget"))
     jt.check_same_shapes(params, importance_full, (first, "importance_full"))
     if first == "params":
-        V.check_finite_tree(params, "params")
-    V.check_finite_tree(importance_forget, "importance_forget")
-    V.check_finite_tree(importance_full, "importance_full")
-    _check_nonnegative(importance_forget, "importance_forget")
-    _check_nonnegative(importance_full, "importance_full")
+        jt.check_finite(params, "params")
+    jt.check_finite(importance_forget, "importance_forget")
+    jt.check_finite(importance_full, "importance_full")
+    jt.check_nonnegative(importance_forget, "importance_forget")
+    jt.check_nonnegative(importance_full, "importance_full")
 
 
 def ssd_factors(

@@ -64,7 +64,6 @@ import optax
 
 from jaxunlearn import tree as jt
 from jaxunlearn.kernels import projection as kp
-from jaxunlearn.validate import check_finite_tree
 
 PyTree = Any
 ProjectionCore = Callable[..., PyTree]
@@ -407,7 +406,7 @@ def orthogonal_projection(
       ValueError: mismatched structures or shapes (naming the path), k = 0, bad rcond.
       FloatingPointError: NaN/Inf in ``g`` or ``retain_grads``, naming the leaf (checked
         when the inputs are concrete, i.e. outside ``jit``; a
-        :class:`jaxunlearn.validate.NonFiniteError`, also a ``ValueError``).
+        :class:`jaxunlearn.tree.NonFiniteError`, also a ``ValueError``).
 
     References:
       Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020.
@@ -420,8 +419,8 @@ def orthogonal_projection(
     rcond = _check_rcond(rcond)
     impl = _check_impl(impl)
     retain, _ = stack_retain_grads(g, retain_grads)
-    check_finite_tree(g, "updates")
-    check_finite_tree(retain, "retain_grads")
+    jt.check_finite(g, "updates")
+    jt.check_finite(retain, "retain_grads")
     return project_tree(g, retain, rcond=rcond, per_tensor=per_tensor, impl=impl)
 
 

@@ -25,7 +25,7 @@ A block (or channel) that is all zeros gets scale 0 and dequantises to zeros.
 Non-finite inputs. One NaN (or Inf) weight makes its block's absmax NaN, so the whole block
 (64 weights for int4/nf4, a whole channel for int8) dequantises to NaN. The public entry
 points therefore check concrete inputs first and raise ``ValueError`` naming the first
-leaf with NaN/Inf (:func:`jaxunlearn.validate.check_finite_tree`); under ``jax.jit`` the
+leaf with NaN/Inf (:func:`jaxunlearn.tree.check_finite`); under ``jax.jit`` the
 inputs are tracers and the check is skipped (check at the boundary).
 
 References:
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxunlearn.tree import PyTree, path_str
-from jaxunlearn.validate import check_finite_tree
+from jaxunlearn.tree import check_finite
 
 __all__ = [
     "SCHEMES",
@@ -134,12 +134,12 @@ def quantize_leaf(
 
     Raises:
       ValueError: unknown ``scheme``, bad ``block_size``, or NaN/Inf in a concrete ``x``
-        (a :class:`jaxunlearn.validate.NonFiniteError`).
+        (a :class:`jaxunlearn.tree.NonFiniteError`).
       TypeError: ``x`` is not floating point.
     """
     _check_scheme(scheme)
     _check_float(x, "array")
-    check_finite_tree(x, "x")
+    check_finite(x, "x")
     return _quantize_leaf(x, scheme, block_size=block_size, channel_axis=channel_axis)
 
 
@@ -228,7 +228,7 @@ def fake_quantize_leaf(
     """
     _check_scheme(scheme)
     _check_float(x, "array")
-    check_finite_tree(x, "x")
+    check_finite(x, "x")
     return _fake_quantize_leaf(x, scheme, block_size=block_size, ste=ste, channel_axis=channel_axis)
 
 
@@ -275,7 +275,7 @@ def fake_quantize(
     Raises:
       ValueError: unknown ``scheme`` or bad ``block_size``; NaN/Inf in a concrete leaf of
         ``params``, naming its path (``"params has NaN values at 'layers/0/kernel'"``; a
-        :class:`jaxunlearn.validate.NonFiniteError`, also a ``FloatingPointError``). Leaves
+        :class:`jaxunlearn.tree.NonFiniteError`, also a ``FloatingPointError``). Leaves
         that are traced (inside ``jax.jit``) are not checked.
 
     >>> import jax.numpy as jnp
@@ -283,7 +283,7 @@ def fake_quantize(
     """
     _check_scheme(scheme)
     _check_block_size(block_size)
-    check_finite_tree(params, "params")
+    check_finite(params, "params")
 
     def one(path, x):
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):

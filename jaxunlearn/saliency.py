@@ -148,7 +148,7 @@ def salun_mask(saliency: PyTree, *, fraction: float) -> PyTree:
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
     jt.check_nonempty(saliency, "saliency")
-    V.check_finite_tree(saliency, "saliency")
+    jt.check_finite(saliency, "saliency")
     paths_leaves = jt.leaves_with_paths(saliency)
     for p, x in paths_leaves:
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):

@@ -13,7 +13,7 @@ set, tau = theta_ft - theta_0 the forget task vector.
 Arithmetic is done in float32 and the result is cast back to the dtype of ``base``.
 
 Checks. Every function checks concrete inputs for NaN/Inf and raises
-:class:`jaxunlearn.validate.NonFiniteError` (a ``ValueError`` and a ``FloatingPointError``)
+:class:`jaxunlearn.tree.NonFiniteError` (a ``ValueError`` and a ``FloatingPointError``)
 naming the argument and the first bad leaf, e.g. ``"importance_forget has NaN values at
 'layers/0/kernel'"``. Scalars (``strength``, ``scale``) may be traced: their values are
 checked only when concrete, so the functions work under ``jax.jit`` with traced scalars
@@ -56,25 +56,13 @@ def _is_scalar(s) -> bool:
     return hasattr(s, "ndim") and hasattr(s, "dtype") and s.ndim == 0
 
 
-def _check_nonnegative(t: PyTree, name: str) -> None:
-    """Raise ``ValueError`` naming the first leaf with a negative entry (concrete leaves only,
-    also when closed over inside a ``jit`` trace: the test is evaluated eagerly)."""
-    for p, x in jt.leaves_with_paths(t):
-        if isinstance(x, jax.core.Tracer):
-            continue
-        with jax.ensure_compile_time_eval():
-            negative = bool(jnp.any(jnp.asarray(x) < 0))
-        if negative:
-            raise ValueError(f"{name} must be >= 0, but has negative values at '{p}'")
-
-
 def _check_importances(importance_forget: PyTree, importance_retain: PyTree) -> None:
     jt.check_nonempty(importance_forget, "importance_forget")
     jt.check_same_shapes(importance_forget, importance_retain, ("importance_forget", "importance_retain"))
-    V.check_finite_tree(importance_forget, "importance_forget")
-    V.check_finite_tree(importance_retain, "importance_retain")
-    _check_nonnegative(importance_forget, "importance_forget")
-    _check_nonnegative(importance_retain, "importance_retain")
+    jt.check_finite(importance_forget, "importance_forget")
+    jt.check_finite(importance_retain, "importance_retain")
+    jt.check_nonnegative(importance_forget, "importance_forget")
+    jt.check_nonnegative(importance_retain, "importance_retain")
 
 
 def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
@@ -96,8 +84,8 @@ def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
     """
     jt.check_nonempty(base, "base")
     jt.check_same_shapes(finetuned, base, ("finetuned", "base"), dtypes=True)
-    V.check_finite_tree(finetuned, "finetuned")
-    V.check_finite_tree(base, "base")
+    jt.check_finite(finetuned, "finetuned")
+    jt.check_finite(base, "base")
     return jax.tree.map(lambda f, b: (_f32(f) - _f32(b)).astype(jnp.result_type(b)), finetuned, base)
 
 
@@ -127,13 +115,13 @@ def apply_task_vector(base: PyTree, tau: PyTree, scale) -> PyTree:
     """
     jt.check_nonempty(base, "base")
     jt.check_same_shapes(base, tau, ("base", "tau"))
-    V.check_finite_tree(base, "base")
-    V.check_finite_tree(tau, "tau")
+    jt.check_finite(base, "base")
+    jt.check_finite(tau, "tau")
     if _is_scalar(scale):
         V.check_scalar("apply_task_vector", "scale", scale)
     else:
         _check_scale_tree(base, scale)
-        V.check_finite_tree(scale, "scale")
+        jt.check_finite(scale, "scale")
     return _apply_task_vector(base, tau, scale)
 
 
@@ -285,14 +273,14 @@ def perta(
     jt.check_nonempty(base, "base")
     jt.check_same_shapes(base, tau, ("base", "tau"))
     jt.check_same_shapes(base, importance_forget, ("base", "importance_forget"))
-    V.check_finite_tree(base, "base")
-    V.check_finite_tree(tau, "tau")
+    jt.check_finite(base, "base")
+    jt.check_finite(tau, "tau")
     if weight_fn is None:
         w = perta_weights(importance_forget, importance_retain, retain_scale=retain_scale, eps=eps)
     else:
         _check_importances(importance_forget, importance_retain)
         w = jax.tree.map(lambda f, r: weight_fn(_f32(f), _f32(r)), importance_forget, importance_retain)
         jt.check_same_shapes(importance_forget, w, ("importance_forget", "weight_fn output"))
-        V.check_finite_tree(w, "weight_fn output")
+        jt.check_finite(w, "weight_fn output")
     s = -_f32(strength)
     return _apply_task_vector(base, tau, jax.tree.map(lambda x: s * _f32(x), w))

@@ -25,6 +25,8 @@ __all__ = [
     "check_same_structure",
     "check_same_shapes",
     "check_finite",
+    "NonFiniteError",
+    "check_nonnegative",
     "check_nonempty",
     "add",
     "sub",
@@ -117,22 +119,46 @@ def check_same_shapes(
             )
 
 
+class NonFiniteError(FloatingPointError, ValueError):
+    """NaN or Inf where finite values are required: both a ``ValueError`` (a bad argument
+    value) and a ``FloatingPointError``, so either ``except`` catches it."""
+
+
 def check_finite(tree: PyTree, name: str = "tree") -> None:
-    """Raise ``FloatingPointError`` naming the first leaf with NaN or Inf.
+    """Raise :class:`NonFiniteError` naming the first leaf with NaN or Inf.
 
     Only concrete arrays are checked (one device->host transfer of a boolean per
-    leaf); inside ``jit`` the tracers are skipped silently, so call it at the
-    boundary, before the compiled work.
+    leaf); tracers are skipped silently, so call it at the boundary, before the
+    compiled work. Inside a ``jax.jit`` trace, arrays closed over as constants are
+    still checked (the test is evaluated eagerly, never staged out).
+
+    >>> check_finite({"w": jnp.array([1.0, jnp.nan])}, "params")
+    Traceback (most recent call last):
+    ...
+    jaxunlearn.tree.NonFiniteError: params has NaN values at 'w'
     """
-    for p, x in leaves_with_paths(tree):
-        if isinstance(x, jax.core.Tracer):
-            continue
-        arr = jnp.asarray(x)
-        if not jnp.issubdtype(arr.dtype, jnp.inexact):
-            continue
-        if not bool(jnp.all(jnp.isfinite(arr))):
-            bad = "NaN" if bool(jnp.any(jnp.isnan(arr))) else "Inf"
-            raise FloatingPointError(f"{name} has {bad} values at '{p}'")
+    with jax.ensure_compile_time_eval():
+        for p, x in leaves_with_paths(tree):
+            if isinstance(x, jax.core.Tracer):
+                continue
+            arr = jnp.asarray(x)
+            if not jnp.issubdtype(arr.dtype, jnp.inexact):
+                continue
+            if not bool(jnp.all(jnp.isfinite(arr))):
+                bad = "NaN" if bool(jnp.any(jnp.isnan(arr))) else "Inf"
+                raise NonFiniteError(f"{name} has {bad} values at '{p}'")
+
+
+def check_nonnegative(tree: PyTree, name: str = "tree") -> None:
+    """Raise ``ValueError`` naming the first leaf with a negative entry (an importance, a Fisher).
+
+    Concrete leaves only, also when closed over inside a ``jit`` trace (the test is
+    evaluated eagerly); tracers are skipped.
+    """
+    with jax.ensure_compile_time_eval():
+        for p, x in leaves_with_paths(tree):
+            if not isinstance(x, jax.core.Tracer) and bool(jnp.any(jnp.asarray(x) < 0)):
+                raise ValueError(f"{name} must be >= 0, but has negative values at '{p}'")
 
 
 def check_nonempty(tree: PyTree, name: str = "tree") -> None:

@@ -20,8 +20,8 @@ ValueError: UnlearnConfig.learning_rate must be a finite number > 0, got nan
 These checks are for Python scalars (configuration fields, static arguments). Arguments
 that may be traced under ``jax.jit`` (a strength, a radius) go through :func:`check_scalar`,
 which checks concrete values and lets tracers through; pytrees of arrays through
-:func:`check_finite_tree`, which raises :class:`NonFiniteError` (both a ``ValueError`` and a
-``FloatingPointError``) naming the first leaf with NaN/Inf.
+:func:`jaxunlearn.tree.check_finite`, which raises :class:`jaxunlearn.tree.NonFiniteError`
+(both a ``ValueError`` and a ``FloatingPointError``) naming the first leaf with NaN/Inf.
 """
 
 from __future__ import annotations
@@ -34,26 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn import tree as jt
 
 __all__ = [
-    "NonFiniteError",
     "check_int",
     "check_float",
     "check_bool",
     "check_choice",
     "check_scalar",
-    "check_finite_tree",
     "is_concrete",
 ]
-
-
-class NonFiniteError(FloatingPointError, ValueError):
-    """NaN or Inf where finite values are required.
-
-    Both a ``ValueError`` (a bad argument value) and a ``FloatingPointError`` (what
-    :func:`jaxunlearn.tree.check_finite` raises), so either ``except`` catches it.
-    """
 
 
 def _qual(owner: str, name: str) -> str:
@@ -230,22 +219,3 @@ def check_scalar(
             v = float(value)
         check_float(owner, name, v, min=min, min_exclusive=min_exclusive)
     return value
-
-
-def check_finite_tree(tree: Any, name: str) -> None:
-    """Raise :class:`NonFiniteError` naming the first leaf of ``tree`` with NaN or Inf.
-
-    :func:`jaxunlearn.tree.check_finite` on the concrete leaves (tracers are skipped), also
-    inside a ``jax.jit`` trace for arrays closed over as constants (the test is evaluated
-    eagerly, never staged out). The message is ``"{name} has NaN values at '{leaf path}'"``.
-
-    Raises:
-      NonFiniteError: a ``ValueError`` and ``FloatingPointError``.
-    """
-    try:
-        with jax.ensure_compile_time_eval():
-            jt.check_finite(tree, name)
-    except NonFiniteError:
-        raise
-    except FloatingPointError as e:
-        raise NonFiniteError(str(e)) from None

@@ -76,7 +76,7 @@ def test_validate_helpers_accept_and_normalise():
     assert V.check_scalar("f", "s", jnp.float32(2.0), min=0.0) is not None
     with pytest.raises(TypeError, match=r"f\.s must be a real scalar"):
         V.check_scalar("f", "s", jnp.ones(2))
-    assert issubclass(V.NonFiniteError, ValueError) and issubclass(V.NonFiniteError, FloatingPointError)
+    assert issubclass(ju.tree.NonFiniteError, ValueError) and issubclass(ju.tree.NonFiniteError, FloatingPointError)
 
 
 # ---------------------------------------------------------------- UnlearnConfig
