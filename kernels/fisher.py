@@ -42,7 +42,11 @@ Paths (``impl``):
 Hardware status: both schedules are tested on CPU in Pallas interpret mode
 against the reference and an independent per-example loop, and lowered from CPU for
 TPU (Mosaic) and GPU (Triton) by ``jax.export`` (``tests/kernels/test_lowering.py``).
-Neither compiled path has been compiled or run on hardware yet; the GPU path uses
+The GPU (``loop``, Triton) path has been compiled and run on one NVIDIA H200 (jax 0.11.2):
+its hardware test passes in float32 and bfloat16, and on a ``B 16 x T 512``, 2048 x 2048
+bfloat16 layer it runs at 0.45 of an XLA matmul of the same FLOPs, slower than XLA's
+``vmap`` of per-example outer products there (README, "Throughput on a GPU"). The TPU
+path has not been compiled by Mosaic yet. The GPU path uses
 ``pallas.triton.CompilerParams`` explicitly because jax 0.10 otherwise lowers
 ``pallas_call`` to Mosaic GPU.
 

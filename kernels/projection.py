@@ -48,8 +48,10 @@ of ``R`` (the row maxima), before the Gram pass.
 
 Hardware status: tested on CPU in Pallas interpret mode against numpy and the ``jnp``
 reference, and lowered from CPU for TPU (Mosaic) and GPU (Triton) by ``jax.export``
-(``tests/kernels/test_lowering.py``); the compiled paths have not been compiled or run on
-hardware yet. The kernels see whole arrays: inside ``jax.shard_map`` with ``P`` sharded, the
+(``tests/kernels/test_lowering.py``). The Triton (GPU) kernels have been compiled and run
+on one NVIDIA H200 (jax 0.11.2; their hardware test passes in float32 and bfloat16 once the
+GPU ``block_p`` is sized to shared memory, :func:`default_block_p`); the Mosaic (TPU) ones
+have not been compiled yet. The kernels see whole arrays: inside ``jax.shard_map`` with ``P`` sharded, the
 caller ``psum`` s the Gram and dots across shards before the solve.
 """
 
@@ -76,6 +78,8 @@ __all__ = [
     "gram_and_dots_reference",
     "subtract_reference",
     "pinv_solve",
+    "default_block_p",
+    "GPU_DOT_SMEM_BYTES",
     "row_absmax",
     "pow2_row_scales",
     "DEFAULT_RCOND",
@@ -254,13 +258,30 @@ def _subtract_kernel(g_ref, r_ref, c_ref, *refs):
     o_ref[...] = (g_ref[...].astype(jnp.float32) - corr).astype(o_ref.dtype)
 
 
-def _default_block_p(plat: str) -> int:
-    return 2048 if plat == "gpu" else 8192
+# Shared memory for the Gram's two float32 tl.dot tiles (k, block_p): Hopper has 227 KiB per
+# block, k = 16 at block_p = 2048 asked for 256 KiB on an H200; a quarter leaves the pipeline room.
+GPU_DOT_SMEM_BYTES = 64 * 1024
 
 
-def _block_p(block_p: int | None, plat: str, interpret: bool) -> int:
+def default_block_p(plat: str, k: int) -> int:
+    """The Pallas ``block_p`` used when none is given, for ``k`` retain vectors on ``plat``.
+
+    8192 on TPU and CPU (interpret mode); on GPU the largest power of two ``<= 2048`` with
+    ``2 * k * block_p * 4 <= GPU_DOT_SMEM_BYTES`` (the Gram's two float32 ``tl.dot``
+    operands in shared memory): k = 16 gives 512, k = 64 gives 128, never below 16.
+
+    >>> default_block_p("gpu", 16), default_block_p("tpu", 16)
+    (512, 8192)
+    """
+    if plat != "gpu":
+        return 8192
+    fit = GPU_DOT_SMEM_BYTES // (2 * 4 * max(k, 1))
+    return max(16, min(2048, 1 << (fit.bit_length() - 1)))
+
+
+def _block_p(block_p: int | None, plat: str, interpret: bool, k: int) -> int:
     C.check_block(block_p, "block_p")
-    bp = block_p or _default_block_p(plat)
+    bp = block_p or default_block_p(plat, k)
     if not interpret and plat == "tpu" and bp % 128:
         raise ValueError(f"block_p must be a multiple of 128 on TPU; got {bp}")
     if not interpret and plat == "gpu" and bp != C.next_power_of_2(bp):
@@ -317,7 +338,7 @@ def _plan(plat: str, k: int, P: int, *, block_p, interpret, splits=None) -> _Pla
     """Block length, mode and partial sums on ``plat``; ``ValueError`` if invalid there."""
     interpret = C.resolve_interpret(interpret, plat)
     C.check_pallas_platform(plat, interpret)
-    bp = _block_p(block_p, plat, interpret)
+    bp = _block_p(block_p, plat, interpret, k)
     _check_triton_k(k, plat, interpret)
     n_full = P // bp
     return _Plan(plat, bp, interpret, _splits(n_full, splits, plat) if n_full else 1)
@@ -482,7 +503,7 @@ def gram_and_dots(
       g: ``(P,)`` vector, float32 or bfloat16 (may differ from ``R``'s dtype; then
         both are read as float32).
       impl: ``"auto"``, ``"pallas"``, ``"xla"`` or ``"reference"`` (module docstring).
-      block_p: Pallas block length along ``P`` (default 8192; 2048 on GPU; a multiple
+      block_p: Pallas block length along ``P`` (default 8192; on GPU from ``k``, 512 at k = 16; a multiple
         of 128 on TPU, a power of two on GPU).
       interpret: Pallas interpreter; default True on CPU.
       splits: number of independent partial sums of the Pallas reduction (must

@@ -79,9 +79,9 @@ def test_mixed_dtypes_read_as_float32():
     R, _, c = _arrays(2, 200, jnp.bfloat16)
     _, g, _ = _arrays(2, 200, jnp.float32, seed=1)
     Rn, gn = _np(R), _np(g)
-    G, d = kp.gram_and_dots(R, g, impl="pallas", block_p=64)
+    G, d = kp.gram_and_dots(R, g, impl="pallas", block_p=64, interpret=True)
     _close(d, Rn @ gn, jnp.float32)
-    out = kp.subtract(g, R, c, impl="pallas", block_p=64)
+    out = kp.subtract(g, R, c, impl="pallas", block_p=64, interpret=True)
     assert out.dtype == jnp.float32
     _close(out, gn - Rn.T @ _np(c), jnp.float32)
 
@@ -89,10 +89,10 @@ def test_mixed_dtypes_read_as_float32():
 def test_hand_checked_tiny_case():
     R = jnp.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])
     g = jnp.array([1.0, 1.0, 1.0])
-    G, d = kp.gram_and_dots(R, g, impl="pallas", block_p=2)
+    G, d = kp.gram_and_dots(R, g, impl="pallas", block_p=2, interpret=True)
     np.testing.assert_array_equal(G, [[5.0, 0.0], [0.0, 9.0]])
     np.testing.assert_array_equal(d, [3.0, 3.0])
-    out = kp.subtract(g, R, jnp.array([1.0, 2.0]), impl="pallas", block_p=2)
+    out = kp.subtract(g, R, jnp.array([1.0, 2.0]), impl="pallas", block_p=2, interpret=True)
     np.testing.assert_array_equal(out, [0.0, -5.0, -1.0])  # g - 1 * r0 - 2 * r1
 
 
@@ -167,10 +167,24 @@ def test_array_errors():
     with pytest.raises(TypeError, match="c must be a float"):
         kp.subtract(g, R, jnp.ones(3, jnp.int32))
     with pytest.raises(ValueError, match="splits must be a positive divisor"):
-        kp.gram(jnp.ones((2, 24)), impl="pallas", block_p=8, splits=2)
+        kp.gram(jnp.ones((2, 24)), impl="pallas", block_p=8, splits=2, interpret=True)
     with pytest.raises(ValueError, match="unknown impl"):
         kp.gram(R, impl="gpu")
     with pytest.raises(ValueError, match="block_p must be a positive int"):
         kp.gram(R, impl="pallas", block_p=-1)
     with pytest.raises(ValueError, match="pinv_solve needs"):
         kp.pinv_solve(jnp.ones((2, 3)), jnp.ones(2))
+
+
+def test_gpu_default_block_fits_shared_memory():
+    # H200, k = 16, block_p = 2048: Triton asked for 2 * 16 * 2048 * 4 = 262144 bytes of shared
+    # memory and the device had 232448. The default now keeps the two float32 dot operands
+    # within GPU_DOT_SMEM_BYTES, as a power of two (Triton) in [16, 2048].
+    assert kp.default_block_p("gpu", 16) == 512
+    assert kp.default_block_p("gpu", 64) == 128
+    assert kp.default_block_p("gpu", 1) == 2048
+    assert kp.default_block_p("gpu", 4096) == 16
+    for k in (16, 32, 64, 128, 256, 512):
+        bp = kp.default_block_p("gpu", k)
+        assert bp & (bp - 1) == 0 and 2 * k * bp * 4 <= kp.GPU_DOT_SMEM_BYTES < 2 * k * (2 * bp) * 4
+    assert kp.default_block_p("tpu", 16) == kp.default_block_p("cpu", 16) == 8192
