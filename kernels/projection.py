@@ -258,17 +258,15 @@ def _subtract_kernel(g_ref, r_ref, c_ref, *refs):
     o_ref[...] = (g_ref[...].astype(jnp.float32) - corr).astype(o_ref.dtype)
 
 
-# Shared memory for the Gram's two float32 tl.dot tiles (k, block_p): Hopper has 227 KiB per
-# block, k = 16 at block_p = 2048 asked for 256 KiB on an H200; a quarter leaves the pipeline room.
+# Hopper: 227 KiB shared memory per block; k=16, block_p=2048 asked 256 KiB on an H200.
 GPU_DOT_SMEM_BYTES = 64 * 1024
 
 
 def default_block_p(plat: str, k: int) -> int:
     """The Pallas ``block_p`` used when none is given, for ``k`` retain vectors on ``plat``.
 
-    8192 on TPU and CPU (interpret mode); on GPU the largest power of two ``<= 2048`` with
-    ``2 * k * block_p * 4 <= GPU_DOT_SMEM_BYTES`` (the Gram's two float32 ``tl.dot``
-    operands in shared memory): k = 16 gives 512, k = 64 gives 128, never below 16.
+    8192 on TPU and CPU; on GPU the largest power of two in [16, 2048] with ``2 * k * block_p
+    * 4 <= GPU_DOT_SMEM_BYTES`` (the Gram's two float32 ``tl.dot`` tiles): 512 at k = 16.
 
     >>> default_block_p("gpu", 16), default_block_p("tpu", 16)
     (512, 8192)
