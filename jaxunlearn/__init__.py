@@ -23,6 +23,7 @@ from jaxunlearn.fisher import fisher_diagonal, grad_importance, mean_grad, per_e
 from jaxunlearn.fisher_fused import fisher_diagonal_fused
 from jaxunlearn.models import DecoderFn
 from jaxunlearn.losses import (
+    batch_token_nll,
     grad_diff,
     gradient_ascent,
     kl_to_reference,
@@ -64,6 +65,7 @@ __all__ = [
     "masked_updates",
     "mean_grad",
     "mean_token_nll",
+    "batch_token_nll",
     "npo",
     "orthogonal_projection",
     "per_example_grads",

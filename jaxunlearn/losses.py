@@ -22,6 +22,7 @@ __all__ = [
     "token_logprobs",
     "sequence_nll",
     "mean_token_nll",
+    "batch_token_nll",
     "gradient_ascent",
     "grad_diff",
     "npo",
@@ -68,6 +69,32 @@ def mean_token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     m = loss_mask[..., 1:].astype(jnp.float32)
     n = jnp.maximum(jnp.sum(m, axis=-1), 1.0)
     return sequence_nll(logits, input_ids, loss_mask) / n
+
+
+def batch_token_nll(nll_sum: jax.Array, lengths: jax.Array) -> jax.Array:
+    """The Hugging Face causal-LM loss: every answer token of the batch pooled,
+    ``sum_n NLL_n / max(sum_n |y_n|, 1)``.
+
+    This is ``model(**batch).loss`` of a ``transformers`` causal LM (cross-entropy averaged over
+    all label positions that are not -100), the retain term (and GA / GradDiff forget term) of
+    open-unlearning's trainers. It weights long answers more than ``mean_n NLL_n / |y_n|``
+    and differs from ``mean_n NLL_n`` (the mean over sequences of summed NLL) by about the
+    mean answer length.
+
+    Args:
+      nll_sum: (B,) per-example summed answer NLL (:func:`sequence_nll`).
+      lengths: (B,) answer tokens per example (``loss_mask[:, 1:].sum(-1)``).
+
+    Returns:
+      A float32 scalar.
+
+    >>> float(batch_token_nll(jnp.array([2.0, 6.0]), jnp.array([1.0, 3.0])))
+    2.0
+    """
+    if jnp.shape(nll_sum) != jnp.shape(lengths):
+        raise ValueError(f"nll_sum {jnp.shape(nll_sum)} and lengths {jnp.shape(lengths)} must have the same shape")
+    n = jnp.sum(jnp.asarray(lengths).astype(jnp.float32))
+    return jnp.sum(jnp.asarray(nll_sum).astype(jnp.float32)) / jnp.maximum(n, 1.0)
 
 
 # ------------------------------------------------------------ unlearning objectives

@@ -28,7 +28,7 @@ from jaxunlearn.projection import METRICS as PROJECTION_METRICS
 from jaxunlearn.projection import project_orthogonal
 from jaxunlearn.quant import SCHEMES as SAF_SCHEMES
 from jaxunlearn.saliency import masked_updates
-from jaxunlearn.unlearn_step import (METHODS, RETAIN_LOSSES, Unlearner, UnlearnState, _init_state, forget_loss_fn,
+from jaxunlearn.unlearn_step import (METHODS, NLL_REDUCTIONS, RETAIN_LOSSES, Unlearner, UnlearnState, _init_state, forget_loss_fn,
                                      retain_loss_fn, unlearner)
 
 __all__ = ["METHODS", "RETAIN_LOSSES", "UnlearnConfig", "UnlearnState", "Unlearner", "unlearner",
@@ -61,6 +61,13 @@ class UnlearnConfig:
       beta: NPO / SimNPO inverse temperature (``None``: 0.1 for NPO, 4.5 for SimNPO).
       delta: SimNPO margin.
       retain_loss: ``"nll"`` or ``"kl"`` (KL to the reference on retain tokens).
+      nll_reduction: how a batch NLL is averaged, for the ``"nll"`` retain loss and the GA /
+        GradDiff forget loss: ``"token"`` (default; every answer token of the batch pooled,
+        Hugging Face's ``model(**batch).loss`` as open-unlearning's trainers use it, so
+        published ``alpha``/``gamma`` transfer) or ``"sequence"`` (the mean over examples of
+        the summed NLL: ``alpha`` then weighs the retain term about the mean answer length
+        more). NPO and SimNPO forget losses keep their papers' per-sequence normalisation
+        (:func:`forget_loss_fn`).
       project: orthogonal projection of the forget gradient (GU).
       retain_k: number of retain gradients spanning the subspace (the retain batch is
         split into this many strided micro-batches, rows ``j::retain_k``; must divide its size).
@@ -108,6 +115,7 @@ class UnlearnConfig:
     beta: float | None = None
     delta: float = 0.0
     retain_loss: str = "nll"
+    nll_reduction: str = "token"
     project: bool = False
     retain_k: int = 1
     projection_per_tensor: bool = False
@@ -192,8 +200,9 @@ class UnlearnConfig:
           KL retain loss (:attr:`needs_reference`).
         """
         custom = forget_loss is not None
-        f_loss = forget_loss if custom else forget_loss_fn(apply_fn, self.method, beta=self.beta, delta=self.delta)
-        r_loss = retain_loss_fn(apply_fn, self.retain_loss) if self.uses_retain else None
+        f_loss = forget_loss if custom else forget_loss_fn(apply_fn, self.method, beta=self.beta, delta=self.delta,
+                                                           reduction=self.nll_reduction)
+        r_loss = retain_loss_fn(apply_fn, self.retain_loss, reduction=self.nll_reduction) if self.uses_retain else None
         return unlearner(
             f_loss, self.transform(mask), retain_loss=r_loss, estimator=self.estimator(), gamma=self.gamma,
             alpha=None if self.project else self.alpha, retain_k=self.retain_k if self.project else None,
@@ -210,6 +219,7 @@ def _validate_unlearn_config(cfg: UnlearnConfig) -> None:
     o = "UnlearnConfig"
     out = {}
     for name, choices in (("method", METHODS), ("optimizer", OPTIMIZERS), ("retain_loss", RETAIN_LOSSES),
+                          ("nll_reduction", NLL_REDUCTIONS),
                           ("projection_metric", PROJECTION_METRICS), ("saf_scheme", SAF_SCHEMES)):
         out[name] = V.check_choice(o, name, getattr(cfg, name), choices)
     for name, lo in (("steps", 0), ("warmup_steps", 0), ("retain_k", 1), ("saf_block_size", 1)):

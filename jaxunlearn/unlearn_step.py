@@ -40,14 +40,15 @@ import optax
 from jaxunlearn import tree as jt
 from jaxunlearn import validate as V
 from jaxunlearn.estimators import GradientEstimator, plain_estimator
-from jaxunlearn.losses import gradient_ascent, kl_to_reference, npo, sequence_nll, simnpo
+from jaxunlearn.losses import batch_token_nll, kl_to_reference, npo, sequence_nll, simnpo
 from jaxunlearn.sharding import jit_keeping_state_sharding
 
-__all__ = ["METHODS", "RETAIN_LOSSES", "UnlearnState", "Unlearner", "unlearner", "forget_loss_fn",
+__all__ = ["METHODS", "RETAIN_LOSSES", "NLL_REDUCTIONS", "UnlearnState", "Unlearner", "unlearner", "forget_loss_fn",
            "retain_loss_fn"]
 
 METHODS = ("ga", "grad_diff", "npo", "simnpo")
 RETAIN_LOSSES = ("nll", "kl")
+NLL_REDUCTIONS = ("token", "sequence")
 _BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
@@ -67,29 +68,47 @@ def _nll(apply_fn, params, batch):
     return logits, sequence_nll(logits, batch["input_ids"], batch["loss_mask"])
 
 
+def _lengths(batch):
+    return jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32), axis=-1)
+
+
+def _reduce(nll, batch, reduction: str):
+    """The batch NLL: ``"token"`` pools every answer token (:func:`jaxunlearn.batch_token_nll`,
+    Hugging Face's loss); ``"sequence"`` is the mean over examples of the summed NLL."""
+    return batch_token_nll(nll, _lengths(batch)) if reduction == "token" else jnp.mean(nll)
+
+
 def forget_loss_fn(apply_fn: Callable, method: str, *, beta: float | None = None,
-                   delta: float = 0.0) -> Callable:
+                   delta: float = 0.0, reduction: str = "token") -> Callable:
     """The forget loss ``L_f(params, batch) -> scalar`` of a named method.
 
-    With ``NLL_n`` the summed answer NLL of example n (:func:`jaxunlearn.sequence_nll`):
+    With ``NLL_n`` the summed answer NLL of example n (:func:`jaxunlearn.sequence_nll`) and
+    ``|y_n|`` its answer tokens (the closing EOS included):
 
-    - ``"ga"``, ``"grad_diff"``: ``-mean_n NLL_n`` (:func:`jaxunlearn.gradient_ascent`);
+    - ``"ga"``, ``"grad_diff"``: the negated batch NLL, ``-sum_n NLL_n / sum_n |y_n|`` with
+      ``reduction="token"`` (Hugging Face's ``-model(**batch).loss``, as open-unlearning's
+      GradAscent / GradDiff), or ``-mean_n NLL_n`` with ``"sequence"``
+      (:func:`jaxunlearn.gradient_ascent`);
     - ``"npo"``: :func:`jaxunlearn.npo` of ``-NLL`` against ``batch["ref_logp"]`` (the
       reference's summed answer log-likelihood; :func:`unlearner` adds it with
-      ``forget_ref_logp=True``), ``beta`` default 0.1;
-    - ``"simnpo"``: :func:`jaxunlearn.simnpo` (reference-free), ``beta`` default 4.5, margin ``delta``.
+      ``forget_ref_logp=True``), ``beta`` default 0.1: per-sequence *summed* log-likelihoods,
+      as the paper and open-unlearning's ``compute_dpo_loss``, whatever ``reduction``;
+    - ``"simnpo"``: :func:`jaxunlearn.simnpo` (reference-free; per-sequence ``NLL_n / |y_n|``
+      as the paper, whatever ``reduction``), ``beta`` default 4.5, margin ``delta``.
 
     Args:
       apply_fn: ``apply(params, input_ids, attention_mask) -> logits``.
       method: one of :data:`METHODS`.
       beta: NPO / SimNPO inverse temperature (> 0; None: the method's default).
       delta: SimNPO margin (finite).
+      reduction: ``"token"`` (default, the reference trainers') or ``"sequence"``; the
+        batch NLL of GA / GradDiff (see above).
 
     Returns:
       ``loss(params, batch) -> float32 scalar``, ``batch`` in the convention of :mod:`jaxunlearn.losses`.
 
     Raises:
-      ValueError / TypeError: an unknown ``method``, a bad ``beta`` or ``delta``.
+      ValueError / TypeError: an unknown ``method`` or ``reduction``, a bad ``beta`` or ``delta``.
 
     References:
       Jang et al., 2023 (GA); Zhang et al., "Negative Preference Optimization", 2024 (NPO);
@@ -98,23 +117,27 @@ def forget_loss_fn(apply_fn: Callable, method: str, *, beta: float | None = None
     V.check_choice("forget_loss_fn", "method", method, METHODS)
     beta = V.check_float("forget_loss_fn", "beta", beta, min=0.0, min_exclusive=True, allow_none=True)
     delta = V.check_float("forget_loss_fn", "delta", delta)
+    V.check_choice("forget_loss_fn", "reduction", reduction, NLL_REDUCTIONS)
 
     def loss(params, batch):
         _, nll = _nll(apply_fn, params, batch)
         if method in ("ga", "grad_diff"):
-            return gradient_ascent(nll)
+            return -_reduce(nll, batch, reduction)
         if method == "npo":
             return npo(-nll, batch["ref_logp"], beta=0.1 if beta is None else beta)
-        lengths = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32), axis=-1)
-        return simnpo(nll, lengths, beta=4.5 if beta is None else beta, delta=delta)
+        return simnpo(nll, _lengths(batch), beta=4.5 if beta is None else beta, delta=delta)
 
     return loss
 
 
-def retain_loss_fn(apply_fn: Callable, kind: str = "nll") -> Callable:
-    """The retain loss ``L_r(params, batch) -> scalar``: ``mean_n NLL_n`` or the KL to the reference.
+def retain_loss_fn(apply_fn: Callable, kind: str = "nll", *, reduction: str = "token") -> Callable:
+    """The retain loss ``L_r(params, batch) -> scalar``: the batch NLL or the KL to the reference.
 
-    ``"nll"``: the mean over examples of the summed answer NLL. ``"kl"``:
+    ``"nll"``: with ``reduction="token"`` (default) every answer token of the batch pooled,
+    ``sum_n NLL_n / sum_n |y_n|`` (:func:`jaxunlearn.batch_token_nll`: Hugging Face's
+    ``model(**batch).loss``, the retain term of open-unlearning's GradDiff / NPO / SimNPO, so
+    their published ``alpha`` transfers); with ``"sequence"`` the mean over examples of the
+    summed answer NLL (larger by about the mean answer length). ``"kl"``:
     :func:`jaxunlearn.kl_to_reference`, the mean over answer tokens of
     ``KL(p_ref || p_theta)`` against ``batch["ref_logits"]`` (the reference's logits;
     :func:`unlearner` adds them with ``retain_ref_logits=True``).
@@ -122,20 +145,22 @@ def retain_loss_fn(apply_fn: Callable, kind: str = "nll") -> Callable:
     Args:
       apply_fn: ``apply(params, input_ids, attention_mask) -> logits``.
       kind: one of :data:`RETAIN_LOSSES`.
+      reduction: ``"token"`` or ``"sequence"`` (the ``"nll"`` batch NLL; see above).
 
     Returns:
       ``loss(params, batch) -> float32 scalar``.
 
     Raises:
-      ValueError / TypeError: an unknown ``kind``.
+      ValueError / TypeError: an unknown ``kind`` or ``reduction``.
     """
     V.check_choice("retain_loss_fn", "kind", kind, RETAIN_LOSSES)
+    V.check_choice("retain_loss_fn", "reduction", reduction, NLL_REDUCTIONS)
 
     def loss(params, batch):
         logits, nll = _nll(apply_fn, params, batch)
         if kind == "kl":
             return kl_to_reference(logits, batch["ref_logits"], batch["loss_mask"])
-        return jnp.mean(nll)
+        return _reduce(nll, batch, reduction)
 
     return loss
 
@@ -271,8 +296,8 @@ def unlearner(
     >>> u = unlearner(forget_loss_fn(apply, "ga"), optax.sgd(0.1))
     >>> state = u.init(params)
     >>> state, metrics = u.step(state, batch)
-    >>> int(state.step), round(float(metrics["forget_loss"]), 4)   # -NLL = -2 log(e + 3)
-    (1, -3.4873)
+    >>> int(state.step), round(float(metrics["forget_loss"]), 4)   # -NLL / 2 tokens = -log(e + 3)
+    (1, -1.7437)
     """
     o = "unlearner"
     if not callable(forget_loss):

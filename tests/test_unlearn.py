@@ -22,11 +22,28 @@ def _params(seed=0):
 
 
 def _batch(n, seed):
-    return jax.tree.map(jnp.asarray, lm_batch(n, seed, vocab=V, seq=T, prompt=3))
+    b = lm_batch(n, seed, vocab=V, seq=T, prompt=2)
+    for i in range(n):  # ragged answers (prompts of 2, 3, 4 tokens): pooled tokens != mean of sequences
+        b["loss_mask"][i, : 2 + i % 3] = 0
+    return jax.tree.map(jnp.asarray, b)
 
 
 def _mean_nll(p, b):
+    """The "sequence" reduction: the mean over examples of the summed answer NLL."""
     return jnp.mean(sequence_nll(apply(p, b["input_ids"], None), b["input_ids"], b["loss_mask"]))
+
+
+def _token_nll(p, b):
+    """The "token" reduction written out as Hugging Face computes ``model(**batch).loss``: the NLL
+    of every scored token (logits at t - 1 predict token t), pooled over the whole batch."""
+    ids, m = np.asarray(b["input_ids"]), np.asarray(b["loss_mask"])
+    total, count = 0.0, 0
+    for i in range(ids.shape[0]):
+        lp = jax.nn.log_softmax(apply(p, b["input_ids"][i], None), axis=-1)
+        for t in range(1, ids.shape[1]):
+            if m[i, t]:
+                total, count = total - lp[t - 1, ids[i, t]], count + 1
+    return total / count
 
 
 def _one_step(cfg, params, fb, rb, ref=None, mask=None):
@@ -51,19 +68,30 @@ def _assert_trees_equal(a, b):
 SGD = dict(optimizer="sgd", learning_rate=0.1, grad_clip=0.0, steps=1)
 
 
-def test_ga_sgd_step_is_gradient_ascent():
+@pytest.mark.parametrize("reduction, nll", [("token", _token_nll), ("sequence", _mean_nll)])
+def test_ga_sgd_step_is_gradient_ascent(reduction, nll):
     p, fb = _params(), _batch(4, 1)
-    new, m = _one_step(UnlearnConfig(method="ga", **SGD), p, fb, None)
-    g = jax.grad(_mean_nll)(p, fb)
+    assert abs(float(_token_nll(p, fb)) * 3 - float(_mean_nll(p, fb))) > 1e-2  # the reductions differ
+    new, m = _one_step(UnlearnConfig(method="ga", nll_reduction=reduction, **SGD), p, fb, None)
+    g = jax.grad(nll)(p, fb)
     jax.tree.map(lambda a, b, c: np.testing.assert_allclose(a, b + 0.1 * c, rtol=1e-5, atol=1e-6), new, p, g)
-    np.testing.assert_allclose(m["forget_loss"], -_mean_nll(p, fb), rtol=1e-6)
+    np.testing.assert_allclose(m["forget_loss"], -nll(p, fb), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["grad_diff", "npo", "simnpo"])
+def test_retain_nll_is_hugging_face_pooled_token_mean_by_default(method):
+    """open-unlearning's retain term is ``model(**retain).loss``; "sequence" keeps the old sum-per-example mean."""
+    p, fb, rb = _params(), _batch(4, 1), _batch(6, 2)
+    for reduction, nll in (("token", _token_nll), ("sequence", _mean_nll)):
+        _, m = _one_step(UnlearnConfig(method=method, nll_reduction=reduction, **SGD), p, fb, rb, ref=p)
+        np.testing.assert_allclose(m["retain_loss"], nll(p, rb), rtol=1e-6)
 
 
 def test_grad_diff_combines_forget_and_retain():
     p, fb, rb = _params(), _batch(4, 1), _batch(6, 2)
     cfg = UnlearnConfig(method="grad_diff", gamma=0.5, alpha=2.0, **SGD)
     new, _ = _one_step(cfg, p, fb, rb)
-    gf, gr = jax.grad(_mean_nll)(p, fb), jax.grad(_mean_nll)(p, rb)
+    gf, gr = jax.grad(_token_nll)(p, fb), jax.grad(_token_nll)(p, rb)
     want = jax.tree.map(lambda x, a, b: x - 0.1 * (-0.5 * a + 2.0 * b), p, gf, gr)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, want)
 
@@ -93,7 +121,7 @@ def test_kl_retain_term_one_sgd_step_is_exact():
     lr, gamma, alpha = 0.1, 0.5, 2.0
     cfg = UnlearnConfig(method="grad_diff", retain_loss="kl", gamma=gamma, alpha=alpha, **SGD)
     new, m = _one_step(cfg, p, fb, rb, ref=ref)
-    g_kl, g_f = jax.grad(kl)(p), jax.grad(lambda q: -_mean_nll(q, fb))(p)
+    g_kl, g_f = jax.grad(kl)(p), jax.grad(lambda q: -_token_nll(q, fb))(p)
     assert float(jt.global_norm(g_kl)) > 1e-2  # theta != theta_ref: the KL term moves the step
     want = jax.tree.map(lambda x, a, b: x - lr * (gamma * a + alpha * b), p, g_f, g_kl)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, want)
@@ -101,10 +129,10 @@ def test_kl_retain_term_one_sgd_step_is_exact():
 
 
 def test_npo_at_reference_equals_gradient_ascent_scaled():
-    # At theta = theta_ref the NPO gradient is the GA gradient (d/dlogp = 1/B), for any beta.
+    # At theta = theta_ref the NPO gradient is the GA gradient of summed NLLs (d/dlogp = 1/B), for any beta.
     p, fb = _params(), _batch(4, 1)
     new_npo, m = _one_step(UnlearnConfig(method="npo", alpha=0.0, beta=0.3, **SGD), p, fb, None, ref=p)
-    new_ga, _ = _one_step(UnlearnConfig(method="ga", **SGD), p, fb, None)
+    new_ga, _ = _one_step(UnlearnConfig(method="ga", nll_reduction="sequence", **SGD), p, fb, None)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_npo, new_ga)
     np.testing.assert_allclose(m["forget_loss"], 2 / 0.3 * np.log(2), rtol=1e-5)
 
@@ -151,8 +179,9 @@ def _composed(cfg, mask=None):
     """``cfg.build(apply, mask=mask)`` written out with the building blocks."""
     uses_retain = cfg.uses_retain
     return unlearner(
-        forget_loss_fn(apply, cfg.method, beta=cfg.beta, delta=cfg.delta), cfg.transform(mask),
-        retain_loss=retain_loss_fn(apply, cfg.retain_loss) if uses_retain else None,
+        forget_loss_fn(apply, cfg.method, beta=cfg.beta, delta=cfg.delta, reduction=cfg.nll_reduction),
+        cfg.transform(mask),
+        retain_loss=retain_loss_fn(apply, cfg.retain_loss, reduction=cfg.nll_reduction) if uses_retain else None,
         estimator=(saf_estimator(cfg.saf_scheme, cfg.saf_block_size, cfg.saf_rho) if cfg.saf
                    else sam_estimator(cfg.sam_rho) if cfg.sam_rho else plain_estimator()),
         gamma=cfg.gamma, alpha=None if cfg.project else cfg.alpha, retain_k=cfg.retain_k if cfg.project else None,
@@ -164,6 +193,7 @@ def _composed(cfg, mask=None):
     dict(method="npo", beta=0.3, retain_loss="kl", sam_rho=0.05, gamma=0.7, alpha=1.5),
     dict(method="simnpo", saf=True, saf_block_size=8, saf_rho=0.01, delta=0.2),
     dict(method="grad_diff", project=True, retain_k=3, projection_per_tensor=True, warmup_steps=2, mask=True),
+    dict(method="grad_diff", nll_reduction="sequence", alpha=0.3),
 ])
 def test_composed_unlearner_equals_the_preset(variant):
     p, ref, fb, rb = _params(), _params(7), _batch(4, 1), _batch(6, 2)
@@ -208,7 +238,7 @@ def test_custom_forget_loss_retain_loss_estimator_and_transform():
     u = cfg.build(apply, forget_loss=f_loss)
     assert not u.needs_reference  # no reference for a custom forget loss
     new = u.step(u.init(p), fb, rb)[0].params
-    want = jax.tree.map(lambda x, a, b: x - 0.1 * (0.5 * a + 2.0 * b), p, gf, jax.grad(_mean_nll)(p, rb))
+    want = jax.tree.map(lambda x, a, b: x - 0.1 * (0.5 * a + 2.0 * b), p, gf, jax.grad(_token_nll)(p, rb))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, want)
 
 
@@ -220,8 +250,8 @@ def test_projection_and_mask_composed_by_hand():
     tx = optax.chain(project_orthogonal(retain_scale=0.0), masked_updates(mask), optax.sgd(0.1))
     u = unlearner(forget_loss_fn(apply, "ga"), tx, retain_loss=retain_loss_fn(apply), retain_k=3)
     new = u.step(u.init(p), fb, rb)[0].params
-    gf = jax.grad(lambda q: -_mean_nll(q, fb))(p)
-    R = jax.tree.map(lambda *r: jnp.stack(r), *[jax.grad(_mean_nll)(p, jax.tree.map(lambda x: x[j::3], rb))
+    gf = jax.grad(lambda q: -_token_nll(q, fb))(p)
+    R = jax.tree.map(lambda *r: jnp.stack(r), *[jax.grad(_token_nll)(p, jax.tree.map(lambda x: x[j::3], rb))
                                                for j in range(3)])
     want = jax.tree.map(lambda x, m, g: x - 0.1 * m * g, p, mask, orthogonal_projection(gf, R))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, want)
@@ -249,6 +279,10 @@ def test_bad_input():
         UnlearnConfig(method="rmu")
     with pytest.raises(ValueError, match="UnlearnConfig.retain_loss"):
         UnlearnConfig(retain_loss="l2")
+    with pytest.raises(ValueError, match=r"UnlearnConfig.nll_reduction must be one of .*got 'mean'"):
+        UnlearnConfig(nll_reduction="mean")
+    with pytest.raises(ValueError, match="retain_loss_fn.reduction"):
+        retain_loss_fn(apply, reduction="batch")
     p, fb, rb = _params(), _batch(4, 1), _batch(5, 2)
     u = UnlearnConfig(method="npo").build(apply)
     with pytest.raises(ValueError, match="needs ref_params.*forget loss reads ref_logp"):
