@@ -7,7 +7,14 @@ Dispatch rule used by every kernel module (``impl`` argument):
 * ``"xla"``: a non-Pallas XLA formulation chosen for speed on CPU.
 * ``"pallas"``: the Pallas kernel. On CPU it only runs with ``interpret=True``
   (``interpret=None`` means "interpret on CPU, compile on TPU/GPU").
-* ``"auto"``: Pallas on TPU and GPU, XLA on CPU.
+* ``"auto"``: Pallas on TPU and GPU, XLA on CPU. The environment variable
+  ``JAXUNLEARN_KERNEL_IMPL`` (``auto`` | ``pallas`` | ``xla``, read when a computation is
+  traced) replaces ``"auto"`` everywhere, e.g. ``xla`` to keep every kernel off a chip
+  (:func:`resolve_impl`). On the accelerator the process runs on, the first use of each
+  kernel configuration under ``"auto"`` compiles it ahead of time; if the compiler refuses
+  it (a block that does not fit the chip's memory, a Triton or Mosaic version that rejects
+  an op), the XLA path is used instead and one ``RuntimeWarning`` names the kernel, the
+  shapes and the compiler's message (:func:`with_fallback`).
 
 Platform choice happens at *lowering*, not at trace time: every path that depends on
 the platform (``"auto"``, ``interpret=None``, block defaults, compiler parameters) is
@@ -24,6 +31,9 @@ when, the computation is lowered for that platform.
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -45,6 +55,10 @@ __all__ = [
     "platform",
     "per_platform",
     "check_impl",
+    "resolve_impl",
+    "IMPL_ENV",
+    "compile_probe",
+    "with_fallback",
     "check_pallas_platform",
     "resolve_interpret",
     "check_float_dtype",
@@ -72,6 +86,67 @@ def check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     return impl
+
+
+IMPL_ENV = "JAXUNLEARN_KERNEL_IMPL"
+
+
+def resolve_impl(impl: str) -> str:
+    """``impl``, with ``"auto"`` replaced by ``$JAXUNLEARN_KERNEL_IMPL`` when that is set.
+
+    Raises:
+      ValueError: the variable is set to something other than ``auto``, ``pallas`` or ``xla``.
+    """
+    if impl != "auto":
+        return impl
+    env = os.environ.get(IMPL_ENV, "").strip() or "auto"
+    if env not in ("auto", "pallas", "xla"):
+        raise ValueError(f"{IMPL_ENV}={env!r}: expected 'auto', 'pallas' or 'xla'")
+    return env
+
+
+def compile_probe(fn: Callable[..., Any], args: tuple) -> None:
+    """Compile ``fn`` for the default backend on the shapes and dtypes of ``args`` (tracers or
+    arrays), running nothing; raises whatever the compiler raises."""
+    structs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), args)
+    jax.jit(fn).lower(*structs).compile()
+
+
+_PROBED: dict[tuple, bool] = {}
+
+
+def with_fallback(name: str, plat: str, pallas_branch: Callable[..., Any],
+                  xla_branch: Callable[..., Any]) -> Callable[..., Any]:
+    """The branch of ``plat`` for ``impl="auto"``: Pallas where it compiles, else XLA.
+
+    Only on the accelerator this process runs on (``plat == platform()``, not CPU): when the
+    branch is traced, the Pallas branch is compiled ahead of time for its argument shapes
+    (:func:`compile_probe`; once per kernel, platform, shapes and configuration in this
+    process). If that fails, the XLA branch is traced instead and one ``RuntimeWarning``
+    names the kernel, the shapes and the compiler's first message line. For a platform
+    that is not attached (``jax.export`` for TPU from a CPU host) there is no compiler to
+    ask and the Pallas branch is kept.
+    """
+    if plat == "cpu" or plat != platform():
+        return pallas_branch
+
+    def branch(*args):
+        shapes = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in jax.tree.leaves(args))
+        config = pallas_branch.args if isinstance(pallas_branch, functools.partial) else id(pallas_branch)
+        key = (name, plat, shapes, repr(config))
+        if key not in _PROBED:
+            try:
+                compile_probe(pallas_branch, args)
+                _PROBED[key] = True
+            except Exception as e:  # any refusal of the compiler: the XLA path still computes the same
+                _PROBED[key] = False
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                warnings.warn(f"jaxunlearn.kernels: the Pallas kernel {name} did not compile on {plat} for "
+                              f"inputs {[f'{d}{list(s)}' for s, d in shapes]} ({type(e).__name__}: {first}); "
+                              f"using its XLA path instead", RuntimeWarning, stacklevel=2)
+        return (pallas_branch if _PROBED[key] else xla_branch)(*args)
+
+    return branch
 
 
 def resolve_interpret(interpret: bool | None, plat: str) -> bool:

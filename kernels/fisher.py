@@ -371,13 +371,15 @@ def _run(plan: _Plan, a: jax.Array, g: jax.Array, mask: jax.Array | None) -> jax
 
 def _pallas_branches(T, d_in, d_out, *, blocks, schedule, interpret, cpu=None):
     """``build(plat)`` for :func:`jaxunlearn.kernels._common.per_platform`: the kernel of each
-    platform, or ``cpu`` (a function) on CPU."""
+    platform, or ``cpu`` (the XLA path of ``impl="auto"``) on CPU and where the kernel does not
+    compile (:func:`jaxunlearn.kernels._common.with_fallback`)."""
 
     def build(plat):
         if plat == "cpu" and cpu is not None:
             return cpu
-        return functools.partial(_run, _plan(plat, T, d_in, d_out, **blocks, schedule=schedule,
-                                             interpret=interpret))
+        kernel = functools.partial(_run, _plan(plat, T, d_in, d_out, **blocks, schedule=schedule,
+                                               interpret=interpret))
+        return kernel if cpu is None else C.with_fallback("fisher.dense_fisher", plat, kernel, cpu)
 
     return build
 
@@ -471,7 +473,7 @@ def dense_fisher(
       Array(18., dtype=float32)
     """
     B, T, d_in, d_out = _check_inputs(a, g, mask)
-    C.check_impl(impl)
+    impl = C.resolve_impl(C.check_impl(impl))
     if impl == "reference":
         return dense_fisher_reference(a, g, mask)
     if impl == "xla":

@@ -342,15 +342,14 @@ def _plan(plat: str, k: int, P: int, *, block_p, interpret, splits=None) -> _Pla
     return _Plan(plat, bp, interpret, _splits(n_full, splits, plat) if n_full else 1)
 
 
-def _branches(impl: str, k: int, P: int, xla_fn, pallas_fn, **opts):
-    """``build(plat)`` for :func:`jaxunlearn.kernels._common.per_platform`: ``xla_fn`` where
-    ``impl="auto"`` picks XLA (CPU; GPU when ``k`` does not suit ``tl.dot``), else
-    ``pallas_fn`` bound to the platform's plan."""
-
+def _branches(name: str, impl: str, k: int, P: int, xla_fn, pallas_fn, **opts):
+    """``build(plat)`` for ``per_platform``: ``xla_fn`` where ``impl="auto"`` picks XLA (CPU; GPU
+    when ``k`` does not suit ``tl.dot``), else ``pallas_fn`` on the plan (``auto``: with_fallback)."""
     def build(plat):
         if impl == "auto" and (plat == "cpu" or (plat == "gpu" and not _triton_k_ok(k))):
             return xla_fn
-        return functools.partial(pallas_fn, _plan(plat, k, P, **opts))
+        kernel = functools.partial(pallas_fn, _plan(plat, k, P, **opts))
+        return C.with_fallback(name, plat, kernel, xla_fn) if impl == "auto" else kernel
 
     return build
 
@@ -466,7 +465,7 @@ def _gram_and_dots(R, g, scale=None, *, want_gram=True, impl="auto", block_p=Non
     if g is not None:
         _check_g(g, P)
     _check_scale(scale, k)
-    C.check_impl(impl)
+    impl = C.resolve_impl(C.check_impl(impl))
     C.check_block(block_p, "block_p")
     if impl == "reference":
         G, d = gram_and_dots_reference(R, g, scale)
@@ -475,7 +474,8 @@ def _gram_and_dots(R, g, scale=None, *, want_gram=True, impl="auto", block_p=Non
     if impl == "xla":
         return xla_fn(R, g, scale)
     pallas_fn = functools.partial(_pallas_reduce, want_gram=want_gram)
-    build = _branches(impl, k, P, xla_fn, pallas_fn, block_p=block_p, interpret=interpret, splits=splits)
+    build = _branches("projection.gram_and_dots" if want_gram else "projection.dots", impl, k, P, xla_fn,
+                      pallas_fn, block_p=block_p, interpret=interpret, splits=splits)
     return C.per_platform(build, R, g, scale)
 
 
@@ -590,11 +590,11 @@ def subtract(
     _check_g(g, P)
     _check_c(c, k)
     _check_scale(scale, k)
-    C.check_impl(impl)
+    impl = C.resolve_impl(C.check_impl(impl))
     C.check_block(block_p, "block_p")
     if impl == "reference":
         return subtract_reference(g, R, c, scale)
     if impl == "xla":
         return _xla_subtract(g, R, c, scale)
-    return C.per_platform(_branches(impl, k, P, _xla_subtract, _pallas_subtract, block_p=block_p,
+    return C.per_platform(_branches("projection.subtract", impl, k, P, _xla_subtract, _pallas_subtract, block_p=block_p,
                                     interpret=interpret), g, R, c, scale)
