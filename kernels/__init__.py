@@ -11,7 +11,7 @@
 Every kernel takes ``impl="auto" | "pallas" | "xla" | "reference"``; ``"auto"``
 runs Pallas on TPU/GPU and XLA on CPU (Pallas on CPU only in interpret mode), chosen
 when the computation is lowered, so ``jax.export`` for TPU/GPU from a CPU host carries
-the compiled kernels (:mod:`jaxunlearn.kernels._common`). This package imports nothing
+the compiled kernels (:mod:`jaxunlearn.kernels.dispatch`). This package imports nothing
 from the rest of ``jaxunlearn``: it works on arrays, never on pytrees.
 """
 

@@ -66,7 +66,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import _common as C
+from . import dispatch as C
 
 __all__ = [
     "dense_fisher",
@@ -370,9 +370,9 @@ def _run(plan: _Plan, a: jax.Array, g: jax.Array, mask: jax.Array | None) -> jax
 
 
 def _pallas_branches(T, d_in, d_out, *, blocks, schedule, interpret, cpu=None):
-    """``build(plat)`` for :func:`jaxunlearn.kernels._common.per_platform`: the kernel of each
+    """``build(plat)`` for :func:`jaxunlearn.kernels.dispatch.per_platform`: the kernel of each
     platform, or ``cpu`` (the XLA path of ``impl="auto"``) on CPU and where the kernel does not
-    compile (:func:`jaxunlearn.kernels._common.with_fallback`)."""
+    compile (:func:`jaxunlearn.kernels.dispatch.with_fallback`)."""
 
     def build(plat):
         if plat == "cpu" and cpu is not None:
@@ -399,7 +399,7 @@ def dense_fisher_pallas(
     """Pallas path of :func:`dense_fisher` (see the module docstring for the schedules).
 
     The configuration is chosen per platform at lowering
-    (:func:`jaxunlearn.kernels._common.per_platform`): compiled Mosaic on TPU,
+    (:func:`jaxunlearn.kernels.dispatch.per_platform`): compiled Mosaic on TPU,
     compiled Triton on GPU, the interpreter on CPU.
 
     Args:

@@ -21,7 +21,7 @@ the native dtype with float32 accumulation; also :func:`gram_and_dots_xla`,
 :func:`subtract_xla`, which take any ``k``, also ``k > P``), ``"pallas"``, ``"auto"`` (Pallas
 on TPU; on GPU Pallas when ``k`` is a power of two >= 16, as ``tl.dot`` needs, else XLA; XLA
 on CPU). The platform-dependent choices are made when the computation is lowered
-(``lax.platform_dependent``, see :mod:`jaxunlearn.kernels._common`), so ``jax.export`` for
+(``lax.platform_dependent``, see :mod:`jaxunlearn.kernels.dispatch`), so ``jax.export`` for
 TPU/GPU from a CPU host carries the compiled kernels.
 
 Pallas kernels: ``P`` is cut in blocks of ``block_p``. The ``floor(P / block_p)`` full blocks
@@ -65,7 +65,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import _common as C
+from . import dispatch as C
 from .solve import DEFAULT_RCOND, pinv_solve, pow2_row_scales, row_absmax
 
 __all__ = [

@@ -2,7 +2,7 @@
 ``JAXUNLEARN_KERNEL_IMPL`` forces a path.
 
 The fallback asks the compiler of the attached accelerator, so on this CPU host the tests
-pretend the default backend is a TPU (``_common.platform``) and lower for TPU with
+pretend the default backend is a TPU (``dispatch.platform``) and lower for TPU with
 ``jax.export``: the TPU branch is then the one ``with_fallback`` guards. The compiler's
 refusal is either injected (``compile_probe`` raising) or real (the CPU backend cannot
 compile a Mosaic kernel).
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from jaxunlearn.kernels import _common as C
+from jaxunlearn.kernels import dispatch as C
 from jaxunlearn.kernels import fisher as kf
 from jaxunlearn.kernels import projection as kp
 
