@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# libtpu, for compiling (not running) TPU programs in the tests, in its own directory: importable
+# from site-packages it would make every CPU run of JAX try to start a TPU backend. The version is
+# the one jax's own "tpu" extra names.
+LIBTPU := $(VENV)/libtpu
+export LIBTPU_PIN := import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))
 
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
@@ -14,6 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --upgrade --target $(LIBTPU) "$$($(PY) -c "$$LIBTPU_PIN")"
 	touch $(STAMP)
 
 # The whole suite, docstring examples included (tests/test_doctests.py runs every >>> of jaxunlearn

@@ -1,0 +1,57 @@
+"""Every Pallas kernel and the library steps on them compile with the real XLA:TPU / Mosaic
+compiler for v5e and v5p slices, on this CPU host with no TPU attached.
+
+``make`` installs libtpu (the version jax's ``tpu`` extra names) into ``.venv/libtpu``, outside
+the environment's site-packages, so ordinary CPU runs never see it (JAX would otherwise try to
+start a TPU backend and log an error at every start). ``tests/tpu_compile_worker.py`` runs in a
+subprocess with that directory on ``PYTHONPATH`` and ``JAX_PLATFORMS=cpu``, compiles each case
+for an unattached topology (``jax.experimental.topologies.get_topology_desc``) and reports the
+compiler's result per case; a configuration the compiler rejects fails here with its message.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LIBTPU_DIR = Path(os.environ.get("JAXUNLEARN_LIBTPU_DIR", ROOT / ".venv" / "libtpu"))
+WORKER = ROOT / "tests" / "tpu_compile_worker.py"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    if not (LIBTPU_DIR / "libtpu").is_dir():
+        pytest.skip(f"libtpu is not installed in {LIBTPU_DIR} (make test installs it there)")
+    out = tmp_path_factory.mktemp("tpu") / "rows.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(LIBTPU_DIR), str(ROOT), str(ROOT / "tests")])}
+    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, f"the TPU compile worker failed:\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def test_libtpu_is_not_on_the_ordinary_path():
+    # an importable libtpu makes every CPU run of JAX try to start a TPU backend
+    assert importlib.util.find_spec("libtpu") is None
+
+
+def test_every_case_compiles_for_v5e_and_v5p_in_both_dtypes(compiled):
+    rejected = [f"{r['topology']} {r['dtype']} {r['case']}: {r['error']}" for r in compiled if not r["ok"]]
+    assert not rejected, "the TPU compiler rejected:\n" + "\n".join(rejected)
+    assert {(r["topology"], r["dtype"]) for r in compiled} == {
+        (t, d) for t in ("v5e:2x2", "v5p:2x2x1") for d in ("float32", "bfloat16")}
+
+
+def test_auto_dispatch_compiles_to_mosaic_kernels(compiled):
+    for r in compiled:
+        where = f"{r['topology']} {r['dtype']} {r['case']}"
+        if r["expected"] is not None:  # one kernel call per kernel; one per dense layer in the Fisher step
+            assert r["mosaic_calls"] == r["expected"], where
+        else:  # project_tree and the unlearning step: a Gram and a subtract call per large leaf
+            assert r["mosaic_calls"] >= 2, where
