@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 
 from jaxunlearn import validate as V
-from jaxunlearn.quant import SCHEMES
+from jaxunlearn.quant import LAYOUTS, SCHEMES, TARGETS
 from jaxunlearn.sam import saf_loss, sam_gradient
 from jaxunlearn.tree import PyTree
 
@@ -90,25 +90,27 @@ def sam_estimator(rho: float, *, adaptive: bool = False, eta: float = 0.01, eps:
 
 
 def saf_estimator(scheme: str = "int4", block_size: int = 64, rho: float | None = None, *,
-                  min_ndim: int = 2) -> GradientEstimator:
+                  min_ndim: int = 2, layout: str = "bnb", targets: str = "auto") -> GradientEstimator:
     """SAF: ``jax.value_and_grad`` of :func:`jaxunlearn.saf_loss`, ``L(Q(theta) + e)`` with an STE.
 
     The gradient is ``(grad L)(Q(theta) + e)``, ``Q`` the fake quantiser and ``e`` a SAM step
-    of radius ``rho`` taken at ``Q(theta)``, so forgetting survives quantisation.
+    of radius ``rho`` taken at ``Q(theta)``, so forgetting survives quantisation. ``Q`` is
+    :func:`jaxunlearn.fake_quantize`, by default the bitsandbytes deployment quantiser.
 
     Args:
-      scheme: ``"int8"``, ``"int4"`` or ``"nf4"``.
+      scheme: ``"int8"``, ``"int4"``, ``"nf4"`` or ``"fp4"``.
       block_size: quantisation block (>= 1).
       rho: SAM radius (>= 0), or None for the mean quantisation step
         (:func:`jaxunlearn.saf_perturbation_radius`).
-      min_ndim: leaves with fewer dimensions are perturbed but not quantised.
+      min_ndim, layout, targets: which leaves are quantised and how (as in
+        :func:`jaxunlearn.fake_quantize`); the others are perturbed but not quantised.
 
     Returns:
       A :data:`GradientEstimator`.
 
     Raises:
-      ValueError / TypeError: an unknown ``scheme``, ``block_size < 1`` or not an int, a
-        negative or non-finite ``rho``.
+      ValueError / TypeError: an unknown ``scheme``, ``layout`` or ``targets``, ``block_size < 1``
+        or not an int, a negative or non-finite ``rho``.
 
     References:
       Foret et al., 2021 (SAM); Bengio et al., 2013 (straight-through estimator).
@@ -122,12 +124,14 @@ def saf_estimator(scheme: str = "int4", block_size: int = 64, rho: float | None 
     V.check_choice("saf_estimator", "scheme", scheme, SCHEMES)
     V.check_int("saf_estimator", "block_size", block_size, min=1)
     V.check_int("saf_estimator", "min_ndim", min_ndim, min=0)
+    V.check_choice("saf_estimator", "layout", layout, LAYOUTS)
+    V.check_choice("saf_estimator", "targets", targets, TARGETS)
     if rho is not None:
         V.check_float("saf_estimator", "rho", rho, min=0.0)
 
     def objective(loss_fn):
         return lambda p, b: saf_loss(loss_fn, p, b, scheme=scheme, block_size=block_size, rho=rho,
-                                     min_ndim=min_ndim)
+                                     min_ndim=min_ndim, layout=layout, targets=targets)
 
     def estimate(loss_fn, params, batch):
         return jax.value_and_grad(objective(loss_fn))(params, batch)

@@ -27,7 +27,7 @@ import optax
 
 from jaxunlearn import tree as jt
 from jaxunlearn import validate as V
-from jaxunlearn.quant import fake_quantize
+from jaxunlearn.quant import fake_quantize, quant_targets
 from jaxunlearn.tree import PyTree
 
 __all__ = [
@@ -228,7 +228,8 @@ def sam(
 
 
 def saf_perturbation_radius(
-    params: PyTree, *, scheme: str = "int4", block_size: int = 64, min_ndim: int = 2
+    params: PyTree, *, scheme: str = "int4", block_size: int = 64, min_ndim: int = 2,
+    layout: str = "bnb", targets: str = "auto",
 ) -> jax.Array:
     """The default SAF radius: the step of a uniform quantiser with the same RMS rounding error.
 
@@ -243,17 +244,18 @@ def saf_perturbation_radius(
 
     Args:
       params: theta.
-      scheme, block_size, min_ndim: as in ``fake_quantize``.
+      scheme, block_size, min_ndim, layout, targets: as in ``fake_quantize`` (by default the
+        bitsandbytes deployment: the decoder blocks' linear kernels, blocks along the input axis).
 
     Returns:
       A float32 scalar (no gradient).
     """
-    q = fake_quantize(params, scheme, block_size=block_size, min_ndim=min_ndim)
-    return _step_radius(q, params, min_ndim)
+    q = fake_quantize(params, scheme, block_size=block_size, min_ndim=min_ndim, layout=layout, targets=targets)
+    return _step_radius(q, params, quant_targets(params, targets, min_ndim=min_ndim))
 
 
-def _step_radius(q: PyTree, params: PyTree, min_ndim: int) -> jax.Array:
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params) if x.ndim >= min_ndim)
+def _step_radius(q: PyTree, params: PyTree, selected: PyTree) -> jax.Array:
+    n = sum(int(np.prod(jnp.shape(x))) for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(selected)) if s)
     disp = jt.global_norm(jax.tree.map(lambda a, b: _f32(a) - _f32(b), q, params))
     return jax.lax.stop_gradient(disp * np.sqrt(12.0 / max(n, 1)))
 
@@ -268,6 +270,8 @@ def saf_loss(
     rho=None,
     min_ndim: int = 2,
     eps: float = 1e-12,
+    layout: str = "bnb",
+    targets: str = "auto",
 ) -> jax.Array:
     """Sharpness-aware forgetting objective, differentiable with ``jax.grad``.
 
@@ -282,8 +286,9 @@ def saf_loss(
     ``grad L_SAF(theta) = (grad L)(Q(theta) + e)``: the update minimises the forget loss at
     the worst point of a rho-ball around the *quantised* weights, which makes the unlearned
     point flat across the quantisation grid and hard to undo by rounding. ``Q`` is
-    ``fake_quantize(scheme, block_size, min_ndim)`` (leaves with ``ndim < min_ndim`` are not
-    quantised, but are perturbed). ``rho=None`` takes the mean quantisation step
+    ``fake_quantize(scheme, block_size=..., layout=..., targets=..., min_ndim=...)``, by default
+    the bitsandbytes deployment quantiser (the decoder blocks' linear kernels, blocks of 64
+    input features); leaves it does not quantise are still perturbed. ``rho=None`` takes the mean quantisation step
     ``sqrt(12 / n) ||Q(theta) - theta||_2`` (:func:`saf_perturbation_radius`, held constant);
     ``rho = 0`` gives the plain STE-quantised loss ``L(Q(theta))``.
 
@@ -294,8 +299,8 @@ def saf_loss(
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       params: theta.
       batch: passed to ``loss_fn``.
-      scheme: ``"int8"``, ``"int4"`` (default, as in the SAF paper) or ``"nf4"``.
-      block_size, min_ndim: as in ``fake_quantize``.
+      scheme: ``"int8"``, ``"int4"`` (default, as in the SAF paper), ``"nf4"`` or ``"fp4"``.
+      block_size, min_ndim, layout, targets: as in ``fake_quantize``.
       rho: SAM radius, or None for the default above.
       eps: stabiliser of the gradient norm.
 
@@ -314,9 +319,10 @@ def saf_loss(
     if rho is not None:
         V.check_scalar("saf_loss", "rho", rho, min=0.0)
     V.check_scalar("saf_loss", "eps", eps, min=0.0)
-    theta_q = fake_quantize(params, scheme, block_size=block_size, ste=True, min_ndim=min_ndim)
+    theta_q = fake_quantize(params, scheme, block_size=block_size, ste=True, min_ndim=min_ndim, layout=layout,
+                            targets=targets)
     if rho is None:  # = saf_perturbation_radius(params, ...), from the values already computed
-        rho = _step_radius(theta_q, params, min_ndim)
+        rho = _step_radius(theta_q, params, quant_targets(params, targets, min_ndim=min_ndim))
     g = jax.grad(loss_fn)(jax.lax.stop_gradient(theta_q), batch)
     e = jax.lax.stop_gradient(sam_perturbation(g, rho=rho, eps=eps))
     return loss_fn(_add_f32(theta_q, e), batch)

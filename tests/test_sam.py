@@ -176,8 +176,33 @@ def test_saf_default_radius_estimates_the_int4_step():
     # uniform weights in blocks of 64: absmax ~ 1, int4 step = absmax / 7 ~ 1/7
     x = jax.random.uniform(jax.random.key(3), (256, 64), minval=-1.0, maxval=1.0)
     r = float(saf_perturbation_radius({"w": x}, scheme="int4", block_size=64))
-    absmax = np.abs(np.asarray(x)).reshape(-1, 64).max(axis=1)
+    # x is an (in, out) kernel: its blocks are 64 consecutive input features (rows of x.T)
+    absmax = np.abs(np.asarray(x)).T.reshape(-1, 64).max(axis=1)
     np.testing.assert_allclose(r, np.mean(absmax / 7), rtol=0.05)
+
+
+def test_saf_uses_the_deployment_quantiser_on_a_decoder_tree():
+    """On decoder-shaped params SAF quantises only the blocks' linear kernels (as bitsandbytes does),
+    and the default radius counts only those weights."""
+    rng = np.random.default_rng(10)
+    p = {"embed": {"embedding": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)},
+         "layers": [{"mlp": {"up_proj": {"kernel": jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)}}}]}
+
+    def loss(q, b):
+        return jnp.sum(q["embed"]["embedding"] ** 3) / 3 + jnp.sum(q["layers"][0]["mlp"]["up_proj"]["kernel"] ** 3) / 3
+
+    g = jax.jit(jax.grad(functools.partial(saf_loss, loss, scheme="fp4", rho=0.0)))(p, None)
+    q = fake_quantize(p, "fp4")
+    np.testing.assert_array_equal(q["embed"]["embedding"], p["embed"]["embedding"])
+    kq = np.asarray(q["layers"][0]["mlp"]["up_proj"]["kernel"], np.float64)
+    k = np.asarray(p["layers"][0]["mlp"]["up_proj"]["kernel"], np.float64)
+    assert not np.array_equal(kq, k)
+    np.testing.assert_allclose(g["layers"][0]["mlp"]["up_proj"]["kernel"], kq ** 2, rtol=1e-5)
+    np.testing.assert_allclose(g["embed"]["embedding"], np.asarray(p["embed"]["embedding"]) ** 2, rtol=1e-5)
+    r = saf_perturbation_radius(p, scheme="fp4")
+    np.testing.assert_allclose(r, np.sqrt(12 / k.size) * np.linalg.norm(kq - k), rtol=1e-5)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        saf_estimator("nf4", layout="rows")
 
 
 def test_estimators_give_the_plain_sam_and_saf_gradients():

@@ -4,8 +4,9 @@ Zhang et al. (2025) observed that unlearned models quantised to 4 bits recover m
 forgotten knowledge: unlearning updates are small, and rounding to the quantisation grid maps
 the unlearned weights back onto (nearly) the same codes as the target's. This module re-runs
 the forget-set metrics of :func:`~jaxunlearn.eval.runner.evaluate_model` after
-:func:`jaxunlearn.quant.fake_quantize` of the parameters (int8 per-channel absmax; int4 and
-nf4 in blocks of ``block_size`` with absmax scales) and reports, per scheme, the metrics and
+:func:`jaxunlearn.quant.fake_quantize` of the parameters, as a transformers + bitsandbytes
+deployment quantises them (its defaults: only the decoder blocks' linear weights, 64 consecutive
+input features per 4-bit block, LLM.int8 per-row int8) and reports, per scheme, the metrics and
 their change ``recovery[m] = m(Q(theta)) - m(theta)`` (positive forget-probability recovery =
 forgotten answers became more likely again).
 
@@ -26,7 +27,7 @@ from jaxunlearn.eval.runner import EvalResult, evaluate_model
 __all__ = ["QUANT_SCHEMES", "forget_metrics", "quantization_recovery"]
 
 #: The schemes reported by default.
-QUANT_SCHEMES: tuple[str, ...] = ("int8", "int4", "nf4")
+QUANT_SCHEMES: tuple[str, ...] = ("int8", "int4", "nf4", "fp4")
 
 
 def forget_metrics(result: EvalResult) -> dict[str, float]:
