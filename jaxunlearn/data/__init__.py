@@ -4,10 +4,18 @@
 - ``tokenizer``: ``train_tokenizer`` (small deterministic BPE), ``benchmark_texts``;
 - ``io``: ``save_benchmark`` / ``load_benchmark`` (atomic, with the tokenizer), ``load_tofu``;
 - ``batching``: ``encode_qa`` / ``encode_prompts`` / ``encode_split`` (masks of the batch
-  convention in ``jaxunlearn.losses``, plus ``fact_mask``), ``batch_iterator``.
+  convention in ``jaxunlearn.losses``, plus ``fact_mask``; the tokenizer's chat template when it
+  has one, set by ``ChatFormat``), ``batch_iterator``.
 """
 
-from jaxunlearn.data.batching import batch_iterator, encode_prompts, encode_qa, encode_split, num_batches
+from jaxunlearn.data.batching import (
+    ChatFormat,
+    batch_iterator,
+    encode_prompts,
+    encode_qa,
+    encode_split,
+    num_batches,
+)
 from jaxunlearn.data.io import TOFU_EVAL_COLUMNS, load_benchmark, load_tofu, save_benchmark
 from jaxunlearn.data.synthetic import (
     ATTRIBUTES,
@@ -24,6 +32,7 @@ from jaxunlearn.data.tokenizer import SPECIAL_TOKENS, benchmark_texts, train_tok
 __all__ = [
     "ATTRIBUTES",
     "BENCHMARK_FEATURES",
+    "ChatFormat",
     "FORGET_SPLITS",
     "GENERAL_ATTRIBUTES",
     "RETAIN_SPLITS",

@@ -17,6 +17,21 @@ Question and answer are tokenised separately (``add_special_tokens=False``) and 
 concatenated, so the mask is exact whatever the tokenizer merges. Rows never get
 truncated: a row longer than ``max_length`` is an error naming it.
 
+Chat template. When the tokenizer has a ``chat_template`` (an instruction-tuned model's), a row
+is encoded as open-unlearning's ``preprocess_chat_instance`` does (``src/data/utils.py``) instead:
+with the chat ``[system?] user: q, assistant: a``,
+
+- the full row is ``apply_chat_template(chat, add_generation_prompt=False)`` (the template's
+  own special tokens, no others), plus an EOS if the last id is not already the EOS;
+- the prompt is ``apply_chat_template(chat[:-1], add_generation_prompt=True)`` and
+  ``loss_mask`` covers positions ``len(prompt) <= t < L``: the answer, whatever the template
+  closes the turn with, and the EOS;
+- generation prompts (``encode_prompts``) are that prompt.
+
+Templates render text that is then tokenised with ``add_special_tokens=False``, exactly what
+``apply_chat_template(..., tokenize=True)`` does. :class:`ChatFormat` carries the system prompt
+and the template's extra variables; ``chat_template=False`` forces the plain format.
+
 ``batch_iterator`` yields batches of a fixed size so shapes stay static under ``jit``:
 an incomplete last batch is filled with copies of real rows whose ``loss_mask`` and
 ``fact_mask`` are zero and whose ``weight`` is 0 (copies rather than all-padding rows,
@@ -25,8 +40,9 @@ so no row has an all-zero attention mask, which would make attention softmax NaN
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Union
 
 import datasets
 import numpy as np
@@ -35,6 +51,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "ChatFormat",
     "encode_qa",
     "encode_prompts",
     "encode_split",
@@ -79,6 +96,115 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], offsets: boo
     return enc["input_ids"], (enc["offset_mapping"] if offsets else None)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """How a question/answer pair is put in the tokenizer's chat template (open-unlearning's
+    ``template_args`` with ``apply_chat_template: True``).
+
+    Attributes:
+      system_prompt: content of a system message put first; ``None`` or ``""``: no system
+        message (the template may still add its own default). open-unlearning's configs use
+        ``"You are a helpful assistant."`` for Llama-3.x-Instruct, Qwen2.5-Instruct, Phi-3.5 and
+        zephyr, none for gemma (whose template refuses a system role).
+      template_kwargs: extra variables for the template, e.g. ``{"date_string": "10 Apr 2025"}``
+        (open-unlearning's pinned date: Llama-3.x templates otherwise print today's date, so the
+        encoding would change from day to day).
+    """
+
+    system_prompt: str | None = None
+    template_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise TypeError(f"system_prompt must be a string or None, got {type(self.system_prompt).__name__}")
+        if not isinstance(self.template_kwargs, Mapping):
+            raise TypeError(f"template_kwargs must be a mapping, got {type(self.template_kwargs).__name__}")
+
+    def chat(self, question: str, answer: str | None = None) -> list[dict[str, str]]:
+        """The messages ``[system?, user: question, assistant: answer?]``."""
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        msgs.append({"role": "user", "content": question})
+        if answer is not None:
+            msgs.append({"role": "assistant", "content": answer})
+        return msgs
+
+
+#: ``chat_template=`` argument: ``None`` (the template if the tokenizer has one), ``False``
+#: (never), ``True`` (the template, default :class:`ChatFormat`), or a :class:`ChatFormat`.
+ChatTemplateArg = Union[bool, ChatFormat, None]
+
+
+def _chat_format(tokenizer: PreTrainedTokenizerBase, chat_template: ChatTemplateArg,
+                 separator: str | None) -> ChatFormat | None:
+    """The :class:`ChatFormat` to encode with, or ``None`` for the plain ``[BOS] q [SEP] a`` format."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template is None:
+        fmt = ChatFormat() if has else None
+    elif chat_template is False:
+        fmt = None
+    elif chat_template is True or isinstance(chat_template, ChatFormat):
+        if not has:
+            raise ValueError("chat_template was requested but the tokenizer has no chat_template")
+        fmt = ChatFormat() if chat_template is True else chat_template
+    else:
+        raise TypeError(f"chat_template must be None, a bool or a ChatFormat, got {type(chat_template).__name__}")
+    if fmt is not None and separator is not None:
+        raise ValueError("separator applies to the plain format only, and this tokenizer has a chat template: "
+                         "pass chat_template=False to use a separator")
+    return fmt
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat, questions: list[str],
+            answers: list[str] | None) -> list[str]:
+    """Rendered template text per row: the full chat (with answers) or the generation prompt."""
+    if answers is None:
+        return [tokenizer.apply_chat_template(fmt.chat(q), tokenize=False, add_generation_prompt=True,
+                                              **fmt.template_kwargs) for q in questions]
+    return [tokenizer.apply_chat_template(fmt.chat(q, a), tokenize=False, add_generation_prompt=False,
+                                          **fmt.template_kwargs) for q, a in zip(questions, answers)]
+
+
+def _chat_rows(tokenizer, fmt: ChatFormat, questions, answers, facts, eos: int):
+    """Template-path rows: ``(ids, prompt_length, fact_positions or None)`` per row."""
+    texts = _render(tokenizer, fmt, questions, answers)
+    full, off = _tokenize(tokenizer, texts, offsets=facts is not None)
+    prompt_ids, _ = _tokenize(tokenizer, _render(tokenizer, fmt, questions, None))
+    rows = []
+    for i, (ids, p) in enumerate(zip(full, prompt_ids)):
+        ids = list(ids) if ids and ids[-1] == eos else [*ids, eos]
+        hits = None
+        if facts is not None:
+            fact = facts[i]
+            # search the fact from the first answer-side token on (the question may name it too)
+            start = off[i][len(p)][0] if len(p) < len(off[i]) else len(texts[i])
+            c0 = texts[i].find(fact, start) if fact else -1
+            if c0 < 0:
+                raise ValueError(f"row {i}: fact {fact!r} is not a non-empty substring of answer {answers[i]!r}")
+            c1 = c0 + len(fact)
+            hits = [j for j, (s, e) in enumerate(off[i]) if j >= len(p) and e > s and s < c1 and e > c0]
+        rows.append((ids, len(p), hits))
+    return rows
+
+
+def _plain_rows(tokenizer, questions, answers, facts, bos: int, eos: int, sep: list[int]):
+    """Plain-format rows ``[BOS] q [SEP] a [EOS]``: ``(ids, prompt_length, fact_positions or None)``."""
+    q_ids, _ = _tokenize(tokenizer, questions)
+    a_ids, a_off = _tokenize(tokenizer, answers, offsets=facts is not None)
+    rows = []
+    for i, (q, a) in enumerate(zip(q_ids, a_ids)):
+        prompt = [bos, *q, *sep]
+        hits = None
+        if facts is not None:
+            fact = facts[i]
+            c0 = answers[i].find(fact) if fact else -1
+            if c0 < 0:
+                raise ValueError(f"row {i}: fact {fact!r} is not a non-empty substring of answer {answers[i]!r}")
+            c1 = c0 + len(fact)
+            hits = [len(prompt) + j for j, (s, e) in enumerate(a_off[i]) if e > s and s < c1 and e > c0]
+        rows.append(([*prompt, *a, eos], len(prompt), hits))
+    return rows
+
+
 def _too_long(i: int, length: int, max_length: int, question: str) -> ValueError:
     short = question if len(question) <= 60 else question[:57] + "..."
     return ValueError(f"row {i} needs {length} tokens > max_length={max_length} "
@@ -93,19 +219,25 @@ def encode_qa(
     max_length: int | None,
     facts: Sequence[str] | None = None,
     separator: str | None = None,
+    chat_template: ChatTemplateArg = None,
 ) -> dict[str, np.ndarray]:
-    """Encodes ``[BOS] q [SEP] a [EOS]`` rows with right padding and answer-token masks.
+    """Encodes ``[BOS] q [SEP] a [EOS]`` rows (or chat-template rows) with right padding and
+    answer-token masks.
 
     Args:
       tokenizer: a Hugging Face tokenizer with ``bos/eos/pad`` tokens (and ``sep_token`` when
-        ``separator`` is None); a fast tokenizer when ``facts`` is given (offsets).
+        ``separator`` is None); a fast tokenizer when ``facts`` is given (offsets). With a chat
+        template, ``eos/pad`` only.
       questions: N question strings.
       answers: N answer strings.
       max_length: padded length T; ``None`` = the longest row. A longer row is an error.
       facts: optional N strings, each a substring of its answer (first occurrence used);
         adds ``fact_mask``.
       separator: text put between question and answer; ``None`` = the tokenizer's
-        ``sep_token``; ``""`` = nothing.
+        ``sep_token``; ``""`` = nothing. Plain format only.
+      chat_template: ``None`` = the tokenizer's chat template when it has one (see the module
+        docstring), else the plain format; ``False`` = the plain format; ``True`` or a
+        :class:`ChatFormat` = the template (an error if the tokenizer has none).
 
     Returns:
       ``input_ids`` int32 (N, T), ``attention_mask`` int32 (N, T), ``loss_mask`` float32
@@ -122,12 +254,14 @@ def encode_qa(
             raise ValueError(f"{len(answers)} answers but {len(facts)} facts")
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("fact_mask needs token offsets: pass a fast tokenizer")
-    bos, eos, pad = (_special_id(tokenizer, r) for r in ("bos_token", "eos_token", "pad_token"))
-    sep = _separator_ids(tokenizer, separator)
-    q_ids, _ = _tokenize(tokenizer, questions)
-    a_ids, a_off = _tokenize(tokenizer, answers, offsets=facts is not None)
-    prompts = [[bos, *q, *sep] for q in q_ids]
-    lengths = [len(p) + len(a) + 1 for p, a in zip(prompts, a_ids)]
+    fmt = _chat_format(tokenizer, chat_template, separator)
+    eos, pad = _special_id(tokenizer, "eos_token"), _special_id(tokenizer, "pad_token")
+    if fmt is None:
+        rows = _plain_rows(tokenizer, questions, answers, facts, _special_id(tokenizer, "bos_token"), eos,
+                           _separator_ids(tokenizer, separator))
+    else:
+        rows = _chat_rows(tokenizer, fmt, questions, answers, facts, eos)
+    lengths = [len(ids) for ids, _, _ in rows]
     if max_length is None:
         max_length = max(lengths)
     if max_length < 1:
@@ -137,27 +271,21 @@ def encode_qa(
     attention_mask = np.zeros((n, max_length), np.int32)
     loss_mask = np.zeros((n, max_length), np.float32)
     fact_mask = np.zeros((n, max_length), np.float32) if facts is not None else None
-    for i, (p, a, length) in enumerate(zip(prompts, a_ids, lengths)):
+    for i, ((ids, p_len, hits), length) in enumerate(zip(rows, lengths)):
         if length > max_length:
             raise _too_long(i, length, max_length, questions[i])
-        input_ids[i, :length] = [*p, *a, eos]
+        input_ids[i, :length] = ids
         attention_mask[i, :length] = 1
-        loss_mask[i, len(p):length] = 1.0
+        loss_mask[i, p_len:length] = 1.0
         if fact_mask is not None:
-            fact = facts[i]
-            c0 = answers[i].find(fact) if fact else -1
-            if c0 < 0:
-                raise ValueError(f"row {i}: fact {fact!r} is not a non-empty substring of answer {answers[i]!r}")
-            c1 = c0 + len(fact)
-            hits = [j for j, (s, e) in enumerate(a_off[i]) if e > s and s < c1 and e > c0]
             if not hits:  # pragma: no cover - a non-empty span always overlaps some token
-                raise ValueError(f"row {i}: no answer token covers fact {fact!r}")
-            fact_mask[i, [len(p) + j for j in hits]] = 1.0
+                raise ValueError(f"row {i}: no answer token covers fact {facts[i]!r}")
+            fact_mask[i, hits] = 1.0
     out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "loss_mask": loss_mask,
-        "prompt_lengths": np.asarray([len(p) for p in prompts], np.int32),
+        "prompt_lengths": np.asarray([p_len for _, p_len, _ in rows], np.int32),
         "lengths": np.asarray(lengths, np.int32),
     }
     if fact_mask is not None:
@@ -171,14 +299,19 @@ def encode_prompts(
     *,
     max_length: int | None,
     separator: str | None = None,
+    chat_template: ChatTemplateArg = None,
 ) -> dict[str, np.ndarray]:
-    """Encodes generation prompts ``[BOS] q [SEP]``, LEFT padded so all prompts end at T - 1.
+    """Encodes generation prompts ``[BOS] q [SEP]`` (or the chat template's prompt with the
+    generation header), LEFT padded so all prompts end at T - 1.
 
     Args:
-      tokenizer: a Hugging Face tokenizer with ``bos/pad`` (and ``sep``) tokens.
+      tokenizer: a Hugging Face tokenizer with ``bos/pad`` (and ``sep``) tokens; with a chat
+        template, ``pad`` only.
       questions: N question strings.
       max_length: padded length T; ``None`` = the longest prompt. A longer prompt is an error.
       separator: as in ``encode_qa``.
+      chat_template: as in ``encode_qa``; the prompt is then the ids that ``encode_qa``'s
+        ``loss_mask`` starts after.
 
     Returns:
       ``input_ids`` int32 (N, T) (pad ids on the left), ``attention_mask`` int32 (N, T),
@@ -186,10 +319,14 @@ def encode_prompts(
       so the first real token is at position 0), ``prompt_lengths`` int32 (N,).
     """
     questions = _check_texts("questions", questions)
-    bos, pad = _special_id(tokenizer, "bos_token"), _special_id(tokenizer, "pad_token")
-    sep = _separator_ids(tokenizer, separator)
-    q_ids, _ = _tokenize(tokenizer, questions)
-    prompts = [[bos, *q, *sep] for q in q_ids]
+    pad = _special_id(tokenizer, "pad_token")
+    fmt = _chat_format(tokenizer, chat_template, separator)
+    if fmt is None:
+        bos, sep = _special_id(tokenizer, "bos_token"), _separator_ids(tokenizer, separator)
+        q_ids, _ = _tokenize(tokenizer, questions)
+        prompts = [[bos, *q, *sep] for q in q_ids]
+    else:
+        prompts, _ = _tokenize(tokenizer, _render(tokenizer, fmt, questions, None))
     if max_length is None:
         max_length = max(len(p) for p in prompts)
     n = len(prompts)
@@ -217,6 +354,7 @@ def encode_split(
     answer_column: str = "answer",
     fact_column: str | None = "fact",
     separator: str | None = None,
+    chat_template: ChatTemplateArg = None,
 ) -> dict[str, np.ndarray]:
     """``encode_qa`` on a benchmark split, for any of its answer columns.
 
@@ -233,6 +371,7 @@ def encode_split(
       answer_column: the column of answers to encode.
       fact_column: column of fact substrings, or ``None`` for no ``fact_mask``.
       separator: as in ``encode_qa``.
+      chat_template: as in ``encode_qa``.
 
     Returns:
       The dict of ``encode_qa``, shaped as above.
@@ -249,7 +388,7 @@ def encode_split(
         if fact_column is not None and fact_column in dataset.column_names:
             facts = list(dataset[fact_column])
         return encode_qa(tokenizer, questions, answers, max_length=max_length, facts=facts,
-                         separator=separator)
+                         separator=separator, chat_template=chat_template)
     k = None
     for i, a in enumerate(answers):
         if not isinstance(a, list) or not a:
@@ -259,7 +398,8 @@ def encode_split(
         elif len(a) != k:
             raise ValueError(f"row {i} of {answer_column!r} has {len(a)} answers, row 0 has {k}")
     flat = encode_qa(tokenizer, [q for q in questions for _ in range(k)],
-                     [x for a in answers for x in a], max_length=max_length, separator=separator)
+                     [x for a in answers for x in a], max_length=max_length, separator=separator,
+                     chat_template=chat_template)
     n = len(questions)
     return {key: v.reshape(n, k, *v.shape[1:]) for key, v in flat.items()}
 

@@ -3,9 +3,10 @@
 - ``metrics``: per-example answer metrics from logits (probability, token accuracy,
   extraction strength, exact memorisation);
 - ``tofu``: truth ratio, forget quality (KS p-value), model utility (harmonic mean), forget
-  summary;
+  summary (open-unlearning's forget-set TOFU metrics, :data:`FORGET_SUMMARY_KEYS`);
 - ``mia``: LOSS / zlib / Min-k / Min-k++ scores, ROC-AUC, privleak;
-- ``rouge``: ROUGE-L recall exactly as ``rouge_score`` (with its Porter stemmer) computes it;
+- ``rouge``: ROUGE-L recall and F1 exactly as ``rouge_score`` (with its Porter stemmer) computes them;
+- ``splits``: benchmark splits encoded with one padded length (:func:`encode_eval_splits`);
 - ``runner``: fixed-shape jitted passes, :func:`evaluate_model`;
 - ``quant_recovery``: the forget metrics again after int8 / int4 / nf4 fake quantisation.
 
@@ -40,7 +41,15 @@ from jaxunlearn.eval.mia import (
     zlib_score,
 )
 from jaxunlearn.eval.quant_recovery import QUANT_SCHEMES, forget_metrics, quantization_recovery
-from jaxunlearn.eval.rouge import RougeScore, lcs_length, porter_stem, rouge_l, rouge_l_recall, rouge_tokenize
+from jaxunlearn.eval.rouge import (
+    RougeScore,
+    lcs_length,
+    porter_stem,
+    rouge_l,
+    rouge_l_f1,
+    rouge_l_recall,
+    rouge_tokenize,
+)
 from jaxunlearn.eval.runner import (
     ROLE_COLUMNS,
     EvalResult,
@@ -52,6 +61,7 @@ from jaxunlearn.eval.runner import (
     score_split,
 )
 from jaxunlearn.eval.tofu import (
+    FORGET_SUMMARY_KEYS,
     forget_quality,
     forget_summary,
     harmonic_mean,
@@ -64,6 +74,7 @@ from jaxunlearn.eval.tofu import (
 )
 
 __all__ = [
+    "FORGET_SUMMARY_KEYS",
     "MIA_ATTACKS",
     "QUANT_SCHEMES",
     "ROLE_COLUMNS",
@@ -96,6 +107,7 @@ __all__ = [
     "quantization_recovery",
     "roc_auc",
     "rouge_l",
+    "rouge_l_f1",
     "rouge_l_recall",
     "rouge_tokenize",
     "score_split",

@@ -2,7 +2,8 @@
 
 The reference evaluations (Maini et al., 2024; open-unlearning) call Google's ``rouge_score``
 with ``RougeScorer(["rouge1", "rougeL"], use_stemmer=True).score(target, prediction)`` and
-report ``rougeL.recall``. This module reimplements exactly that, with no dependency:
+report ``rougeL.recall`` (TOFU's ROUGE) and ``rougeL.fmeasure`` (open-unlearning's ``rougeL_f1``,
+MUSE's score). This module reimplements exactly that, with no dependency:
 
 - tokenisation (``rouge_score.tokenize``): lowercase, replace every run of characters
   outside ``[a-z0-9]`` by a space, split on whitespace, Porter-stem the tokens longer than 3
@@ -11,7 +12,8 @@ report ``rougeL.recall``. This module reimplements exactly that, with no depende
   ``nltk.stem.porter.PorterStemmer`` that ``rouge_score`` instantiates;
 - ROUGE-L (Lin, 2004): with ``L = LCS(target, prediction)`` (longest common subsequence of
   the token lists), ``recall = L / |target|``, ``precision = L / |prediction|``,
-  ``f = 2 P R / (P + R)``; all three are 0 if either token list is empty.
+  ``f = 2 P R / (P + R)`` (``rouge_score.scoring.fmeasure``: 0 when ``P + R = 0``); all three
+  are 0 if either token list is empty.
 
 References:
   Lin, "ROUGE: A Package for Automatic Evaluation of Summaries", 2004.
@@ -20,13 +22,14 @@ References:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["RougeScore", "porter_stem", "rouge_tokenize", "lcs_length", "rouge_l", "rouge_l_recall"]
+__all__ = ["RougeScore", "porter_stem", "rouge_tokenize", "lcs_length", "rouge_l", "rouge_l_recall", "rouge_l_f1"]
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 _VALID = re.compile(r"^[a-z0-9]+$")
@@ -176,6 +179,7 @@ def _step5(w: str) -> str:
     return w
 
 
+@functools.lru_cache(maxsize=65536)
 def porter_stem(word: str) -> str:
     """Porter stem of one word (NLTK-extensions mode, as ``nltk.stem.porter.PorterStemmer()``).
 
@@ -189,7 +193,8 @@ def porter_stem(word: str) -> str:
       word: one token (lowercased here).
 
     Returns:
-      Its stem, e.g. ``porter_stem("caresses") == "caress"``, ``porter_stem("relational") == "relat"``.
+      Its stem, e.g. ``porter_stem("caresses") == "caress"``, ``porter_stem("relational") == "relat"``
+      (results are cached: the function is pure).
     """
     w = word.lower()
     if w in _IRREGULAR:
@@ -264,6 +269,15 @@ def rouge_l(prediction: str, target: str, *, use_stemmer: bool = True) -> RougeS
     return RougeScore(prec, rec, f)
 
 
+def _per_example(field: str, predictions: Sequence[str], targets: Sequence[str], use_stemmer: bool) -> np.ndarray:
+    if isinstance(predictions, str) or isinstance(targets, str):
+        raise TypeError("predictions and targets must be sequences of strings, not a single string")
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
+    return np.asarray([getattr(rouge_l(p, t, use_stemmer=use_stemmer), field) for p, t in zip(predictions, targets)],
+                      np.float64)
+
+
 def rouge_l_recall(predictions: Sequence[str], targets: Sequence[str], *, use_stemmer: bool = True) -> np.ndarray:
     """Per-example ROUGE-L recall (the TOFU "ROUGE" metric) of generations against answers.
 
@@ -275,9 +289,24 @@ def rouge_l_recall(predictions: Sequence[str], targets: Sequence[str], *, use_st
     Returns:
       float64 (N,) array of ``LCS / |target tokens|``.
     """
-    if isinstance(predictions, str) or isinstance(targets, str):
-        raise TypeError("predictions and targets must be sequences of strings, not a single string")
-    if len(predictions) != len(targets):
-        raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
-    return np.asarray([rouge_l(p, t, use_stemmer=use_stemmer).recall for p, t in zip(predictions, targets)],
-                      np.float64)
+    return _per_example("recall", predictions, targets, use_stemmer)
+
+
+def rouge_l_f1(predictions: Sequence[str], targets: Sequence[str], *, use_stemmer: bool = True) -> np.ndarray:
+    """Per-example ROUGE-L F1 (open-unlearning's ``rougeL_f1``) of generations against answers.
+
+    ``F1 = 2 P R / (P + R)`` with ``P = LCS / |prediction tokens|``, ``R = LCS / |target tokens|``
+    (0 when the LCS is empty or either text has no token), as ``rouge_score``'s ``fmeasure``.
+
+    Args:
+      predictions: N generated strings.
+      targets: N reference answers.
+      use_stemmer: as in :func:`rouge_tokenize`.
+
+    Returns:
+      float64 (N,) array.
+
+    >>> rouge_l_f1(["the cat sat"], ["the cat sat on the mat"]).round(4).tolist()
+    [0.6667]
+    """
+    return _per_example("fmeasure", predictions, targets, use_stemmer)

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxunlearn.data import encode_prompts, encode_split
+from jaxunlearn.data import ChatFormat
 from jaxunlearn.eval.metrics import answer_stats, exact_memorization, extraction_strength
 from jaxunlearn.eval.mia import mia_aucs, mia_scores, privleak, zlib_score
-from jaxunlearn.eval.rouge import rouge_l_recall
+from jaxunlearn.eval.rouge import rouge_l_f1, rouge_l_recall
+from jaxunlearn.eval.splits import ROLE_COLUMNS, EvalSplit, encode_eval_splits
 from jaxunlearn.eval.tofu import (
     forget_quality,
     forget_summary,
@@ -83,159 +84,11 @@ def evaluate_encoded(
 
 # =========================================================================== full TOFU-style evaluation
 #
-# ``encode_eval_splits`` turns benchmark splits (TOFU column schema) into fixed-shape arrays with
-# one common padded length; ``score_split`` runs the teacher-forced metrics of one split through
-# jitted passes (any ``apply(params, input_ids, attention_mask) -> logits``); ``evaluate_model``
-# adds greedy generation (ROUGE-L) for a ``jaxunlearn.models.Decoder`` and the aggregates.
-
-#: Columns of the TOFU evaluation schema a split needs, by role.
-ROLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "forget": ("question", "answer", "paraphrased_answer", "perturbed_answer"),
-    "retain": ("question", "answer", "paraphrased_answer", "perturbed_answer"),
-    "general": ("question", "answer", "perturbed_answer"),
-    "holdout": ("question", "answer"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSplit:
-    """One split encoded for :func:`evaluate_model` (all arrays share the padded length T).
-
-    Attributes:
-      answer: ``encode_qa`` arrays of ``[BOS] q [SEP] answer [EOS]``, (N, T) (+ ``fact_mask``).
-      prompts: ``encode_prompts`` arrays of ``[BOS] q [SEP]``, left-padded to (N, P).
-      answers: the N answer strings (ROUGE-L targets, zlib texts).
-      correct: arrays of the truth ratio's correct answer, (N, T): the paraphrased answer, or
-        the answer itself for a split without ``paraphrased_answer``; ``None`` without
-        ``perturbed_answer``.
-      perturbed: arrays of the K perturbed answers, (N, K, T), or ``None``.
-    """
-
-    answer: Mapping[str, np.ndarray]
-    prompts: Mapping[str, np.ndarray]
-    answers: tuple[str, ...]
-    correct: Mapping[str, np.ndarray] | None = None
-    perturbed: Mapping[str, np.ndarray] | None = None
-
-    def __post_init__(self):
-        n = len(self.answers)
-        if n == 0:
-            raise ValueError("EvalSplit has no rows (empty split)")
-        for name in ("answer", "prompts", "correct", "perturbed"):
-            part = getattr(self, name)
-            if part is None:
-                continue
-            for key, arr in part.items():
-                if np.shape(arr)[0] != n:
-                    raise ValueError(f"EvalSplit.{name}[{key!r}] has {np.shape(arr)[0]} rows, expected {n}")
-        if (self.correct is None) != (self.perturbed is None):
-            raise ValueError("EvalSplit needs both `correct` and `perturbed` (truth ratio) or neither")
-
-    @property
-    def num_rows(self) -> int:
-        """N, the number of examples."""
-        return len(self.answers)
-
-
-def _pad_right(enc: Mapping[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    out = {}
-    for key, arr in enc.items():
-        if key in ("prompt_lengths", "lengths"):
-            out[key] = arr
-            continue
-        extra = length - arr.shape[-1]
-        fill = pad_id if key == "input_ids" else 0
-        widths = [(0, 0)] * (arr.ndim - 1) + [(0, extra)]
-        out[key] = np.pad(arr, widths, constant_values=fill)
-    return out
-
-
-def _pad_left(enc: Mapping[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    out = {}
-    for key, arr in enc.items():
-        if key == "prompt_lengths":
-            out[key] = arr
-            continue
-        fill = pad_id if key == "input_ids" else 0
-        out[key] = np.pad(arr, [(0, 0), (length - arr.shape[-1], 0)], constant_values=fill)
-    return out
-
-
-def _role_of(name: str, roles: Mapping[str, str]) -> str:
-    return roles.get(name, "holdout")
-
-
-def encode_eval_splits(
-    tokenizer,
-    splits: Mapping[str, datasets.Dataset],
-    *,
-    roles: Mapping[str, str] | None = None,
-    max_length: int | None = None,
-    separator: str | None = None,
-) -> dict[str, EvalSplit]:
-    """Encode benchmark splits for :func:`evaluate_model`, all with one padded length.
-
-    Every split is encoded for its answer (and, where it has the columns, the truth-ratio
-    answers: ``paraphrased_answer`` or else ``answer``, and ``perturbed_answer``), then padded
-    to the longest row over all splits and columns, so each jitted pass compiles once.
-
-    Args:
-      tokenizer: the model's tokenizer (``bos/eos/pad`` and, with ``separator=None``, ``sep``).
-      splits: ``{name: datasets.Dataset}`` in the TOFU column schema.
-      roles: ``{name: "forget" | "retain" | "general" | "holdout"}``; the role sets the required
-        columns (:data:`ROLE_COLUMNS`); unnamed splits are ``"holdout"`` (question, answer).
-      max_length: padded length T; ``None`` = the longest row. A longer row is an error.
-      separator: text between question and answer, as in ``jaxunlearn.data.encode_qa``.
-
-    Returns:
-      ``{name: EvalSplit}``.
-
-    Raises:
-      KeyError: a split lacks a column its role needs (named), or an unknown role.
-      ValueError: an empty split, a row longer than ``max_length``.
-    """
-    roles = dict(roles or {})
-    for name, role in roles.items():
-        if role not in ROLE_COLUMNS:
-            raise KeyError(f"unknown role {role!r} for split {name!r}; roles: {sorted(ROLE_COLUMNS)}")
-        if name not in splits:
-            raise KeyError(f"split {name!r} (role {role!r}) not in the data (have {sorted(splits)})")
-    if not splits:
-        raise ValueError("no splits to encode")
-    raw = {}
-    for name, ds in splits.items():
-        if not isinstance(ds, datasets.Dataset):
-            raise TypeError(f"split {name!r} is a {type(ds).__name__}, expected a datasets.Dataset")
-        missing = [c for c in ROLE_COLUMNS[_role_of(name, roles)] if c not in ds.column_names]
-        if missing:
-            raise KeyError(f"split {name!r} (role {_role_of(name, roles)!r}) is missing column(s) {missing}; "
-                           f"it has {ds.column_names}")
-        if len(ds) == 0:
-            raise ValueError(f"split {name!r} is empty: nothing to evaluate")
-        answer = encode_split(tokenizer, ds, max_length=max_length, separator=separator)
-        correct = perturbed = None
-        if "perturbed_answer" in ds.column_names:
-            col = "paraphrased_answer" if "paraphrased_answer" in ds.column_names else "answer"
-            correct = encode_split(tokenizer, ds, max_length=max_length, answer_column=col,
-                                   fact_column=None, separator=separator)
-            perturbed = encode_split(tokenizer, ds, max_length=max_length, answer_column="perturbed_answer",
-                                     separator=separator)
-        prompts = encode_prompts(tokenizer, list(ds["question"]), max_length=None, separator=separator)
-        raw[name] = (answer, correct, perturbed, prompts, tuple(ds["answer"]))
-    length = max_length or max(p["input_ids"].shape[-1] for r in raw.values() for p in r[:3] if p is not None)
-    p_len = max(r[3]["input_ids"].shape[-1] for r in raw.values())
-    pad = int(tokenizer.pad_token_id)
-    return {
-        name: EvalSplit(
-            answer=_pad_right(a, length, pad),
-            prompts=_pad_left(p, p_len, pad),
-            answers=texts,
-            correct=None if c is None else _pad_right(c, length, pad),
-            perturbed=None if q is None else _pad_right(q, length, pad),
-        )
-        for name, (a, c, q, p, texts) in raw.items()
-    }
-
+# ``encode_eval_splits`` (:mod:`jaxunlearn.eval.splits`) turns benchmark splits (TOFU column
+# schema) into fixed-shape arrays with one common padded length; ``score_split`` runs the
+# teacher-forced metrics of one split through jitted passes (any ``apply(params, input_ids,
+# attention_mask) -> logits``); ``evaluate_model`` adds greedy generation (ROUGE-L) for a
+# ``jaxunlearn.models.Decoder`` and the aggregates.
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 def _stats_pass(apply_fn, params, batch):
@@ -348,13 +201,28 @@ def _greedy_texts(model, tokenizer, prompts: Mapping[str, np.ndarray], n: int, m
     return texts
 
 
+def _rouge_scores(gen: list[str], split: EvalSplit, n: int, forget: bool, use_stemmer: bool) -> dict[str, np.ndarray]:
+    out = {"rouge_l_recall": rouge_l_recall(gen, split.answers[:n], use_stemmer=use_stemmer),
+           "rouge_l_f1": rouge_l_f1(gen, split.answers[:n], use_stemmer=use_stemmer)}
+    if forget and split.paraphrased_answers is not None:
+        out["paraphrased_rouge_l_recall"] = rouge_l_recall(gen, split.paraphrased_answers[:n], use_stemmer=use_stemmer)
+    if forget and split.perturbed_answers is not None:
+        pert = split.perturbed_answers[:n]
+        flat = rouge_l_recall([g for g, row in zip(gen, pert) for _ in row], [a for row in pert for a in row],
+                              use_stemmer=use_stemmer)
+        out["perturbed_rouge_l_recall"] = flat.reshape(n, len(pert[0]))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
     """Output of :func:`evaluate_model`.
 
     Attributes:
       splits: ``{split: {metric: per-example np.ndarray}}`` (see :func:`score_split`, plus
-        ``rouge_l_recall`` over the first ``rouge_examples`` rows of the generated splits).
+        ``rouge_l_recall`` and ``rouge_l_f1`` over the first ``rouge_examples`` rows of the
+        generated splits, and on the forget split ``paraphrased_rouge_l_recall`` (n,) and
+        ``perturbed_rouge_l_recall`` (n, K)).
       generations: ``{split: [greedy generation, ...]}`` for the generated rows.
       aggregates: ``{"forget": forget_summary, "utility_components": {...},
         "model_utility": float, "mia_auc": {attack: auc}, "forget_quality": float,
@@ -433,18 +301,22 @@ def evaluate_model(
     params=None,
     reference: EvalResult | None = None,
     rouge_examples: int | None = None,
-    max_new_tokens: int | None = None,
+    max_new_tokens: int | None = 200,
     batch_size: int = 32,
     k: float = 0.4,
     use_stemmer: bool = True,
     separator: str | None = None,
+    chat_template: bool | ChatFormat | None = None,
 ) -> EvalResult:
     """The TOFU-style evaluation of a decoder on forget / retain / general / holdout splits.
 
     Per example (every split): answer probability and mean NLL, token and fact accuracy,
     extraction strength, the MIA scores (LOSS, zlib, Min-k, Min-k++); with perturbed answers
     the truth ratio and the option-normalised probability; for forget / retain / general the
-    ROUGE-L recall of the greedy generation (the first ``rouge_examples`` rows). Aggregates:
+    ROUGE-L recall and F1 of the greedy generation (the first ``rouge_examples`` rows), and on
+    the forget split its ROUGE-L recall against the paraphrased and each perturbed answer (as
+    open-unlearning's ``forget_Q_A_PARA_ROUGE`` / ``forget_Q_A_PERT_ROUGE``: one greedy
+    generation per question, scored against each target). Aggregates:
     forget-set summary, model utility (retain + general), MIA AUCs (forget vs holdout), and with
     a ``reference`` result (the model never trained on the forget set) forget quality and
     privleak.
@@ -467,13 +339,17 @@ def evaluate_model(
       reference: the :class:`EvalResult` of the reference model on the same splits.
       rouge_examples: generate for the first n rows of each forget / retain / general split
         (``None``: all rows; 0: no generation, hence no ROUGE and no model utility).
-      max_new_tokens: generation budget (``None``: twice the longest answer, EOS included, of
-        the evaluated splits; decoding stops early once every row has emitted EOS, and the
-        text after the first EOS is dropped).
+      max_new_tokens: generation budget; 200 is open-unlearning's default
+        (``configs/generation/default.yaml``). ``None``: twice the longest answer, EOS included,
+        of the evaluated splits (enough for short-answer data, and faster). Decoding stops early
+        once every row has emitted EOS, and the text after the first EOS is dropped.
       batch_size: rows per jitted call.
       k: Min-k / Min-k++ fraction (TOFU: 0.4).
       use_stemmer: ROUGE tokenisation with the Porter stemmer (TOFU: True).
       separator: question/answer separator used when encoding ``datasets`` splits.
+      chat_template: how ``datasets`` splits are encoded: ``None`` (the tokenizer's chat
+        template when it has one, as open-unlearning), ``False`` (plain format), ``True`` or a
+        :class:`~jaxunlearn.data.ChatFormat` (see :func:`encode_eval_splits`).
 
     Returns:
       An :class:`EvalResult`.
@@ -500,7 +376,7 @@ def evaluate_model(
         raise ValueError(f"rouge_examples must be >= 0 or None, got {rouge_examples}")
     chosen = {name: data[name] for name in roles}
     if all(isinstance(v, datasets.Dataset) for v in chosen.values()):
-        encoded = encode_eval_splits(tokenizer, chosen, roles=roles, separator=separator)
+        encoded = encode_eval_splits(tokenizer, chosen, roles=roles, separator=separator, chat_template=chat_template)
     elif all(isinstance(v, EvalSplit) for v in chosen.values()):
         encoded = chosen
         for name, role in roles.items():
@@ -527,7 +403,7 @@ def evaluate_model(
         n_gen = split.num_rows if rouge_examples is None else min(rouge_examples, split.num_rows)
         if roles[name] != "holdout" and n_gen > 0:
             gen = _greedy_texts(run_model, tokenizer, split.prompts, n_gen, int(max_new_tokens), batch_size)
-            res["rouge_l_recall"] = rouge_l_recall(gen, split.answers[:n_gen], use_stemmer=use_stemmer)
+            res.update(_rouge_scores(gen, split, n_gen, roles[name] == "forget", use_stemmer))
             generations[name] = gen
         splits[name] = res
     return EvalResult(splits, generations, _aggregate(splits, roles, reference), roles)

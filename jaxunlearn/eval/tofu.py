@@ -6,7 +6,8 @@ line by line:
 
 - TOFU (Maini et al., 2024; ``locuslab/tofu``, ``aggregate_eval_stat.py``);
 - open-unlearning (Dorna et al., 2025; ``src/evals/metrics/memorization.py::truth_ratio``,
-  ``probability_w_options``, ``privacy.py::forget_quality``, ``utility.py::hm_aggregate``).
+  ``probability``, ``rouge``, ``probability_w_options``, ``privacy.py::forget_quality``,
+  ``utility.py::hm_aggregate``; the TOFU metric list of ``configs/eval/tofu_metrics/``).
 
 Notation: for an example with question ``q``, ``P(a) = exp(-(1/|a|) sum_t NLL_t(a | q))`` is
 the length-normalised probability of answer ``a`` (:func:`~jaxunlearn.eval.metrics.answer_probability`).
@@ -36,6 +37,7 @@ __all__ = [
     "utility_components",
     "model_utility",
     "forget_summary",
+    "FORGET_SUMMARY_KEYS",
 ]
 
 #: The ``1e-10`` open-unlearning adds to denominators (truth ratio, normalised probability).
@@ -215,14 +217,47 @@ def model_utility(
                                                  option_sets=option_sets).values()))
 
 
+#: ``forget_summary`` key -> (per-example key, open-unlearning TOFU metric it reproduces). Not
+#: ported: ``forget_Q_A_gibberish`` (a score from an external gibberish classifier).
+FORGET_SUMMARY_KEYS: dict[str, tuple[str, str | None]] = {
+    "probability": ("probability", "forget_Q_A_Prob"),
+    "paraphrased_probability": ("correct_probability", "forget_Q_A_PARA_Prob"),
+    "perturbed_probability": ("perturbed_probability", "forget_Q_A_PERT_Prob"),
+    "rouge_l": ("rouge_l_recall", "forget_Q_A_ROUGE"),
+    "rouge_l_f1": ("rouge_l_f1", None),
+    "paraphrased_rouge_l": ("paraphrased_rouge_l_recall", "forget_Q_A_PARA_ROUGE"),
+    "perturbed_rouge_l": ("perturbed_rouge_l_recall", "forget_Q_A_PERT_ROUGE"),
+    "extraction_strength": ("extraction_strength", "extraction_strength"),
+    "token_acc": ("token_acc", None),
+    "fact_acc": ("fact_acc", None),
+    "nll": ("nll", None),
+}
+
+
+def _row_means(name: str, x) -> np.ndarray:
+    """open-unlearning's ``aggregate_to_1D``: the mean over every axis but the first."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 0 or a.size == 0:
+        raise ValueError(f"{name} must be a non-empty array with a row axis, got shape {a.shape}")
+    return _vector(name, a.reshape(a.shape[0], -1).mean(axis=1))
+
+
 def forget_summary(split: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Forget-set aggregates of one split's per-example results.
 
-    ``probability``, ``rouge_l`` (ROUGE-L recall), ``extraction_strength``, ``token_acc``,
-    ``fact_acc`` and ``nll``: means over the examples; ``exact_memorization``: the mean over the
-    examples where it is defined (NaN rows, i.e. no answer token before the EOS, are left out as
-    open-unlearning leaves out its ``None``; NaN if none is defined); ``truth_ratio``:
-    :func:`truth_ratio_forget_score`. Keys absent from ``split`` are skipped.
+    Each key of :data:`FORGET_SUMMARY_KEYS` is the mean over the examples of its per-example
+    array, a row of K values (the perturbed answers) first averaged over K, as open-unlearning's
+    ``aggregate_to_1D`` then ``np.mean``: ``probability`` (of the answer),
+    ``paraphrased_probability`` (of the paraphrased answer: the truth ratio's correct answer,
+    which on a forget split is always the paraphrase), ``perturbed_probability``
+    (``mean_n mean_k P(perturbed_nk)``, the arithmetic mean, unlike the truth ratio's geometric
+    one), ``rouge_l`` (ROUGE-L recall of the greedy generation against the answer), ``rouge_l_f1``,
+    ``paraphrased_rouge_l`` and ``perturbed_rouge_l`` (recall of the same generation against the
+    paraphrased / each perturbed answer), ``extraction_strength``, ``token_acc``, ``fact_acc``,
+    ``nll``. ``exact_memorization``: the mean over the examples where it is defined (NaN rows,
+    i.e. no answer token before the EOS, are left out as open-unlearning leaves out its ``None``;
+    NaN if none is defined); ``truth_ratio``: :func:`truth_ratio_forget_score`. Keys absent from
+    ``split`` are skipped.
 
     Args:
       split: per-example arrays of one split (from ``evaluate_model``).
@@ -230,9 +265,8 @@ def forget_summary(split: Mapping[str, np.ndarray]) -> dict[str, float]:
     Returns:
       ``{metric: float}``.
     """
-    names = {"probability": "probability", "rouge_l_recall": "rouge_l", "extraction_strength":
-             "extraction_strength", "token_acc": "token_acc", "fact_acc": "fact_acc", "nll": "nll"}
-    out = {new: float(np.mean(_vector(old, split[old]))) for old, new in names.items() if old in split}
+    out = {new: float(np.mean(_row_means(old, split[old])))
+           for new, (old, _) in FORGET_SUMMARY_KEYS.items() if old in split}
     if "exact_memorization" in split:
         em = np.asarray(split["exact_memorization"], np.float64)
         if em.ndim != 1 or em.shape[0] == 0:

@@ -1,9 +1,9 @@
-"""ROUGE-L recall and its Porter stemmer against hand-computed cases (and rouge_score if installed)."""
+"""ROUGE-L recall / F1 and the Porter stemmer against hand-computed cases and the ``rouge_score`` package."""
 
 import numpy as np
 import pytest
 
-from jaxunlearn.eval.rouge import lcs_length, porter_stem, rouge_l, rouge_l_recall, rouge_tokenize
+from jaxunlearn.eval.rouge import lcs_length, porter_stem, rouge_l, rouge_l_f1, rouge_l_recall, rouge_tokenize
 
 # Porter (1980)'s worked examples, carried through all five steps, plus the NLTK-extension
 # cases (irregular forms, 4-letter -ies/-ied, y -> i only after a consonant). The final stems
@@ -103,3 +103,35 @@ def test_matches_rouge_score_package_when_installed():
         want = scorer.score(t, p)["rougeL"]
         got = rouge_l(p, t)
         assert (got.precision, got.recall) == pytest.approx((want.precision, want.recall))
+
+
+@pytest.mark.parametrize("use_stemmer", [True, False])
+def test_f1_and_recall_match_rouge_score(use_stemmer):
+    """Per-example F1 and recall equal ``rouge_score``'s ``rougeL`` ``fmeasure`` / ``recall``
+    (open-unlearning's ``rougeL_f1`` / ``rougeL_recall``; MUSE scores without stemming)."""
+    from rouge_score import rouge_scorer
+
+    rng = np.random.default_rng(1 + use_stemmer)
+    words = ("The writer's novels were published in 1987 by Velmstadt Press; critics praised their running, "
+             "generalizations, happy endings and hopeful; relational - DYING skies! caresses ponies").split()
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=use_stemmer)
+    targets = [" ".join(rng.choice(words, size=rng.integers(0, 14))) for _ in range(300)]
+    preds = [" ".join(rng.choice(words, size=rng.integers(0, 14))) for _ in range(300)]
+    preds[:3] = ["", "!!", targets[2]]  # no token, punctuation only, exact copy
+    want = [scorer.score(t, p)["rougeL"] for t, p in zip(targets, preds)]
+    f1 = rouge_l_f1(preds, targets, use_stemmer=use_stemmer)
+    rec = rouge_l_recall(preds, targets, use_stemmer=use_stemmer)
+    assert f1.dtype == np.float64 and f1.shape == (300,)
+    np.testing.assert_allclose(f1, [w.fmeasure for w in want], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(rec, [w.recall for w in want], rtol=1e-12, atol=0)
+    assert 0 < f1.mean() < 1 and f1[2] == (1.0 if rouge_tokenize(targets[2]) else 0.0)
+
+
+def test_f1_hand_case_and_errors():
+    # target 6 tokens, prediction 5, LCS 4 ("the cat on mat"): P = 4/5, R = 4/6, F = 2PR/(P+R) = 8/11
+    np.testing.assert_allclose(rouge_l_f1(["the cat on a mat"], ["the cat sat on the mat"]), [8 / 11])
+    np.testing.assert_allclose(rouge_l_f1(["dog"], ["the cat"]), [0.0])
+    with pytest.raises(ValueError, match="2 predictions but 1 targets"):
+        rouge_l_f1(["a", "b"], ["a"])
+    with pytest.raises(TypeError, match="single string"):
+        rouge_l_f1("abc", ["abc"])
