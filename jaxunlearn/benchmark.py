@@ -5,15 +5,38 @@ embedded synthetic benchmark, evaluates both, then runs each method named by a
 config file ``<configs_dir>/<method>.json`` on the target, evaluates the result
 TOFU-style and after INT4 fake quantisation, and writes
 
-- ``results.json``: configs used, per-method aggregates, and for every method and the
+- ``results.json``: configs used, the seeds, every method's row per seed, per-method
+  aggregates over seeds (means and 95% intervals), and for every method (per seed) and the
   reference the per-example forget-set truth ratios (to recompute forget quality);
-- ``forget_vs_utility.png``: forget quality against model utility per method;
-- the printed table (method, forget quality, model utility, forget probability,
-  MIA AUC (Min-k), INT4 forget-probability recovery, wall time).
+- ``forget_vs_utility.png``: forget quality against model utility per method (means, with
+  interval bars);
+- the printed table (method, seeds aggregated, forget quality, model utility, forget
+  probability, MIA AUC (Min-k), INT4 forget-probability recovery, wall time), each number a
+  mean over seeds with its 95% Student-t half-width (:mod:`jaxunlearn.stats`).
+
+Seeds. Each method runs once per seed ``s`` from the same target parameters, with
+``UnlearnContext.seed = s``. That seed is all the randomness a method has (no method draws
+random noise: SAM's and SAF's perturbations are deterministic functions of the gradient), and
+it controls exactly:
+
+- gradient methods (GA, GradDiff, NPO, SimNPO, their projected forms, SAF, SalUn): the order of
+  the forget batches (seed ``s``) and of the retain batches (seed ``s + 1``),
+  :func:`jaxunlearn.train.batch_at`; with a batch as large as the set only the order of the
+  rows inside the one batch changes (a floating-point-summation difference);
+- ``task_vector`` and ``perta``: the order of the fine-tuning batches on the forget set;
+- ``perta`` and ``ssd``: the rows of each importance set subsampled to
+  ``max_importance_examples`` (a set no larger than that is used whole, whatever the seed);
+- SalUn's saliency mask: the same subsampling rule (its forget set is used whole).
+
+A method whose inputs the seed does not touch gives identical rows on every seed (a zero-width
+interval). The benchmark's data are fixed across seeds; :func:`benchmark_methods` can also
+retrain the target and the reference per seed (``train_seeds``: the initialisation and the
+training batch order), the only way model-training noise enters the intervals.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -30,13 +53,38 @@ from jaxunlearn.methods import UnlearnContext, run_method
 from jaxunlearn.models import DecoderFn
 from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
 from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair
+from jaxunlearn.stats import DEFAULT_SEEDS, aggregate_rows, format_interval, interval_of
 from jaxunlearn.tree import check_finite
 
 __all__ = ["DEFAULT_METHODS", "load_method_configs", "summarize", "failed_row", "format_results_table", "plot_forget_vs_utility",
-           "run_benchmark", "benchmark_methods", "compare_methods", "write_benchmark", "default_configs_dir"]
+           "run_benchmark", "benchmark_methods", "compare_methods", "write_benchmark", "default_configs_dir",
+           "seed_list", "seeded_config", "DEFAULT_SEEDS"]
 
 DEFAULT_METHODS = ("task_vector", "perta_grad", "perta_fisher", "ssd", "ga", "ga_proj", "grad_diff",
                    "grad_diff_proj", "npo", "npo_proj", "simnpo", "simnpo_proj", "saf", "salun")
+
+
+def seed_list(base: int, count: int) -> list[int]:
+    """The seeds of a ``count``-seed run: ``base, base + 1, ..., base + count - 1`` (the first is the
+    single-seed run's, so its rows equal those of a run with ``count = 1``).
+
+    Raises:
+      ValueError: ``count < 1`` or ``base < 0``; TypeError: not ints.
+    """
+    from jaxunlearn.validate import check_int
+
+    check_int("", "seeds", count, min=1)
+    check_int("", "seed", base, min=0)
+    return [int(base) + i for i in range(int(count))]
+
+
+def seeded_config(cfg: DemoConfig, seed: int) -> DemoConfig:
+    """``cfg`` for training the pair with ``seed``: the model initialisation (``cfg.seed`` as
+    :func:`~jaxunlearn.pipeline.train_pair` reads it) becomes ``seed`` and the training batch
+    order ``cfg.train.seed + (seed - cfg.seed)``; ``seeded_config(cfg, cfg.seed) == cfg``. Pass it to
+    ``train_pair`` with data prepared from ``cfg`` (the data stay those of ``cfg.seed``)."""
+    shift = int(seed) - cfg.seed
+    return dataclasses.replace(cfg, seed=int(seed), train=dataclasses.replace(cfg.train, seed=cfg.train.seed + shift))
 
 
 def default_configs_dir() -> Path:
@@ -105,41 +153,78 @@ _COLUMNS = (("method", "method", "s"), ("forget_quality", "forget_q", ".3g"), ("
             ("int4_recovery", "int4_rec", "+.3f"), ("seconds", "time_s", ".1f"))
 
 
-def format_results_table(rows: Mapping[str, Mapping[str, float]]) -> str:
-    """A fixed-width text table, one row per method (the order of ``rows``)."""
-    table = [[short for _, short, _ in _COLUMNS]]
+def format_results_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """A fixed-width text table, one row per method (the order of ``rows``).
+
+    Each number is the mean over seeds with its 95% interval half-width (``"0.40 ± 0.05"``,
+    :func:`jaxunlearn.stats.format_interval`); column ``n`` is the number of seeds aggregated
+    (of the seeds run, when some failed). A row aggregated from one seed (or a plain
+    :func:`summarize` row) shows the number alone, and a note under the table says so.
+    """
+    head = [_COLUMNS[0][1], "n"] + [short for _, short, _ in _COLUMNS[1:]]
+    table = [head]
+    single = []
     for name, row in rows.items():
-        cells = [name]
+        n, n_seeds = int(row.get("n", 0 if row.get("error") else 1)), int(row.get("n_seeds", 1))
+        cells = [name, str(n) if n == n_seeds else f"{n}/{n_seeds}"]
         for key, _, fmt in _COLUMNS[1:]:
-            v = row.get(key, float("nan"))
-            cells.append("-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt))
+            iv = interval_of(row, key)
+            cells.append(format_interval(iv.mean, iv.half_width, fmt))
+        if n == 1:
+            single.append(name)
         table.append(cells)
-    widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
     lines.insert(1, "-" * len(lines[0]))
-    failed = [f"{name}: FAILED ({row['error']})" for name, row in rows.items() if row.get("error")]
-    return "\n".join(lines + failed)
+    notes = []
+    for name, row in rows.items():
+        if row.get("error"):
+            notes.append(f"{name}: FAILED ({row['error']})")
+        for seed, err in (row.get("failed_seeds") or {}).items():
+            if not row.get("error"):
+                notes.append(f"{name}: FAILED on seed {seed} ({err}); aggregated over the other {row.get('n')}")
+    if len(single) == len(table) - 1:
+        notes.append("one seed: no intervals (a ± needs n >= 2)")
+    else:
+        notes.append("x ± h: mean over n seeds ± the 95% Student-t half-width t(0.975, n-1)*s/sqrt(n)"
+                     + (f"; n = 1 (no interval): {', '.join(single)}" if single else ""))
+    return "\n".join(lines + notes)
 
 
-def plot_forget_vs_utility(rows: Mapping[str, Mapping[str, float]], path: str | os.PathLike) -> str:
-    """Scatter of forget quality (log scale) against model utility, one labelled point per method."""
+def plot_forget_vs_utility(rows: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> str:
+    """Forget quality (log scale) against model utility, one labelled point per method.
+
+    A point is the mean over seeds; where a row has intervals (:func:`jaxunlearn.stats.aggregate_rows`)
+    bars show them (on the log axis a forget-quality interval reaching zero or below is drawn
+    two decades down from the mean).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
+    floor = 1e-30
     for name, row in rows.items():
-        fq, mu = row["forget_quality"], row["model_utility"]
-        if not (np.isfinite(fq) and np.isfinite(mu)):
+        fq, mu = interval_of(row, "forget_quality"), interval_of(row, "model_utility")
+        if not (np.isfinite(fq.mean) and np.isfinite(mu.mean)):
             continue
+        x = max(fq.mean, floor)
         marker = "*" if name in ("target", "reference") else "o"
-        ax.scatter([max(fq, 1e-30)], [mu], marker=marker, s=80 if marker == "*" else 36)
-        ax.annotate(name, (max(fq, 1e-30), mu), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        xerr = yerr = None
+        if np.isfinite(fq.half_width):
+            low = fq.low if fq.low > 0 else x / 100.0  # log axis: a bound <= 0 is drawn two decades down
+            xerr = [[x - low], [fq.half_width]]
+        if np.isfinite(mu.half_width):
+            yerr = [[mu.half_width], [mu.half_width]]
+        if xerr is not None or yerr is not None:
+            ax.errorbar([x], [mu.mean], xerr=xerr, yerr=yerr, fmt="none", elinewidth=0.8, capsize=2, alpha=0.6)
+        ax.scatter([x], [mu.mean], marker=marker, s=80 if marker == "*" else 36)
+        ax.annotate(name, (x, mu.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("forget quality (KS p-value vs reference, log scale)")
     ax.set_ylabel("model utility")
-    ax.set_title("jaxunlearn: forget quality vs model utility")
+    ax.set_title("jaxunlearn: forget quality vs model utility (mean, 95% interval over seeds)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
@@ -159,6 +244,8 @@ def run_benchmark(
     progress: bool = True,
     rouge_examples: int = 32,
     quant_schemes: Sequence[str] = ("int4",),
+    seeds: int = DEFAULT_SEEDS,
+    train_seeds: bool = False,
     trained: Mapping[str, Any] | None = None,
     data=None,
 ) -> dict[str, Any]:
@@ -175,16 +262,21 @@ def run_benchmark(
       progress: show a progress bar over the whole run.
       rouge_examples: generate for this many rows per split for ROUGE-L.
       quant_schemes: fake-quantisation schemes for the recovery evaluation.
+      seeds: how many seeds (``cfg.seed``, ``cfg.seed + 1``, ...; :func:`seed_list`).
+      train_seeds: also retrain the target and reference per seed (see :func:`benchmark_methods`).
       trained, data: already-trained ``{"target": (model, hist), "reference": ...}`` and its
-        :class:`~jaxunlearn.pipeline.PreparedData` (skips generation and training).
+        :class:`~jaxunlearn.pipeline.PreparedData` (skips generation and training; with
+        ``train_seeds``, ``trained`` is the first seed's pair).
     """
     cfg = cfg or DemoConfig()
     methods = list(DEFAULT_METHODS if methods is None else methods)
+    seed_values = seed_list(cfg.seed, seeds)
     configs = load_method_configs(methods, configs_dir)  # fail on a bad name or config before any work
     check_output_dir(out_dir, overwrite=overwrite)
     with staged_dir(out_dir, overwrite=overwrite, command="benchmark") as tmp:
-        results = benchmark_methods(cfg, configs, progress=progress, rouge_examples=rouge_examples,
-                                    quant_schemes=quant_schemes, trained=trained, data=data,
+        results = benchmark_methods(cfg, configs, seeds=seed_values, train_seeds=train_seeds, progress=progress,
+                                    rouge_examples=rouge_examples, quant_schemes=quant_schemes, trained=trained,
+                                    data=data,
                                     on_update=lambda partial: write_json_atomic(tmp / "results.json", partial))
         write_benchmark(tmp, results)
     return results
@@ -203,6 +295,8 @@ def benchmark_methods(
     cfg: DemoConfig,
     configs: Mapping[str, Mapping],
     *,
+    seeds: Sequence[int] | None = None,
+    train_seeds: bool = False,
     progress: bool = True,
     rouge_examples: int = 32,
     quant_schemes: Sequence[str] = ("int4",),
@@ -212,32 +306,92 @@ def benchmark_methods(
 ) -> dict[str, Any]:
     """The benchmark without file output (see :func:`run_benchmark`); returns the results dict.
 
-    ``on_update(partial_results)`` is called after every method (see :func:`compare_methods`).
+    Args:
+      cfg: the embedded default's sizes; its data are generated from ``cfg.seed`` whatever the seeds.
+      configs: method name -> config.
+      seeds: the seeds (default ``[cfg.seed]``); every method runs once per seed (:func:`compare_methods`).
+      train_seeds: also train the target and reference once per seed, with :func:`seeded_config`
+        (initialisation and training batch order), and unlearn each pair with its own seed; the
+        reference and target rows then vary over seeds too. ``trained`` (if given) must be the
+        pair of ``seeds[0]``. Off: one pair (``trained``, or trained with ``cfg``) for all seeds.
+      progress, rouge_examples, quant_schemes, trained, data: as in :func:`run_benchmark`.
+      on_update: ``on_update(partial_results)`` after every method (see :func:`compare_methods`).
     """
     t_start = time.perf_counter()
-    bar = tqdm(total=3 + len(configs), desc="benchmark", disable=not progress, dynamic_ncols=True)
+    seeds = [cfg.seed] if seeds is None else list(seeds)
+    pairs = seeds if train_seeds else seeds[:1]
+    bar = tqdm(total=2 + len(pairs) * (2 + len(configs) * (1 if train_seeds else len(seeds))), desc="benchmark",
+               disable=not progress, dynamic_ncols=True)
     if data is None:
         bar.set_postfix_str("data")
         data = prepare_data(cfg)
-    bar.update(1)
-    if trained is None:
-        trained = train_pair(cfg, data, progress=progress)
     bar.update(1)
     tok = data.tokenizer
     fs, rs = data.forget_split, data.retain_split
     roles = {fs: "forget", rs: "retain", "general": "general", "holdout": "holdout"}
     enc = encode_eval_splits(tok, {s: data.dataset[s] for s in roles}, roles=roles)
-    ev = dict(forget=fs, retain=rs, general="general", holdout="holdout", rouge_examples=rouge_examples)
-    target, reference = trained["target"][0], trained["reference"][0]
-    fn, params = DecoderFn.of(target)
-    ctx = UnlearnContext(fn, params, data.encoded[fs], data.encoded[rs], seed=cfg.seed)
+    # the synthetic answers are at most 17 tokens: generate twice the longest answer (None), not
+    # the reference's 200 (same greedy text up to the answer, 6x less generation time)
+    ev = dict(forget=fs, retain=rs, general="general", holdout="holdout", rouge_examples=rouge_examples,
+              max_new_tokens=None)
     head = {"demo_config": to_jsonable(cfg), "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
-            "forget_split": fs, "retain_split": rs}
-    update = None if on_update is None else (lambda partial: on_update({**head, **partial, "complete": False}))
-    out = compare_methods(target, reference, tok, enc, ev, ctx, configs, quant_schemes=quant_schemes, bar=bar,
-                          on_update=update)
+            "forget_split": fs, "retain_split": rs, "train_seeds": bool(train_seeds)}
+    bar.update(1)
+    done: list[dict[str, Any]] = []
+    for i, s in enumerate(pairs):
+        pair = trained if i == 0 and trained is not None else None
+        if pair is None:
+            bar.set_postfix_str(f"train seed {s}" if train_seeds else "train")
+            pair = train_pair(seeded_config(cfg, s) if train_seeds else cfg, data, progress=progress)
+        bar.update(1)
+        target, reference = pair["target"][0], pair["reference"][0]
+        fn, params = DecoderFn.of(target)
+        ctx = UnlearnContext(fn, params, data.encoded[fs], data.encoded[rs], seed=s)
+
+        def update(partial, done=done, s=s):
+            if on_update is not None:
+                on_update({**head, **_merge(done + [_label(partial, s if train_seeds else None)]), "complete": False})
+
+        out = compare_methods(target, reference, tok, enc, ev, ctx, configs, seeds=[s] if train_seeds else seeds,
+                              quant_schemes=quant_schemes, bar=bar, on_update=update)
+        done.append(_label(out, s if train_seeds else None))
     bar.close()
-    return {**head, **out, "seconds_total": time.perf_counter() - t_start}
+    return {**head, **_merge(done), "seconds_total": time.perf_counter() - t_start}
+
+
+def _label(results: dict[str, Any], train_seed: int | None) -> dict[str, Any]:
+    """Mark the seed-independent rows (reference, target) as trained with ``train_seed``."""
+    if train_seed is not None:
+        for rows in results["per_seed"].values():
+            for row in rows:
+                if row.get("seed") is None:
+                    row["seed"] = train_seed
+    return results
+
+
+def _merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate per-seed results of several :func:`compare_methods` calls and re-aggregate."""
+    if len(parts) == 1:
+        return _results(parts[0]["seeds"], parts[0]["per_seed"], parts[0]["forget_truth_ratios"],
+                        parts[0]["details"])
+    seeds, per_seed, ratios, details = [], {}, {}, {}
+    for p in parts:
+        seeds += [s for s in p["seeds"] if s not in seeds]
+        for name in p["per_seed"]:
+            per_seed.setdefault(name, []).extend(p["per_seed"][name])
+            ratios.setdefault(name, []).extend(p["forget_truth_ratios"][name])
+            details.setdefault(name, []).extend(p["details"][name])
+    return _results(seeds, per_seed, ratios, details)
+
+
+def _results(seeds, per_seed, ratios, details) -> dict[str, Any]:
+    return {"seeds": list(seeds),
+            "table": {name: aggregate_rows(rows) for name, rows in per_seed.items()},
+            "per_seed": per_seed,
+            "forget_truth_ratios": ratios,
+            "details": to_jsonable(details),
+            "failed": {name: {str(r["seed"]): r["error"] for r in rows if r.get("error")}
+                       for name, rows in per_seed.items() if any(r.get("error") for r in rows)}}
 
 
 def compare_methods(
@@ -249,23 +403,27 @@ def compare_methods(
     ctx: UnlearnContext,
     configs: Mapping[str, Mapping],
     *,
+    seeds: Sequence[int] | None = None,
     quant_schemes: Sequence[str] = ("int4",),
     bar=None,
     on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the target (and reference), then run each method on ``ctx`` and evaluate it.
+    """Evaluate the target (and reference), then run each method on ``ctx`` once per seed and evaluate it.
 
-    A method that fails -- raises, or returns parameters with NaN/Inf -- does not stop the
-    run: its row (:func:`failed_row`) carries ``"error"`` (the reason, naming the first
-    non-finite leaf) and NaN numbers, and the next method runs. ``KeyboardInterrupt`` still
-    stops everything.
+    A method that fails on a seed -- raises, or returns parameters with NaN/Inf -- does not
+    stop the run: that seed's row (:func:`failed_row`) carries ``"error"`` (the reason, naming
+    the first non-finite leaf) and NaN numbers, the method's aggregate is over the seeds that
+    succeeded (its ``n``), and the next seed or method runs. ``KeyboardInterrupt`` still stops
+    everything.
 
     The core of :func:`benchmark_methods` for any models and data: every method of
     ``configs`` (``{name: config}``, as :func:`load_method_configs` returns) is run by
-    :func:`jaxunlearn.methods.run_method` from the target's parameters in ``ctx``, evaluated
+    :func:`jaxunlearn.methods.run_method` from the target's parameters in ``ctx`` with
+    ``ctx.seed`` set to each seed (what a seed changes: this module's docstring), evaluated
     by :func:`jaxunlearn.eval.runner.evaluate_model` (forget quality against the reference's
     evaluation) and by :func:`jaxunlearn.eval.quant_recovery.quantization_recovery` after
-    fake quantisation (``quant_schemes``; forget-side metrics only).
+    fake quantisation (``quant_schemes``; forget-side metrics only). The same inputs and seeds
+    on the same machine give bitwise the same numbers (all but the wall times).
 
     Args:
       target: the model to unlearn (its parameters are ``ctx.params``).
@@ -274,67 +432,81 @@ def compare_methods(
       encoded: :func:`jaxunlearn.eval.runner.encode_eval_splits` output.
       eval_kwargs: ``evaluate_model`` keywords (``forget``, ``retain``, ``general``, ``holdout``,
         ``rouge_examples``).
-      ctx: the unlearning context (target parameters, forget/retain training encodings, seed, mesh).
+      ctx: the unlearning context (target parameters, forget/retain training encodings, mesh).
       configs: method name -> config.
+      seeds: the seeds, distinct ints >= 0 (default ``[ctx.seed]``).
       quant_schemes: fake-quantisation schemes for the recovery evaluation (may be empty).
-      bar: an optional tqdm bar, advanced once for the target/reference and once per method.
+      bar: an optional tqdm bar, advanced once for the target/reference and once per method and seed.
       on_update: called with the results so far (same keys as the return value) after the
-        target and after every method, e.g. to write them incrementally.
+        target and after every method (all its seeds), e.g. to write them incrementally.
 
     Returns:
-      ``{"table": {name: row}, "forget_truth_ratios": {name: [...]}, "details": {...}}``:
-      one :func:`summarize` row each for ``reference`` (if given), ``target`` and the methods.
+      ``{"seeds", "table", "per_seed", "forget_truth_ratios", "details", "failed"}``:
+      ``per_seed[name]`` one :func:`summarize` row per run with its ``"seed"`` (None for the
+      reference and target, evaluated once); ``table[name]`` their aggregate
+      (:func:`jaxunlearn.stats.aggregate_rows`: means, ``n``, ``ci95`` half-widths, ``std``,
+      ``failed_seeds``); ``forget_truth_ratios[name]`` and ``details[name]`` lists aligned with
+      ``per_seed[name]`` (None / the error for a failed seed); ``failed[name]`` ``{seed: reason}``
+      for every method with a failed seed.
     """
+    seeds = [ctx.seed] if seeds is None else [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds must be distinct ints >= 0, at least one; got {seeds}")
     fs = eval_kwargs["forget"]
     ev = dict(eval_kwargs)
     holdout = ev.get("holdout")
     if bar is not None:
         bar.set_postfix_str("evaluate target/reference")
-    rows: dict[str, dict] = {}
+    rows: dict[str, list] = {}
     truth_ratios: dict[str, list] = {}
-    details: dict[str, Any] = {}
+    details: dict[str, list] = {}
     ref_res = None
     if reference is not None:
         ref_res = evaluate_model(reference, tokenizer, encoded, **ev)
-        rows["reference"] = summarize(ref_res, None, None)
+        row = summarize(ref_res, None, None)
         ref_tr = ref_res.splits[fs]["truth_ratio"]
-        rows["reference"]["forget_quality"] = float(forget_quality(ref_tr, ref_tr))  # 1 against itself
-        truth_ratios["reference"] = ref_tr.tolist()
-        details["reference"] = {"aggregates": to_jsonable(ref_res.aggregates)}
+        row["forget_quality"] = float(forget_quality(ref_tr, ref_tr))  # 1 against itself
+        rows["reference"] = [{**row, "seed": None}]
+        truth_ratios["reference"] = [ref_tr.tolist()]
+        details["reference"] = [{"seed": None, "aggregates": to_jsonable(ref_res.aggregates)}]
 
-    def evaluate(name, params, seconds):
+    def evaluate(name, seed, params, seconds):
         res = evaluate_model(target, tokenizer, encoded, params=params, reference=ref_res, **ev)
         rec = None
         if quant_schemes:
             rec = quantization_recovery(target, tokenizer, encoded, forget=fs, holdout=holdout, schemes=quant_schemes,
                                         params=params, reference=ref_res, baseline=res, rouge_examples=0)
-        rows[name] = summarize(res, rec, seconds)
-        truth_ratios[name] = res.splits[fs]["truth_ratio"].tolist()
-        details[name] = {"aggregates": to_jsonable(res.aggregates), "quant": rec}
+        row, tr = {**summarize(res, rec, seconds), "seed": seed}, res.splits[fs]["truth_ratio"].tolist()
+        detail = {"seed": seed, "aggregates": to_jsonable(res.aggregates), "quant": rec}
+        rows.setdefault(name, []).append(row)  # all three lists or none: they stay aligned
+        truth_ratios.setdefault(name, []).append(tr)
+        details.setdefault(name, []).append(detail)
 
     def snapshot():
-        return {"table": rows, "forget_truth_ratios": truth_ratios, "details": to_jsonable(details),
-                "failed": {m: r["error"] for m, r in rows.items() if r.get("error")}}
+        return _results(seeds, rows, truth_ratios, details)
 
-    evaluate("target", None, None)
+    evaluate("target", None, None, None)
     if bar is not None:
         bar.update(1)
     if on_update is not None:
         on_update(snapshot())
     for m, cfg in configs.items():
-        if bar is not None:
-            bar.set_postfix_str(m)
-        t0 = time.perf_counter()
-        try:
-            new_params = _block(run_method(ctx, cfg))
-            seconds = time.perf_counter() - t0
-            check_finite(new_params, f"the parameters {m} returned")
-            evaluate(m, new_params, seconds)
-        except Exception as e:  # recorded in the method's row; the other methods still run
-            rows[m] = failed_row(e, time.perf_counter() - t0)
-            details[m] = {"error": rows[m]["error"]}
-        if bar is not None:
-            bar.update(1)
+        for seed in seeds:
+            if bar is not None:
+                bar.set_postfix_str(m if len(seeds) == 1 else f"{m} seed {seed}")
+            t0 = time.perf_counter()
+            try:
+                new_params = _block(run_method(dataclasses.replace(ctx, seed=seed), cfg))
+                seconds = time.perf_counter() - t0
+                check_finite(new_params, f"the parameters {m} returned")
+                evaluate(m, seed, new_params, seconds)
+            except Exception as e:  # recorded in the seed's row; the other seeds and methods still run
+                row = {**failed_row(e, time.perf_counter() - t0), "seed": seed}
+                rows.setdefault(m, []).append(row)
+                truth_ratios.setdefault(m, []).append(None)
+                details.setdefault(m, []).append({"seed": seed, "error": row["error"]})
+            if bar is not None:
+                bar.update(1)
         if on_update is not None:
             on_update(snapshot())
     return snapshot()
@@ -344,4 +516,3 @@ def _block(tree):
     import jax
 
     return jax.block_until_ready(tree)
-

@@ -1,12 +1,13 @@
 """The ``jaxunlearn`` command line.
 
     jaxunlearn demo    [--out results/demo] [--overwrite] [--steps N] [--forget-split forget10] [--methods ...]
+                       [--seeds N] [--train-seeds]
     jaxunlearn train   --model DIR --data PATH --splits SPLIT [SPLIT ...] --out DIR [--steps N]
                        [--learning-rate LR] [--batch-size B] [--resume-dir DIR [--checkpoint-every N]]
     jaxunlearn unlearn --model DIR --data PATH --forget SPLIT --retain SPLIT --method NAME --out DIR
                        [--resume-dir DIR [--checkpoint-every N]]
     jaxunlearn bench   --model DIR --data PATH --forget SPLIT --retain SPLIT [--reference DIR] [--general ...]
-                       [--holdout SPLIT] [--methods NAME ...] --out DIR
+                       [--holdout SPLIT] [--methods NAME ...] [--seed S] [--seeds N] --out DIR
     jaxunlearn eval    --model DIR --data PATH --forget SPLIT [--retain ...] [--general ...] [--holdout SPLIT]
                        [--reference DIR] --out FILE.json
 
@@ -15,6 +16,10 @@ directory is wanted, ``--resume-dir`` separate from ``--out``); a non-empty dire
 jaxunlearn did not write is never replaced, even with ``--overwrite``; results are written
 into a temporary sibling and swapped into place at the end. ``bench`` records a failing
 method in its row and goes on (exit status 1 when any failed).
+
+``bench`` and ``demo`` run every method with ``--seeds N`` seeds (``--seed``, ``--seed`` + 1, ...)
+and print each number as a mean with its 95% Student-t interval over seeds; ``results.json``
+keeps every seed's row. ``demo --train-seeds`` also retrains the target and reference per seed.
 
 Every command takes ``--mesh SPEC`` (e.g. ``fsdp=4,tp=2``; one size may be ``-1``, "the
 rest"): the parameters are sharded on that device mesh by
@@ -35,6 +40,7 @@ import tempfile
 import time
 
 from jaxunlearn.outputs import check_disjoint, check_output_dir, check_output_file, staged_dir
+from jaxunlearn.quant import SCHEMES as QUANT_SCHEMES
 from jaxunlearn.tree import check_finite
 
 __all__ = ["main", "build_parser"]
@@ -49,6 +55,7 @@ def _set_offline_env() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxunlearn.stats import DEFAULT_SEEDS  # light: the parser does not import the benchmark
     from jaxunlearn.train import TrainConfig
 
     """The argument parser (one sub-command per job)."""
@@ -68,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps per model")
     d.add_argument("--people", type=int, default=None, help="number of trained people")
     d.add_argument("--forget-split", default=None, choices=["forget01", "forget05", "forget10"])
-    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--seed", type=int, default=None,
+                   help="seeds the benchmark data, the models' initialisation and the first unlearning seed")
+    _add_seeds(d, 1, ", to keep the demo short: pass 3 to compare methods")  # jaxunlearn.demo.DEMO_SEEDS
+    d.add_argument("--train-seeds", action="store_true",
+                   help="also train the target and reference once per seed (initialisation and batch order; "
+                        "each seed costs about one more training of the pair)")
     d.add_argument("--methods", nargs="*", default=None,
                    help="unlearning methods to benchmark (config names in --configs; default: all; none: skip)")
     d.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
@@ -136,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", nargs="*", default=None,
                    help="config names under --configs (default: the demo's 14 methods)")
     b.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
-    b.add_argument("--quant", nargs="*", default=["int4"], choices=["int8", "int4", "nf4"],
+    b.add_argument("--quant", nargs="*", default=["int4"], choices=list(QUANT_SCHEMES),
                    help="fake-quantisation schemes for the recovery columns (default: int4)")
     b.add_argument("--rouge-examples", type=int, default=32, help="generate for the first N rows per split")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="the first unlearning seed (default 0)")
+    _add_seeds(b, DEFAULT_SEEDS)
     b.add_argument("--out", required=True, help="results directory")
     b.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
     _add_mesh(b)
@@ -157,13 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--general", nargs="*", default=[], help="further retain-side sets (option-normalised)")
     e.add_argument("--holdout", default=None, help="never-trained split for membership inference")
     e.add_argument("--reference", default=None, help="reference checkpoint directory (for forget quality)")
-    e.add_argument("--quant", nargs="*", default=[], choices=["int8", "int4", "nf4"],
+    e.add_argument("--quant", nargs="*", default=[], choices=list(QUANT_SCHEMES),
                    help="also report forget metrics after fake quantisation with these schemes")
     e.add_argument("--rouge-examples", type=int, default=None, help="generate only for the first N rows per split")
     e.add_argument("--out", required=True, help="output JSON file")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_mesh(e)
     return p
+
+
+def _add_seeds(p: argparse.ArgumentParser, default: int, why: str = "") -> None:
+    p.add_argument("--seeds", type=int, default=default, metavar="N",
+                   help=f"run each method with N seeds (--seed, --seed + 1, ...) and report means with 95%% "
+                        f"t-intervals over them; the seeds change the batch order and importance subsets "
+                        f"(default {default}{why}; 1: one run, no intervals)")
 
 
 def _add_resume(p: argparse.ArgumentParser, resume_help: str) -> None:
@@ -350,6 +370,7 @@ def _bench(args, mesh) -> int:
     check_output_dir(args.out, overwrite=args.overwrite, what="--out")
     if args.rouge_examples < 0:
         raise ValueError(f"--rouge-examples must be >= 0, got {args.rouge_examples}")
+    seeds = _seeds(args)
     methods = list(DEFAULT_METHODS if args.methods is None else args.methods)
     configs = load_method_configs(methods, args.configs)  # a bad name or config fails before any loading
     model, tok, dd = _load_model_and_data(args)
@@ -371,7 +392,7 @@ def _bench(args, mesh) -> int:
     ev = dict(forget=args.forget, retain=args.retain, general=args.general or None, holdout=args.holdout,
               rouge_examples=args.rouge_examples)
     head = {"model": os.path.abspath(args.model), "reference": args.reference and os.path.abspath(args.reference),
-            "data": os.path.abspath(args.data), "roles": roles, "seed": args.seed,
+            "data": os.path.abspath(args.data), "roles": roles, "seed": args.seed, "train_seeds": False,
             "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
             "forget_split": args.forget, "retain_split": args.retain}
     # process 0 writes the results; the others run the same SPMD program and write into a scratch directory
@@ -381,8 +402,10 @@ def _bench(args, mesh) -> int:
     t0 = time.perf_counter()
     try:
         with staged_dir(out, overwrite=args.overwrite or scratch is not None, command="bench", what="--out") as tmp:
-            bar = tqdm(total=1 + len(configs), desc="bench", disable=args.no_progress, dynamic_ncols=True)
-            res = compare_methods(model, reference, tok, enc, ev, ctx, configs, quant_schemes=args.quant, bar=bar,
+            bar = tqdm(total=1 + len(configs) * len(seeds), desc="bench", disable=args.no_progress,
+                       dynamic_ncols=True)
+            res = compare_methods(model, reference, tok, enc, ev, ctx, configs, seeds=seeds, quant_schemes=args.quant,
+                                  bar=bar,
                                   on_update=lambda partial: write_json_atomic(
                                       tmp / "results.json", {**head, **partial, "complete": False}))
             bar.close()
@@ -396,10 +419,27 @@ def _bench(args, mesh) -> int:
     print(format_results_table(results["table"]))
     print(f"wrote {os.path.join(args.out, 'results.json')}")
     if results["failed"]:
-        print(f"jaxunlearn bench: {len(results['failed'])} method(s) failed: {', '.join(results['failed'])} "
+        print(f"jaxunlearn bench: {len(results['failed'])} method(s) failed: {_failures(results['failed'])} "
               "(reasons in the table and results.json)", file=sys.stderr)
         return 1
     return 0
+
+
+def _failures(failed: dict) -> str:
+    """``"ga (seed 1), npo (seeds 0, 1)"`` from ``results["failed"]``."""
+    return ", ".join(f"{m} (seed{'s' if len(by_seed) > 1 else ''} {', '.join(by_seed)})"
+                     for m, by_seed in failed.items())
+
+
+def _seeds(args) -> list[int]:
+    """``--seeds`` seeds from ``--seed`` (checked before any work)."""
+    from jaxunlearn.benchmark import seed_list
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    return seed_list(args.seed or 0, args.seeds)
 
 
 def _eval(args, mesh) -> int:
@@ -448,6 +488,7 @@ def _demo(args, mesh) -> int:
     from jaxunlearn.demo import run_demo
     from jaxunlearn.pipeline import DemoConfig
 
+    _seeds(args)
     cfg = DemoConfig()
     changes = {}
     if args.people is not None:
@@ -465,13 +506,14 @@ def _demo(args, mesh) -> int:
         out = scratch = tempfile.mkdtemp(prefix="jaxunlearn-demo-")
     try:
         results = run_demo(out, cfg=cfg, overwrite=args.overwrite or scratch is not None,
-                           progress=not args.no_progress, methods=args.methods, configs_dir=args.configs)
+                           progress=not args.no_progress, methods=args.methods, configs_dir=args.configs,
+                           seeds=args.seeds, train_seeds=args.train_seeds)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     failed = results.get("benchmark", {}).get("failed", {})
     if failed:
-        print(f"jaxunlearn demo: {len(failed)} method(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"jaxunlearn demo: {len(failed)} method(s) failed: {_failures(failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -4,13 +4,21 @@ Generates the synthetic benchmark, trains the target and the reference model
 from scratch, prints per split the mean answer probability, answer-token
 accuracy and fact-token accuracy of both, then runs every unlearning method of
 ``experiments/configs`` on the target (:mod:`jaxunlearn.benchmark`) and prints
-one results table. It writes
+one results table: each method run with ``seeds`` seeds, every number a mean with its 95%
+interval over them (:mod:`jaxunlearn.stats`). The default, :data:`DEMO_SEEDS` = 1, keeps the
+demo short and gives no intervals; pass ``seeds=3`` to compare methods. By default the seeds
+vary the unlearning only (batch order, importance subsets: :mod:`jaxunlearn.benchmark`) on one
+trained pair; ``train_seeds`` retrains the target and the reference per seed as well (their
+initialisation and training batch order; each seed then costs about one more demo's training).
+The benchmark's data are generated from ``cfg.seed`` and fixed across seeds. It writes
 
-- ``<out>/results.json``: the configuration, the training curves, both tables, and the
-  benchmark details (per-example forget truth ratios of every method and the reference);
+- ``<out>/results.json``: the configuration, the seeds, the training curves, both tables, and
+  the benchmark details (every method's row per seed; per-example forget truth ratios of every
+  method per seed and of the reference);
 - ``<out>/forget_vs_utility.png``: forget quality against model utility;
 - ``<out>/data``: the benchmark and its tokenizer (``jaxunlearn.data.load_benchmark``);
-- ``<out>/models/{target,reference}``: Hugging Face checkpoints (``from_pretrained``).
+- ``<out>/models/{target,reference}``: Hugging Face checkpoints (``from_pretrained``) of the
+  pair trained with ``cfg`` (the first seed's).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from jaxunlearn.benchmark import (
     format_results_table,
     load_method_configs,
     plot_forget_vs_utility,
+    seed_list,
 )
 from jaxunlearn.data import save_benchmark
 from jaxunlearn.models import count_params, save_pretrained
@@ -36,7 +45,13 @@ from jaxunlearn.method_configs import method_config_to_dict
 from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
 from jaxunlearn.pipeline import DemoConfig, evaluate_splits, prepare_data, train_pair
 
-__all__ = ["run_demo", "format_table"]
+__all__ = ["run_demo", "format_table", "DEMO_SEEDS"]
+
+# Unlearning seeds of a plain `jaxunlearn demo` / `make demo`: one, so that `make demo` stays under 10 minutes
+# on a 2-core CPU (about 6 min, 176 s of it training; every further seed adds about 175 s of unlearning and
+# evaluating the 14 methods, so 3 seeds take about 12 min). A single-seed table says it has no intervals;
+# compare methods with `--seeds 3` (or more).
+DEMO_SEEDS = 1
 
 SPLITS = ("forget10", "retain90", "general", "holdout")
 METRICS = (("probability", "prob"), ("token_acc", "tok_acc"), ("fact_acc", "fact_acc"))
@@ -57,7 +72,7 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], splits) -> str
 
 def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, overwrite: bool = False,
              progress: bool = True, methods: Sequence[str] | None = None, configs_dir: str | None = None,
-             rouge_examples: int = 32) -> dict:
+             rouge_examples: int = 32, seeds: int = DEMO_SEEDS, train_seeds: bool = False) -> dict:
     """Run the demo; returns the results dict also written to ``out_dir/results.json``.
 
     Args:
@@ -71,18 +86,25 @@ def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, ov
         :data:`jaxunlearn.benchmark.DEFAULT_METHODS`; ``[]`` skips the benchmark).
       configs_dir: where the method configs live (default ``experiments/configs``).
       rouge_examples: rows per split generated for ROUGE-L in the benchmark.
+      seeds: run every method with this many seeds, ``cfg.seed, cfg.seed + 1, ...``
+        (:func:`jaxunlearn.benchmark.seed_list`); 1: a single run, no intervals.
+      train_seeds: also train the target and reference once per seed
+        (:func:`jaxunlearn.benchmark.seeded_config`); the split table and the saved models
+        are those of the first seed.
     """
     cfg = cfg or DemoConfig()
     methods = list(DEFAULT_METHODS if methods is None else methods)
+    seed_values = seed_list(cfg.seed, seeds)  # a bad count fails before any work
     configs = load_method_configs(methods, configs_dir)  # unknown names fail before any work
     check_output_dir(out_dir, overwrite=overwrite)
     with staged_dir(out_dir, overwrite=overwrite, command="demo") as tmp:
-        results = _run(tmp, cfg, configs, progress, rouge_examples)
+        results = _run(tmp, cfg, configs, progress, rouge_examples, seed_values, train_seeds)
     print(f"wrote {os.path.join(out_dir, 'results.json')}")
     return results
 
 
-def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int) -> dict:
+def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int, seeds: list[int],
+         train_seeds: bool) -> dict:
     t0 = time.perf_counter()
     data = prepare_data(cfg)
     splits = (data.forget_split, data.retain_split, "general", "holdout")
@@ -98,8 +120,8 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int)
           "is the chance level.", flush=True)
     bench = None
     if configs:
-        bench = benchmark_methods(cfg, configs, progress=progress, rouge_examples=rouge_examples,
-                                  trained=trained, data=data,
+        bench = benchmark_methods(cfg, configs, seeds=seeds, train_seeds=train_seeds, progress=progress,
+                                  rouge_examples=rouge_examples, trained=trained, data=data,
                                   on_update=lambda partial: write_json_atomic(
                                       os.path.join(out_dir, "results.json"), {"benchmark": partial}))
     t_total = time.perf_counter() - t0
@@ -109,6 +131,8 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int)
         save_pretrained(model, os.path.join(out_dir, "models", name), tokenizer=data.tokenizer)
     results = {
         "config": dataclasses.asdict(cfg),
+        "seeds": seeds,
+        "train_seeds": train_seeds,
         "num_params": count_params(trained["target"][0]),
         "max_length": data.max_length,
         "split_sizes": {s: len(data.dataset[s]) for s in data.dataset},
@@ -120,13 +144,16 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int)
         results["benchmark"] = bench
         plot = plot_forget_vs_utility(bench["table"], os.path.join(out_dir, "forget_vs_utility.png"))
         results["plot"] = os.path.basename(plot)
+        varied = "training and unlearning" if train_seeds else "unlearning"
         print(f"\nunlearning {data.forget_split} ({len(data.dataset[data.forget_split])} QA pairs), "
-              f"{len(configs)} methods, {bench['seconds_total']:.0f} s\n")
+              f"{len(configs)} methods x {len(seeds)} seed(s) {seeds} (seeds vary the {varied}), "
+              f"{bench['seconds_total']:.0f} s\n")
         print(format_results_table(bench["table"]))
         print("\nforget_q = KS p-value of forget truth ratios vs the reference (1 = indistinguishable); "
               "utility = TOFU model utility;\nforget_p = forget answer probability; MIA_AUC = Min-k (k=0.4) "
               "ROC-AUC forget vs holdout (0.5 = no leak);\nint4_rec = forget_p after INT4 fake quantisation "
-              "minus before; time_s = unlearning wall time.")
+              "minus before; time_s = unlearning wall time;\nn = seeds aggregated. Two methods differ on a "
+              "column only where their intervals separate.")
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
     print(f"\ntotal {t_total:.0f} s")
     return results

@@ -29,23 +29,103 @@ def configs_dir(tmp_path):
 def test_benchmark_end_to_end_toy(tmp_path, configs_dir, tiny_pair):
     out = tmp_path / "bench"
     res = run_benchmark(out, cfg=tiny_pair.cfg, methods=["npo", "ga_proj"], configs_dir=configs_dir, progress=False,
-                        rouge_examples=4, trained=tiny_pair.trained, data=tiny_pair.data)
+                        rouge_examples=4, seeds=2, trained=tiny_pair.trained, data=tiny_pair.data)
     saved = json.loads((out / "results.json").read_text())
     assert (out / "forget_vs_utility.png").stat().st_size > 1000
-    table = saved["table"]
-    assert list(table) == ["reference", "target", "npo", "ga_proj"]
+    table, per_seed = saved["table"], saved["per_seed"]
+    assert list(table) == ["reference", "target", "npo", "ga_proj"] and saved["seeds"] == [0, 1]
     assert table["reference"]["forget_quality"] == 1.0
+    assert [r["seed"] for r in per_seed["target"]] == [None] and table["target"]["n"] == 1
+    tr = saved["forget_truth_ratios"]
     for m in ("npo", "ga_proj"):
+        assert table[m]["n"] == 2 and [r["seed"] for r in per_seed[m]] == [0, 1]
         assert table[m]["forget_probability"] < table["target"]["forget_probability"]
         assert saved["method_configs"][m]["unlearn"]["steps"] == 8
-        # forget quality is recomputable from the stored per-example truth ratios
-        tr = saved["forget_truth_ratios"]
-        np.testing.assert_allclose(table[m]["forget_quality"], ks_2samp(tr[m], tr["reference"]).pvalue)
+        np.testing.assert_allclose(table[m]["model_utility"], np.mean([r["model_utility"] for r in per_seed[m]]))
+        for i, row in enumerate(per_seed[m]):
+            # forget quality is recomputable from the stored per-example truth ratios, per seed
+            np.testing.assert_allclose(row["forget_quality"], ks_2samp(tr[m][i], tr["reference"][0]).pvalue)
     assert "int4_recovery" in table["npo"] and np.isfinite(table["npo"]["int4_recovery"])
     text = format_results_table(res["table"])
-    assert text.splitlines()[0].split()[:3] == ["method", "forget_q", "utility"]
+    assert text.splitlines()[0].split()[:4] == ["method", "n", "forget_q", "utility"] and " ± " in text
     with pytest.raises(FileExistsError):
         run_benchmark(out, cfg=tiny_pair.cfg, methods=["npo"], configs_dir=configs_dir, progress=False)
+    with pytest.raises(ValueError, match="seeds must be an int >= 1"):
+        run_benchmark(tmp_path / "other", cfg=tiny_pair.cfg, methods=["npo"], configs_dir=configs_dir, seeds=0)
+    assert not (tmp_path / "other").exists()
+
+
+_WALL_TIMES = ("seconds", "seconds_total")
+
+
+def _numbers(path) -> str:
+    """results.json without its wall times, as canonical JSON text (equal text == bitwise-equal floats)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in _WALL_TIMES}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    res = strip(json.loads(path.read_text()))
+    for agg in res["table"].values():  # the wall time's interval and spread are wall times too
+        for k in ("ci95", "std"):
+            agg[k].pop("seconds", None)
+    return json.dumps(res, sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_pair):
+    """The same two-seed benchmark (a gradient method, a fine-tuning one, SSD) run twice."""
+    root = tmp_path_factory.mktemp("repro")
+    d = root / "configs"
+    d.mkdir()
+    (d / "npo.json").write_text(json.dumps(
+        {"kind": "gradient", "batch_size": 4,
+         "unlearn": {"method": "npo", "steps": 4, "learning_rate": 3e-3, "alpha": 1.0}}))
+    (d / "task_vector.json").write_text(json.dumps(
+        {"kind": "task_vector", "scale": 1.0, "finetune": {"steps": 4, "learning_rate": 3e-3, "batch_size": 4}}))
+    (d / "ssd.json").write_text(json.dumps(
+        {"kind": "ssd", "threshold": 1.0, "lam": 1.0, "importance": "fisher", "importance_batch_size": 8,
+         "max_importance_examples": 16}))
+    outs = [root / "a", root / "b"]
+    for out in outs:
+        run_benchmark(out, cfg=tiny_pair.cfg, methods=["npo", "task_vector", "ssd"], configs_dir=d, progress=False,
+                      rouge_examples=2, seeds=2, trained=tiny_pair.trained, data=tiny_pair.data)
+    return outs
+
+
+def test_same_seeds_give_bitwise_identical_results(two_runs):
+    a, b = (_numbers(out / "results.json") for out in two_runs)
+    assert a == b
+
+
+def test_different_seeds_give_different_per_seed_values(two_runs):
+    res = json.loads((two_runs[0] / "results.json").read_text())
+    assert res["seeds"] == [0, 1]
+    for m in ("npo", "task_vector", "ssd"):  # batch order (npo, fine-tuning) and importance subsets (ssd)
+        first, second = res["per_seed"][m]
+        assert first["seed"] == 0 and second["seed"] == 1
+        assert first["forget_probability"] != second["forget_probability"], m
+        assert res["forget_truth_ratios"][m][0] != res["forget_truth_ratios"][m][1], m
+        assert res["table"][m]["ci95"]["forget_probability"] > 0, m
+
+
+def test_train_seeds_retrain_the_pair(tiny_pair, configs_dir):
+    from jaxunlearn.benchmark import benchmark_methods, load_method_configs, seeded_config
+
+    cfg = tiny_pair.cfg
+    assert seeded_config(cfg, cfg.seed) == cfg
+    assert seeded_config(cfg, cfg.seed + 2).train.seed == cfg.train.seed + 2
+    res = benchmark_methods(cfg, load_method_configs(["npo"], configs_dir), seeds=[0, 1], train_seeds=True,
+                            progress=False, rouge_examples=0, quant_schemes=(), trained=tiny_pair.trained,
+                            data=tiny_pair.data)
+    assert res["seeds"] == [0, 1] and res["train_seeds"] is True
+    for name in ("reference", "target", "npo"):
+        rows = res["per_seed"][name]
+        assert [r["seed"] for r in rows] == [0, 1] and res["table"][name]["n"] == 2, name
+        assert rows[0]["forget_probability"] != rows[1]["forget_probability"], name
+    assert len(res["forget_truth_ratios"]["reference"]) == 2
 
 
 def test_unknown_method_and_bad_config(tmp_path, configs_dir):

@@ -133,7 +133,7 @@ def test_bench_rows_equal_unlearn_then_eval(demo_dir, tmp_path, capsys):
               "--rouge-examples", "2"]
     out = tmp_path / "bench"
     assert main(["bench", "--model", model, "--reference", ref, "--data", data, *splits, "--methods", "ga",
-                 "task_vector", "--configs", str(configs), "--out", str(out), "--no-progress"]) == 0
+                 "task_vector", "--configs", str(configs), "--out", str(out), "--no-progress", "--seeds", "2"]) == 0
     printed = capsys.readouterr().out
     assert "task_vector" in printed and "int4_rec" in printed
     res = json.loads((out / "results.json").read_text())
@@ -146,7 +146,8 @@ def test_bench_rows_equal_unlearn_then_eval(demo_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(unl), "--reference", ref, "--data", data, *splits,
                  "--out", str(ev_out)]) == 0
     agg = json.loads(ev_out.read_text())["aggregates"]
-    row = res["table"]["ga"]
+    assert res["seeds"] == [0, 1] and [r["seed"] for r in res["per_seed"]["ga"]] == [0, 1]
+    row = res["per_seed"]["ga"][0]  # seed 0, the seed `unlearn` uses by default
     np.testing.assert_allclose(row["forget_probability"], agg["forget"]["probability"], rtol=1e-5)
     np.testing.assert_allclose(row["model_utility"], agg["model_utility"], rtol=1e-5)
     np.testing.assert_allclose(row["forget_quality"], agg["forget_quality"], rtol=1e-5)

@@ -57,3 +57,32 @@ def test_bad_forget_split_is_named():
         from jaxunlearn.pipeline import prepare_data
 
         prepare_data(dataclasses.replace(TINY, forget_split="retain90"))
+
+
+def test_demo_seeds_repeat_the_unlearning_and_show_intervals(tmp_path, capsys):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "npo.json").write_text(json.dumps(
+        {"kind": "gradient", "batch_size": 4, "unlearn": {"method": "npo", "steps": 3, "learning_rate": 3e-3}}))
+    with pytest.raises(ValueError, match="seeds must be an int >= 1, got 0"):
+        run_demo(str(tmp_path / "none"), cfg=TINY, progress=False, methods=["npo"], configs_dir=str(configs), seeds=0)
+    assert not (tmp_path / "none").exists()
+    out = tmp_path / "run"
+    res = run_demo(str(out), cfg=TINY, progress=False, methods=["npo"], configs_dir=str(configs), seeds=2,
+                   rouge_examples=1)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["train_seeds"] is False
+    bench = saved["benchmark"]
+    assert [r["seed"] for r in bench["per_seed"]["npo"]] == [0, 1] and bench["table"]["npo"]["n"] == 2
+    assert [r["seed"] for r in bench["per_seed"]["target"]] == [None]  # one trained pair for every seed
+    assert res["benchmark"]["table"]["npo"]["ci95"]["forget_probability"] >= 0
+    printed = capsys.readouterr().out
+    assert "1 methods x 2 seed(s) [0, 1]" in printed and " ± " in printed and "n = 1 (no interval)" in printed
+
+
+def test_demo_seeds_default_is_the_documented_one():
+    from jaxunlearn.cli import build_parser
+    from jaxunlearn.demo import DEMO_SEEDS
+
+    assert build_parser().parse_args(["demo"]).seeds == DEMO_SEEDS
+    assert build_parser().parse_args(["demo", "--seeds", "3", "--train-seeds"]).train_seeds

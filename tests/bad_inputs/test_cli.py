@@ -114,13 +114,51 @@ def test_bench_overwrites_its_own_output_and_keeps_it_when_a_run_fails(fx, tmp_p
 
     dies_after_first.calls = 0
     monkeypatch.setattr(bm, "run_method", dies_after_first)
-    with pytest.raises(KeyboardInterrupt) as info:
-        _bench(fx, "--methods", "ga", "diverge", "--out", str(out), "--overwrite")
+    with pytest.raises(KeyboardInterrupt) as info:  # one seed: the second call is the second method
+        _bench(fx, "--methods", "ga", "diverge", "--out", str(out), "--overwrite", "--seeds", "1")
     assert json.loads((out / "results.json").read_text()) == first
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".bench.partial-")]
     assert len(partial) == 1 and f"partial output kept in '{partial[0]}'" in info.value.__notes__
     kept = json.loads((partial[0] / "results.json").read_text())
     assert not kept["complete"] and list(kept["table"]) == ["target", "ga"]
+
+
+@pytest.mark.parametrize("flags, message", [(["--seeds", "0"], "--seeds must be >= 1, got 0"),
+                                           (["--seed", "-1"], "--seed must be >= 0, got -1")])
+@pytest.mark.parametrize("command", ["bench", "demo"])
+def test_bad_seeds_are_refused_before_work(fx, tmp_path, capsys, command, flags, message):
+    out = tmp_path / "b"
+    if command == "bench":
+        rc = _bench(fx, "--methods", "ga", "--out", str(out), *flags)
+    else:
+        rc = main(["demo", "--out", str(out), "--steps", "1", "--methods", "ga", *flags])
+    assert rc == 2 and message in _err(capsys) and not out.exists()
+
+
+def test_a_method_failing_on_one_seed_is_aggregated_over_the_others(fx, tmp_path, capsys, monkeypatch):
+    import jaxunlearn.benchmark as bm
+
+    real = bm.run_method
+
+    def fails_on_seed_1(ctx, cfg, **kw):
+        if ctx.seed == 1:
+            raise RuntimeError("out of luck")
+        return real(ctx, cfg, **kw)
+
+    monkeypatch.setattr(bm, "run_method", fails_on_seed_1)
+    out = tmp_path / "b"
+    assert _bench(fx, "--methods", "ga", "--out", str(out), "--seeds", "3") == 1
+    captured = capsys.readouterr()
+    assert "ga (seed 1)" in captured.err
+    assert "ga: FAILED on seed 1 (RuntimeError: out of luck); aggregated over the other 2" in captured.out
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1, 2] and res["failed"] == {"ga": {"1": "RuntimeError: out of luck"}}
+    row, per_seed = res["table"]["ga"], res["per_seed"]["ga"]
+    assert [r["seed"] for r in per_seed] == [0, 1, 2] and "error" in per_seed[1]
+    assert row["n"] == 2 and row["n_seeds"] == 3 and "error" not in row
+    np.testing.assert_allclose(row["forget_probability"],
+                               (per_seed[0]["forget_probability"] + per_seed[2]["forget_probability"]) / 2)
+    assert res["forget_truth_ratios"]["ga"][1] is None and len(res["forget_truth_ratios"]["ga"][0]) > 0
 
 
 def test_repeated_method_name_is_refused(fx, tmp_path, capsys):
