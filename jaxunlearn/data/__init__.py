@@ -2,6 +2,8 @@
 
 - ``synthetic``: ``generate_benchmark`` (TOFU-shaped splits of invented people's facts);
 - ``tokenizer``: ``train_tokenizer`` (small deterministic BPE), ``benchmark_texts``;
+- ``muse``: MUSE-format corpora (``load_muse`` / ``save_muse``, ``encode_passages``);
+  ``synthetic_muse``: MUSE-shaped passages and knowledge QA about the synthetic people;
 - ``io``: ``save_benchmark`` / ``load_benchmark`` (atomic, with the tokenizer), ``load_tofu``;
 - ``batching``: ``encode_qa`` / ``encode_prompts`` / ``encode_split`` (masks of the batch
   convention in ``jaxunlearn.losses``, plus ``fact_mask``; the tokenizer's chat template when it
@@ -16,6 +18,7 @@ from jaxunlearn.data.batching import (
     encode_split,
     num_batches,
 )
+from jaxunlearn.data.muse import MUSE_RAW_SPLITS, MUSE_SPLITS, MuseData, encode_passages, load_muse, save_muse
 from jaxunlearn.data.io import TOFU_EVAL_COLUMNS, load_benchmark, load_tofu, save_benchmark
 from jaxunlearn.data.synthetic import (
     ATTRIBUTES,
@@ -27,9 +30,17 @@ from jaxunlearn.data.synthetic import (
     generate_benchmark,
     split_sizes,
 )
+from jaxunlearn.data.synthetic_muse import generate_muse_benchmark
 from jaxunlearn.data.tokenizer import SPECIAL_TOKENS, benchmark_texts, train_tokenizer
 
 __all__ = [
+    "save_muse",
+    "load_muse",
+    "generate_muse_benchmark",
+    "encode_passages",
+    "MuseData",
+    "MUSE_SPLITS",
+    "MUSE_RAW_SPLITS",
     "ATTRIBUTES",
     "BENCHMARK_FEATURES",
     "ChatFormat",

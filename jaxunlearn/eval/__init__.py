@@ -8,6 +8,7 @@
 - ``rouge``: ROUGE-L recall and F1 exactly as ``rouge_score`` (with its Porter stemmer) computes them;
 - ``splits``: benchmark splits encoded with one padded length (:func:`encode_eval_splits`);
 - ``runner``: fixed-shape jitted passes, :func:`evaluate_model`;
+- ``muse``: MUSE's KnowMem, VerbMem and PrivLeak (:func:`muse_eval`);
 - ``quant_recovery``: the forget metrics again after int8 / int4 / nf4 fake quantisation.
 
 >>> from jaxunlearn.eval import evaluate_model, forget_quality
@@ -39,6 +40,16 @@ from jaxunlearn.eval.mia import (
     tokenwise_mask,
     zlib_length,
     zlib_score,
+)
+from jaxunlearn.eval.muse import (
+    MUSE_COLUMNS,
+    MUSE_STOP_WORDS,
+    GenerationScores,
+    knowmem,
+    knowmem_prompt,
+    muse_eval,
+    passage_min_k,
+    verbmem,
 )
 from jaxunlearn.eval.quant_recovery import QUANT_SCHEMES, forget_metrics, quantization_recovery
 from jaxunlearn.eval.rouge import (
@@ -74,6 +85,14 @@ from jaxunlearn.eval.tofu import (
 )
 
 __all__ = [
+    "verbmem",
+    "passage_min_k",
+    "muse_eval",
+    "knowmem_prompt",
+    "knowmem",
+    "GenerationScores",
+    "MUSE_STOP_WORDS",
+    "MUSE_COLUMNS",
     "FORGET_SUMMARY_KEYS",
     "MIA_ATTACKS",
     "QUANT_SCHEMES",

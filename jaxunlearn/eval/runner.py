@@ -31,6 +31,7 @@ from jaxunlearn.models import Decoder, DecoderFn, check_tokenizer, generate
 
 __all__ = [
     "fixed_batches",
+    "greedy_decode",
     "evaluate_encoded",
     "ROLE_COLUMNS",
     "EvalSplit",
@@ -186,8 +187,13 @@ def score_split(
     return out
 
 
-def _greedy_texts(model, tokenizer, prompts: Mapping[str, np.ndarray], n: int, max_new_tokens: int,
-                  batch_size: int) -> list[str]:
+def greedy_decode(model, tokenizer, prompts: Mapping[str, np.ndarray], n: int, max_new_tokens: int,
+                  batch_size: int, *, strip: bool = True) -> list[str]:
+    """Greedy continuations of the first ``n`` encoded prompts (``input_ids``/``attention_mask``,
+    left-padded), in fixed-shape batches of :func:`~jaxunlearn.models.generate`, each cut at its
+    first EOS and decoded without special tokens (Hugging Face ``generate(do_sample=False)`` +
+    ``batch_decode``); ``strip`` removes surrounding whitespace (open-unlearning's TOFU eval does,
+    MUSE does not)."""
     eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
     data = {key: prompts[key][:n] for key in ("input_ids", "attention_mask")}
     texts: list[str] = []
@@ -197,7 +203,8 @@ def _greedy_texts(model, tokenizer, prompts: Mapping[str, np.ndarray], n: int, m
         for row in out[:n_valid]:
             stop = np.nonzero(row == eos)[0]
             row = row[: stop[0]] if stop.size else row
-            texts.append(tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
+            text = tokenizer.decode(row.tolist(), skip_special_tokens=True)
+            texts.append(text.strip() if strip else text)
     return texts
 
 
@@ -402,7 +409,7 @@ def evaluate_model(
         res = score_split(apply_fn, params, split, batch_size=batch_size, k=k)
         n_gen = split.num_rows if rouge_examples is None else min(rouge_examples, split.num_rows)
         if roles[name] != "holdout" and n_gen > 0:
-            gen = _greedy_texts(run_model, tokenizer, split.prompts, n_gen, int(max_new_tokens), batch_size)
+            gen = greedy_decode(run_model, tokenizer, split.prompts, n_gen, int(max_new_tokens), batch_size)
             res.update(_rouge_scores(gen, split, n_gen, roles[name] == "forget", use_stemmer))
             generations[name] = gen
         splits[name] = res
