@@ -40,6 +40,7 @@ import tempfile
 import time
 
 from jaxunlearn.outputs import check_disjoint, check_output_dir, check_output_file, staged_dir
+from jaxunlearn.plan_cli import add_plan_parser, run_plan
 from jaxunlearn.quant import SCHEMES as QUANT_SCHEMES
 from jaxunlearn.tree import check_finite
 
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output JSON file")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_mesh(e)
+    add_plan_parser(sub)
     return p
 
 
@@ -532,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     _set_offline_env()
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "plan":  # its --mesh is the target's (virtual) mesh, not this host's devices
+            return run_plan(args)
         mesh = _mesh_of(args)
         # under jax.set_mesh, arrays the commands create land on the mesh, the demo's models are sharded
         # on it (pipeline.train_pair) and the unlearning methods split their batches over it

@@ -11,7 +11,8 @@
 (1, 4, 64)
 """
 
-from jaxunlearn.models.config import SUPPORTED_ARCHITECTURES, SUPPORTED_ROPE_TYPES, ModelConfig, rope_inv_freq
+from jaxunlearn.models.config import (REMAT_POLICIES, SUPPORTED_ARCHITECTURES, SUPPORTED_ROPE_TYPES, ModelConfig,
+                                      rope_inv_freq)
 from jaxunlearn.models.decoder import (
     MLP,
     Attention,
@@ -34,6 +35,7 @@ from jaxunlearn.models.hf import check_tokenizer, from_pretrained, hf_tensor_map
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_ROPE_TYPES",
+    "REMAT_POLICIES",
     "ModelConfig",
     "rope_inv_freq",
     "Decoder",

@@ -29,11 +29,13 @@ __all__ = [
     "ModelConfig",
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_ROPE_TYPES",
+    "REMAT_POLICIES",
     "rope_inv_freq",
 ]
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots_saveable")
 _HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 _DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_REQUIRED = {
@@ -95,6 +97,12 @@ class ModelConfig:
         statistics and the returned logits are float32 regardless.
       param_dtype: storage dtype of the parameters.
       initializer_range: std of the normal init of kernels and embeddings (fresh models only).
+      remat: activation rematerialisation of each block under differentiation (``jax.checkpoint``
+        through ``nnx.remat``): ``"none"`` keeps every activation for the backward pass,
+        ``"full"`` keeps only the block inputs and recomputes the rest, ``"dots_saveable"``
+        keeps the matmul outputs (``jax.checkpoint_policies.dots_saveable``). Values and
+        gradients are unchanged; forwards with taps or captured inputs (the fused Fisher) and
+        KV-cache decoding run without it.
     """
 
     vocab_size: int
@@ -119,6 +127,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     initializer_range: float = 0.02
+    remat: str = "none"
 
     # ------------------------------------------------------------------ validation
 
@@ -175,6 +184,8 @@ class ModelConfig:
             if v not in _DTYPES:
                 raise ValueError(f"ModelConfig.{name} must be one of {_DTYPES}, got {v!r}")
             object.__setattr__(self, name, v)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         object.__setattr__(self, "bos_token_id", _token_ids(self.bos_token_id, "bos_token_id"))
         object.__setattr__(self, "eos_token_id", _token_ids(self.eos_token_id, "eos_token_id"))
         object.__setattr__(self, "pad_token_id", _token_ids(self.pad_token_id, "pad_token_id"))

@@ -280,6 +280,17 @@ class Block(nnx.Module):
         return x, cache
 
 
+def _remat_block(layer: Block, x: Array, cos: Array, sin: Array, mask: Array, *, policy: str) -> Array:
+    """``layer(x, ...)`` under ``nnx.remat``: ``"full"`` saves nothing inside the block,
+    ``"dots_saveable"`` saves its matmul outputs (``jax.checkpoint_policies.dots_saveable``)."""
+    saveable = jax.checkpoint_policies.dots_saveable if policy == "dots_saveable" else None
+
+    def run(block, x, cos, sin, mask):
+        return block(x, cos, sin, mask, _Tape(None, False), "")[0]
+
+    return nnx.remat(run, policy=saveable)(layer, x, cos, sin, mask)
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -344,9 +355,14 @@ class Decoder(nnx.Module):
         cos, sin = _rope_cos_sin(positions, rope_inv_freq(c), c.compute_dtype)
         x = self.embed(input_ids)
         new_cache = []
+        remat = c.remat != "none" and cache is None and not tape.taps and tape.inputs is None
         for i, layer in enumerate(self.layers):
-            x, lc = layer(x, cos, sin, mask, tape, f"layers/{i}",
-                          None if cache is None else cache[i], cache_index)
+            if remat:  # a pure block call (no taps, no capture): safe to recompute in the backward pass
+                x = _remat_block(layer, x, cos, sin, mask, policy=c.remat)
+                lc = None
+            else:
+                x, lc = layer(x, cos, sin, mask, tape, f"layers/{i}",
+                              None if cache is None else cache[i], cache_index)
             new_cache.append(lc)
         x = self.norm(x)
         if self.lm_head is None:

@@ -1,0 +1,110 @@
+"""The capacity planner's presets, HLO parser and refusals (nothing is compiled here).
+
+- Presets reproduce the public parameter counts of the models they name; a config.json file
+  gives the same config as its preset.
+- :func:`jaxunlearn.plan.parse_collectives` reads a hand-written HLO snippet (explicit, iota and
+  mesh replica groups; operand shapes printed or not; ``-start``/``-done`` pairs; TPU tiled layouts).
+- Bad inputs are named before any subprocess starts.
+
+The compiled plans, against real allocations and on XLA:TPU, are in ``test_plan_compile.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxunlearn import plan as pl
+from jaxunlearn.models import dense_shapes
+
+
+# ---------------------------------------------------------------- presets
+
+# total parameters of the Hugging Face checkpoints (model cards / safetensors metadata)
+PUBLIC_COUNTS = {"llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496,
+                 "qwen2-7b": 7_615_616_512}
+
+
+@pytest.mark.parametrize("name", sorted(pl.PRESETS))
+def test_presets_have_the_public_parameter_counts(name):
+    cfg = pl.model_config(name)
+    # the decoder's dense kernels (lm_head included), the embedding, two norms per layer and the
+    # final one, and Qwen2's q/k/v biases
+    dense = sum(i * o for i, o in dense_shapes(cfg).values())
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
+    biases = cfg.num_layers * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim if cfg.qkv_bias else 0
+    assert dense + cfg.vocab_size * cfg.hidden_size + norms + biases == PUBLIC_COUNTS[name]
+    assert cfg.param_dtype == cfg.dtype == "bfloat16"
+
+
+def test_a_config_json_file_gives_the_preset(tmp_path):
+    hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+          "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+          "vocab_size": 32000, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+          "tie_word_embeddings": False, "hidden_act": "silu"}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    from_file = pl.model_config(tmp_path / "config.json", "float32")
+    preset = pl.model_config("llama-2-7b", "float32")
+    assert from_file == preset
+
+
+# ---------------------------------------------------------------- HLO collectives
+
+HLO = """
+ENTRY %main {
+  %p = bf16[16,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %ag = bf16[64,128]{1,0:T(8,128)(2,1)} all-gather(bf16[16,128]{1,0:T(8,128)(2,1)} %p), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  %ar = f32[1024]{0} all-reduce(%x), channel_id=2, replica_groups=[2,4]<=[8], to_apply=%add
+  %rs = f32[256]{0} reduce-scatter(%y), channel_id=3, replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, dimensions={0}
+  %ags = (bf16[16,128]{1,0}, bf16[64,128]{1,0}) all-gather-start(%p), replica_groups={{0,1,2,3}}, dimensions={0}
+  %agd = bf16[64,128]{1,0} all-gather-done(%ags)
+  %cp = f32[100]{0} collective-permute(%z), source_target_pairs={{0,1},{1,0}}
+  %a2a = f32[8,16]{1,0} all-to-all(%w), replica_groups={}, dimensions={0}
+  %fusion = f32[8]{0} fusion(%all-gather), kind=kLoop
+}
+"""
+
+
+def test_parse_collectives_reads_operands_groups_and_async_pairs():
+    c = pl.parse_collectives(HLO, 8)
+    assert c["all-gather"] == {"count": 2, "operand_bytes": 2 * 4096, "wire_bytes": 2 * 4096 * 3}
+    assert c["all-reduce"] == {"count": 1, "operand_bytes": 4096, "wire_bytes": 2 * 4096 * 3 // 4}
+    assert c["reduce-scatter"] == {"count": 1, "operand_bytes": 4096, "wire_bytes": 4096 * 3 // 4}  # n = 4
+    assert c["collective-permute"] == {"count": 1, "operand_bytes": 400, "wire_bytes": 400}
+    assert c["all-to-all"] == {"count": 1, "operand_bytes": 512, "wire_bytes": 512 * 7 // 8}  # all 8 devices
+
+
+# ---------------------------------------------------------------- bad inputs, before any work
+
+
+@pytest.fixture
+def no_subprocess(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a subprocess was started for a bad input")
+
+    monkeypatch.setattr(pl.subprocess, "run", refuse)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(model="llama-9b"), "unknown model preset 'llama-9b'"),
+    (dict(target="v5e:8x8", mesh="fsdp=8,tp=4"), "32 devices in all .* but there are 64"),
+    (dict(target="a100:8"), "unknown target 'a100:8'"),
+    (dict(target="cpu:zero"), "positive integer"),
+    (dict(target="v5p:8x8"), "3 dimensions"),
+    (dict(target="cpu:64", mesh="fsdp=64", batch=32), "batch 32 is not divisible"),
+    (dict(method="dpo"), "unknown method 'dpo'"),
+    (dict(passes=("train",)), "unknown passes"),
+    (dict(kernels="triton"), "kernels must be"),
+])
+def test_bad_inputs_are_named_before_any_compile(no_subprocess, kwargs, match):
+    kwargs = {"model": "llama-2-7b", "target": "cpu:64", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pl.plan(kwargs.pop("model"), **kwargs)
+
+
+def test_a_missing_config_file_and_libtpu_are_named(no_subprocess, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model config not found"):
+        pl.plan(str(tmp_path / "nope" / "config.json"), target="cpu:64")
+    with pytest.raises(FileNotFoundError, match=r"pip install --target .*libtpu"):
+        pl.plan("llama-2-7b", target="v5e:8x8", libtpu=tmp_path)
