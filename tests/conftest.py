@@ -33,7 +33,8 @@ SLOW_MODULES = {
     "bad_inputs/test_cli.py", "models/test_hf_parity.py", "kernels/test_lowering.py",
     "test_sharding.py", "test_fisher_sharded.py", "test_fisher_fused.py", "test_resume_unlearn.py",
     "test_projection_kernel_integration.py", "eval/test_eval_runner.py", "kernels/test_fisher_kernel.py",
-    "kernels/test_tpu_compile.py", "test_plan_compile.py", "test_plan_cli.py",
+    "kernels/test_tpu_compile.py", "test_plan_compile.py", "test_plan_cli.py", "test_quant_bnb.py",
+    "models/test_remat.py", "eval/test_muse.py",
 }
 SLOW_TESTS = {"test_methods.py::test_perta_fisher_on_a_decoder_runs_the_fused_fisher"}
 
