@@ -43,7 +43,7 @@ import transformers
 
 from jaxunlearn.errors import reason
 
-__all__ = ["save_benchmark", "load_benchmark", "load_tofu", "load_tokenizer", "read_json", "TOFU_EVAL_COLUMNS"]
+__all__ = ["save_benchmark", "load_benchmark", "load_tofu", "load_tokenizer", "read_json", "read_rows", "TOFU_EVAL_COLUMNS"]
 
 _FORMAT = "jaxunlearn-benchmark"
 _VERSION = 1
@@ -310,7 +310,11 @@ def _read_json_rows(file: Path) -> list:
     return rows
 
 
-def _read_rows(file: Path) -> list:
+def read_rows(file: Path) -> list:
+    """The rows of one data file: a parquet table, a JSON array, or JSON lines (also in a ``.json``
+    file, TOFU's habit; UTF-8, a BOM allowed). Raises ``ValueError`` naming the file (and the line)
+    when it cannot be read."""
+    file = Path(file)
     if file.suffix == ".parquet":
         try:
             return pq.read_table(file).to_pylist()
@@ -358,7 +362,7 @@ def _available_splits(directory: Path) -> list[str]:
 
 
 def _load_split(files: list[Path], split: str, require_perturbed: bool | None) -> datasets.Dataset:
-    rows = [r for f in files for r in _read_rows(f)]
+    rows = [r for f in files for r in read_rows(f)]
     source = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
     need_eval = ("perturbed" in split) if require_perturbed is None else require_perturbed
     _validate(rows, source, ("question", "answer") + (TOFU_EVAL_COLUMNS if need_eval else ()))

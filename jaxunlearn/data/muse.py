@@ -38,11 +38,8 @@ from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from jaxunlearn.data.io import read_json
-from jaxunlearn.errors import reason
+from jaxunlearn.data.io import read_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -146,45 +143,11 @@ def _split_files(directory: Path, split: str) -> list[Path]:
     return []
 
 
-def _read_json_lines(file: Path) -> list:
-    rows = []
-    for lineno, line in enumerate(file.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file}:{lineno}: invalid JSON line ({reason(e)})") from None
-    return rows
-
-
-def _read_file(file: Path) -> list:
-    if file.suffix == ".parquet":
-        try:
-            return pq.read_table(file).to_pylist()
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{file} is corrupt (not a readable parquet file: {reason(e)})") from None
-    if file.suffix == ".json":
-        try:
-            value = read_json(file)
-        except ValueError:
-            if file.read_bytes().lstrip().startswith(b"["):
-                raise
-            return _read_json_lines(file)  # JSON lines in a .json file (TOFU's habit)
-    else:
-        return _read_json_lines(file)
-    if isinstance(value, dict):
-        return [value]  # one JSON line
-    if not isinstance(value, list):
-        raise ValueError(f"{file}: expected a JSON array of rows (or JSON lines), got a JSON {type(value).__name__}")
-    return value
-
-
 def _rows_to_dataset(files: list[Path], columns: Sequence[str], allow_empty: bool = False) -> datasets.Dataset:
     out: dict[str, list[str]] = {c: [] for c in columns}
     text_only = tuple(columns) == ("text",)
     for file in files:
-        rows = _read_file(file)
+        rows = read_rows(file)
         for i, row in enumerate(rows):
             if isinstance(row, str) and text_only:
                 out["text"].append(row)

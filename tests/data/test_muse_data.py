@@ -123,7 +123,7 @@ def test_empty_icl_is_allowed_but_empty_scored_splits_are_not(tmp_path):
      r"verbmem/forget\.json: row 1 is a str, expected an object"),
     ("privleak/forget.json", [3], r"privleak/forget\.json: row 0 is a int"),
     ("privleak/holdout.json", {"text": ["a"]}, r"holdout\.json: row 0 key 'text' is a list"),
-    ("privleak/holdout.json", "a", r"holdout\.json: expected a JSON array of rows \(or JSON lines\), got a JSON str"),
+    ("privleak/holdout.json", 5, r"holdout\.json: row 0 is a int, expected an object or a string"),
 ])
 def test_bad_rows_name_the_file_row_and_key(tmp_path, rel, content, match):
     rows = _minimal_rows()
@@ -147,7 +147,7 @@ def test_missing_and_corrupt_files(tmp_path):
         load_muse(tmp_path)
     (tmp_path / "verbmem" / "forget.parquet").unlink()
     (tmp_path / "verbmem" / "forget.json").write_text('[{"prompt": "a", "gt": ')
-    with pytest.raises(ValueError, match=r"forget\.json is corrupt \(invalid JSON"):
+    with pytest.raises(ValueError, match=r"forget\.json: invalid JSON \("):
         load_muse(tmp_path)
     (tmp_path / "verbmem" / "forget.json").unlink()
     (tmp_path / "verbmem" / "forget.jsonl").write_text('{"prompt": "a", "gt": "b"}\n{"prompt": \n')
