@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-bnb = pytest.importorskip("bitsandbytes")
-F = pytest.importorskip("bitsandbytes.functional")
+import bitsandbytes as bnb  # noqa: E402  (the test extra: make test installs it)
+import bitsandbytes.functional as F  # noqa: E402
+import torch  # noqa: E402
 
 from flax import nnx  # noqa: E402
 

@@ -25,8 +25,8 @@ WORKER = ROOT / "tests" / "tpu_compile_worker.py"
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    if not (LIBTPU_DIR / "libtpu").is_dir():
-        pytest.skip(f"libtpu is not installed in {LIBTPU_DIR} (make test installs it there)")
+    assert (LIBTPU_DIR / "libtpu").is_dir(), (
+        f"libtpu is not installed in {LIBTPU_DIR}: make test installs it there (or set JAXUNLEARN_LIBTPU_DIR)")
     out = tmp_path_factory.mktemp("tpu") / "rows.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(LIBTPU_DIR), str(ROOT), str(ROOT / "tests")])}
