@@ -53,7 +53,7 @@ from jaxunlearn.fisher import fisher_diagonal, grad_importance
 from jaxunlearn.models.functional import example_nll
 from jaxunlearn.method_configs import (FinetuneConfig, GradientMethod, MethodConfig, PertaMethod, SSDMethod,
                                        TaskVectorMethod, method_config_to_dict, parse_method_config)
-from jaxunlearn.placement import check_batch_size, place_batch, replicate_unplaced, resolve_mesh
+from jaxunlearn.placement import check_batch_size, place_batch, placed_specs, replicate_unplaced, resolve_mesh
 from jaxunlearn.runs import ResumableRun, array_digest, params_digest
 from jaxunlearn.saliency import salun_mask
 from jaxunlearn.task_vector import apply_task_vector, perta, task_vector
@@ -224,7 +224,8 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
         sal = grad_importance(loss, ctx.params, importance_batches(ctx.forget, 32, seed=ctx.seed), kind="abs_sum")
         mask = jax.tree.map(lambda m: m.astype(jnp.float32), salun_mask(sal, fraction=cfg.salun_fraction))
         mask = replicate_unplaced(mask, mesh)
-    unlearner = ucfg.build(ctx.apply_fn, mask=mask)  # the mask enters once: init and step share the optimizer
+    # the mask enters once: init and step share the optimizer; on a mesh the projection runs per shard
+    unlearner = ucfg.build(ctx.apply_fn, mask=mask, mesh=mesh, param_specs=placed_specs(ctx.params))
     fresh: UnlearnState = replicate_unplaced(unlearner.init(ctx.params), mesh)
     with ResumableRun(checkpoint_dir, record, fresh, checkpoint_every=checkpoint_every) as run:
         state = run.state

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxunlearn.sharding import data_axes, data_parallel_size, shard_batch
 
-__all__ = ["mesh_of", "resolve_mesh", "check_batch_size", "place_batch", "replicate_unplaced"]
+__all__ = ["mesh_of", "placed_specs", "resolve_mesh", "check_batch_size", "place_batch", "replicate_unplaced"]
 
 
 def mesh_of(tree: Any) -> Mesh | None:
@@ -35,6 +35,17 @@ def mesh_of(tree: Any) -> Mesh | None:
         if isinstance(s, NamedSharding) and not isinstance(x, jax.core.Tracer) and isinstance(s.mesh, Mesh):
             return s.mesh
     return None
+
+
+def placed_specs(tree: Any) -> Any:
+    """The ``PartitionSpec`` of each leaf of ``tree``: its ``NamedSharding`` 's spec, ``P()``
+    (replicated) for a leaf not on a mesh.
+
+    >>> placed_specs({"w": jnp.ones(3)})
+    {'w': P()}
+    """
+    return jax.tree.map(lambda x: x.sharding.spec if isinstance(getattr(x, "sharding", None), NamedSharding)
+                        else P(), tree)
 
 
 def resolve_mesh(mesh: Mesh | None, *trees: Any, ambient: bool = True) -> Mesh | None:

@@ -64,7 +64,8 @@ def build_passes(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, batch: int, seq: 
     ids_sh = jax.tree.map(lambda _: b_sh, ids)
     out: dict[str, tuple[Any, tuple]] = {}
     if "unlearn" in passes:
-        u = UnlearnConfig(method=method, project=project, retain_k=retain_k if project else 1).build(fn, jit=False)
+        u = UnlearnConfig(method=method, project=project, retain_k=retain_k if project else 1).build(
+            fn, jit=False, mesh=mesh, param_specs=jax.tree.map(lambda s: s.spec, p_sh))  # as run_method does
         state = jax.eval_shape(u.init, params)
         s_sh = sh.shardings_like_params(state, params, mesh)
         step = jax.jit(lambda s, f, r, ref: u.step(s, f, r, ref), donate_argnums=0,

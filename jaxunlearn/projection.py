@@ -15,9 +15,10 @@ the two conflict, PCGrad's gradient surgery. It is computed from the ``k x k`` G
 ``per_tensor``, one per leaf (``c_l = G_l^+ b_l``, one batched ``eigh``).
 
 One core, :func:`project_tree`, serves every caller: :func:`orthogonal_projection`, the
-optax transform :func:`project_orthogonal`, and
-:func:`jaxunlearn.sharding.sharded_orthogonal_projection`, which runs it per shard inside
-``jax.shard_map`` with ``axis_name`` naming, leaf by leaf, the mesh axes to reduce over.
+optax transform :func:`project_orthogonal`, and :func:`project_tree_on_mesh` (used by
+:func:`jaxunlearn.sharding.sharded_orthogonal_projection` and by ``project_orthogonal(mesh=...)``),
+which runs it per shard inside ``jax.shard_map`` with ``axis_name`` naming, leaf by leaf, the
+mesh axes to reduce over.
 
 Pseudo-inverse: :func:`jaxunlearn.kernels.solve.pinv_solve`, the library's single rank rule.
 The Gram is row-normalised to the cosine matrix ``S G S`` (``S = diag(1/||r_j||)``, 0 for a
@@ -64,6 +65,7 @@ import optax
 
 from jaxunlearn import tree as jt
 from jaxunlearn.kernels import projection as kp
+from jaxunlearn.projection_passes import HIGHEST, f32, project_leaves, project_leaves_jit
 
 PyTree = Any
 ProjectionCore = Callable[..., PyTree]
@@ -77,10 +79,10 @@ __all__ = [
     "orthogonal_projection",
     "project_orthogonal",
     "project_tree",
+    "project_tree_on_mesh",
     "stack_retain_grads",
 ]
 
-_HI = jax.lax.Precision.HIGHEST
 METRICS = ("euclidean", "adam")
 _METRICS = METRICS
 _IMPLS = ("auto", "pallas", "xla", "jnp")  # orthogonal_projection / project_orthogonal
@@ -193,95 +195,6 @@ def _kernel_refusal(g: PyTree, retain: PyTree, k: int, any_k: bool) -> Exception
     return None
 
 
-# ---------------------------------------------------------------- the core
-
-
-def _f32(x: jax.Array) -> jax.Array:
-    return jnp.asarray(x).astype(jnp.float32)
-
-
-def _scaled_f32(r: jax.Array, s: jax.Array) -> jax.Array:
-    """``diag(s) r`` in float32 for a stacked leaf ``r`` of shape ``(k, ...)``."""
-    return _f32(r) * s.reshape((-1,) + (1,) * (r.ndim - 1))
-
-
-def _jnp_gram_and_dots(x, r, s):
-    """``(S R_l (S R_l)^T, S R_l g_l)`` of one leaf by ``tensordot`` over all but the k axis (no
-    reshape, so sharded leaves stay sharded)."""
-    rs = _scaled_f32(r, s)
-    axes = tuple(range(1, rs.ndim))
-    return (jnp.tensordot(rs, rs, axes=(axes, axes), precision=_HI),
-            jnp.tensordot(rs, _f32(x), axes=(axes, tuple(range(x.ndim))), precision=_HI))
-
-
-def _jnp_subtract(x, r, c, s):
-    """``g_l - (S R_l)^T c`` in float32, in ``g_l``'s dtype."""
-    return (_f32(x) - jnp.tensordot(c, _scaled_f32(r, s), axes=1, precision=_HI)).astype(jnp.result_type(x))
-
-
-def _kernel_passes(impl: str, k: int, block_p, interpret):
-    """The two per-leaf passes on the array kernels, each leaf seen as ``(k, P_l)`` by a free
-    reshape; a leaf shorter than ``k`` is too small for a kernel and takes the XLA path."""
-    opts = dict(impl=impl, block_p=block_p, interpret=interpret)
-
-    def gram_and_dots(x, r, s):
-        R, gv = r.reshape(k, -1), x.reshape(-1)
-        if R.shape[1] < k:
-            return kp.gram_and_dots_xla(R, gv, s)
-        return kp.gram_and_dots(R, gv, scale=s, **opts)
-
-    def subtract(x, r, c, s):
-        R, gv = r.reshape(k, -1), x.reshape(-1)
-        out = kp.subtract_xla(gv, R, c, s) if R.shape[1] < k else kp.subtract(gv, R, c, scale=s, **opts)
-        return out.reshape(x.shape)
-
-    return gram_and_dots, subtract
-
-
-def _over(collective, x, axes: tuple[str, ...]):
-    """``collective(x, axes)`` (``lax.psum`` / ``lax.pmax``) or ``x`` for a leaf split over no axis."""
-    return collective(x, axes) if axes else x
-
-
-def _project(g, retain, *, rcond, per_tensor, impl, leaf_axes, block_p, interpret):
-    g_leaves, treedef = jax.tree.flatten(g)
-    r_leaves = jax.tree.leaves(retain)
-    k = r_leaves[0].shape[0]
-    if impl == "jnp":
-        gram_and_dots, subtract = _jnp_gram_and_dots, _jnp_subtract
-    else:
-        gram_and_dots, subtract = _kernel_passes(impl, k, block_p, interpret)
-    if per_tensor:  # a subspace per leaf: its own scales, Gram, dots and solve
-        ss = [kp.pow2_row_scales(_over(jax.lax.pmax, kp.row_absmax(r), ax)) for r, ax in zip(r_leaves, leaf_axes)]
-        parts = [_over(jax.lax.psum, gram_and_dots(x, r, s), ax) for x, r, s, ax in zip(g_leaves, r_leaves, ss, leaf_axes)]
-        cs = jax.vmap(lambda G, d: kp.pinv_solve(G, d, rcond))(
-            jnp.stack([G for G, _ in parts]), jnp.stack([d for _, d in parts]))
-        out = [subtract(x, r, cs[i], ss[i]) for i, (x, r) in enumerate(zip(g_leaves, r_leaves))]
-        return jax.tree.unflatten(treedef, out)
-    groups: dict[tuple[str, ...], list[int]] = {}  # leaves reduced over the same mesh axes
-    for i, ax in enumerate(leaf_axes):
-        groups.setdefault(ax, []).append(i)
-    m = functools.reduce(jnp.maximum, [
-        _over(jax.lax.pmax, functools.reduce(jnp.maximum, [kp.row_absmax(r_leaves[i]) for i in idx]), ax)
-        for ax, idx in groups.items()])
-    s = kp.pow2_row_scales(m)
-    G, d = jnp.zeros((k, k), jnp.float32), jnp.zeros((k,), jnp.float32)
-    for ax, idx in groups.items():
-        Gi, di = jnp.zeros((k, k), jnp.float32), jnp.zeros((k,), jnp.float32)
-        for i in idx:
-            Gl, dl = gram_and_dots(g_leaves[i], r_leaves[i], s)
-            Gi, di = Gi + Gl, di + dl
-        Gi, di = _over(jax.lax.psum, (Gi, di), ax)
-        G, d = G + Gi, d + di
-    c = kp.pinv_solve(G, d, rcond)
-    return jax.tree.unflatten(treedef, [subtract(x, r, c, s) for x, r in zip(g_leaves, r_leaves)])
-
-
-# the kernel paths run as one jitted computation; the jnp reference as the caller traces it
-# (op by op when called eagerly).
-_project_jit = jax.jit(_project, static_argnames=("rcond", "per_tensor", "impl", "leaf_axes", "block_p", "interpret"))
-
-
 def project_tree(
     g: PyTree,
     retain_grads: PyTree,
@@ -363,9 +276,63 @@ def project_tree(
         if impl != "auto":
             raise refusal
         impl = "jnp"
-    fn = _project if impl == "jnp" else _project_jit
+    fn = project_leaves if impl == "jnp" else project_leaves_jit
     return fn(g, retain_grads, rcond=rcond, per_tensor=per_tensor, impl=impl, leaf_axes=leaf_axes,
               block_p=block_p, interpret=interpret)
+
+
+def _spec_axes(spec) -> tuple[str, ...]:
+    return tuple(a for entry in spec if entry is not None
+                 for a in ((entry,) if isinstance(entry, str) else tuple(entry)))
+
+
+def project_tree_on_mesh(
+    g: PyTree,
+    retain_grads: PyTree,
+    mesh: jax.sharding.Mesh,
+    specs: PyTree,
+    *,
+    rcond: float = DEFAULT_RCOND,
+    per_tensor: bool = False,
+    impl: str = "auto",
+) -> PyTree:
+    """:func:`project_tree` run per shard under ``jax.shard_map`` over every axis of ``mesh``.
+
+    Each leaf ``g_l`` is split by ``specs_l`` and its retain leaf by ``P(None, *specs_l)``; the
+    core runs on each device's shards with ``axis_name`` naming, leaf by leaf, the mesh axes
+    that leaf is split on, so only the ``k x k`` Gram, the ``k`` dots and the row maxima cross
+    devices. This is how the array kernels run on a mesh: in a ``jit`` that XLA partitions
+    they are replaced by their XLA path (:func:`jaxunlearn.kernels.dispatch.kernel_unless_partitioned`),
+    inside this ``shard_map`` they run whole on each shard. Inputs placed otherwise than
+    ``specs`` are resharded first (correct, but the parameter-sized move is then paid).
+
+    Args:
+      g: the update pytree.
+      retain_grads: stacked retain gradients, leaves ``(k, *g_leaf.shape)``.
+      mesh: the mesh.
+      specs: a ``PartitionSpec`` per leaf of ``g`` (a pytree like ``g``, or its leaves in order).
+      rcond, per_tensor, impl: as :func:`project_tree` (``impl`` a string: the core runs
+        with ``axis_name``).
+
+    Returns:
+      The projected pytree, sharded by ``specs``.
+
+    Raises:
+      ValueError: ``specs`` has not one ``PartitionSpec`` per leaf; as :func:`project_tree`.
+    """
+    g_leaves, treedef = jax.tree.flatten(g)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    if len(spec_leaves) != len(g_leaves):
+        raise ValueError(f"specs has {len(spec_leaves)} PartitionSpecs but the updates have {len(g_leaves)} leaves")
+    axes = [tuple(a for a in mesh.axis_names if a in _spec_axes(s)) for s in spec_leaves]
+    P = jax.sharding.PartitionSpec
+
+    def body(gl, rl):
+        return project_tree(gl, rl, rcond=rcond, per_tensor=per_tensor, impl=impl, axis_name=axes)
+
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(list(spec_leaves), [P(None, *s) for s in spec_leaves]),
+                       out_specs=list(spec_leaves))
+    return jax.tree.unflatten(treedef, jax.jit(fn)(g_leaves, jax.tree.leaves(retain_grads)))
 
 
 # ---------------------------------------------------------------- public: plain function
@@ -452,7 +419,7 @@ def _conflict_select(proj: PyTree, g: PyTree, r_mean: PyTree, per_tensor: bool) 
     """``proj`` where ``<g, r_mean> < 0`` (globally or per leaf), else ``g`` (float32 dots)."""
     if per_tensor:
         return jax.tree.map(
-            lambda p, x, r: jnp.where(jnp.vdot(_f32(x), r, precision=_HI) < 0, p, x.astype(p.dtype)),
+            lambda p, x, r: jnp.where(jnp.vdot(f32(x), r, precision=HIGHEST) < 0, p, x.astype(p.dtype)),
             proj,
             g,
             r_mean,
@@ -472,6 +439,8 @@ def project_orthogonal(
     b2: float = 0.999,
     eps: float = 1e-8,
     impl: str | ProjectionCore = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    specs: PyTree | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Project updates onto the orthogonal complement of the current retain gradients.
 
@@ -513,6 +482,11 @@ def project_orthogonal(
       b2: EMA decay of ``nu`` (``metric="adam"``).
       eps: Adam epsilon (``metric="adam"``), must be > 0.
       impl: projection core, see :func:`orthogonal_projection`.
+      mesh, specs: with a mesh of more than one device, the projection runs per shard
+        (:func:`project_tree_on_mesh`) with ``specs`` (a ``PartitionSpec`` per parameter
+        leaf, e.g. the parameters' own) saying how the updates are split: the array kernels
+        then run on each shard. Without, inside a sharded ``jit`` the core takes the kernels'
+        XLA path, which XLA partitions.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state is ``optax.EmptyState()``
@@ -540,7 +514,15 @@ def project_orthogonal(
     if metric == "adam" and not eps > 0:
         raise ValueError(f"eps must be > 0 for metric='adam', got {eps}")
     impl = _check_impl(impl)
-    project = functools.partial(project_tree, rcond=rcond, per_tensor=per_tensor, impl=impl)
+    if mesh is not None and mesh.size > 1:
+        if specs is None:
+            raise ValueError("project_orthogonal(mesh=...) needs specs: a PartitionSpec per parameter leaf")
+        if callable(impl):
+            raise ValueError("a callable projection impl cannot run per shard (mesh=...); use a kernel impl or 'jnp'")
+        project = functools.partial(project_tree_on_mesh, mesh=mesh, specs=specs, rcond=rcond,
+                                    per_tensor=per_tensor, impl=impl)
+    else:
+        project = functools.partial(project_tree, rcond=rcond, per_tensor=per_tensor, impl=impl)
 
     def init_fn(params: PyTree):
         if metric == "euclidean":
@@ -556,7 +538,7 @@ def project_orthogonal(
             )
         retain, _ = stack_retain_grads(updates, retain_grads)
         need_r_mean = not _is_zero(retain_scale) or (only_conflicting and metric == "euclidean")
-        r_mean = jax.tree.map(lambda x: jnp.mean(_f32(x), axis=0), retain) if need_r_mean else None
+        r_mean = jax.tree.map(lambda x: jnp.mean(f32(x), axis=0), retain) if need_r_mean else None
 
         if metric == "adam":
             g = jt.cast(updates, jnp.float32)
@@ -565,7 +547,7 @@ def project_orthogonal(
             bc = 1.0 - jnp.asarray(b2, jnp.float32) ** count.astype(jnp.float32)
             dinv = jax.tree.map(lambda v: jnp.sqrt(jnp.sqrt(v / bc) + eps), nu)
             gw = jax.tree.map(jnp.divide, g, dinv)
-            rw = jax.tree.map(lambda x, s: _f32(x) / s[None], retain, dinv)
+            rw = jax.tree.map(lambda x, s: f32(x) / s[None], retain, dinv)
             pw = project(gw, rw)
             if only_conflicting:
                 rmw = jax.tree.map(lambda x: jnp.mean(x, axis=0), rw)
@@ -580,9 +562,9 @@ def project_orthogonal(
             new_state = state
 
         def combine(p, x, rm=None):
-            out = p if _is_one(forget_scale) else forget_scale * _f32(p)
+            out = p if _is_one(forget_scale) else forget_scale * f32(p)
             if rm is not None and not _is_zero(retain_scale):
-                out = _f32(out) + retain_scale * rm
+                out = f32(out) + retain_scale * rm
             return jnp.asarray(out).astype(jnp.result_type(x))
 
         if r_mean is not None:

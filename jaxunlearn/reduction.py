@@ -347,8 +347,12 @@ def _data_parallel_sums(local: LocalSums, mesh: Mesh, specs: tuple[P, ...], para
         return out, jax.lax.psum(wsum, axes)
 
     batch_spec = P(axes if len(axes) > 1 else axes[0])
+    # manual over the data axes, and over the axes of size 1 (nothing to split): a mesh with no
+    # tensor parallelism is then manual throughout, and the kernels inside run per shard
+    # (jaxunlearn.kernels.dispatch.kernel_unless_partitioned); a tp axis > 1 stays with XLA.
+    names = frozenset(axes) | {a for a in mesh.axis_names if mesh.shape[a] == 1}
     fn = jax.shard_map(body, mesh=mesh, in_specs=(manual, batch_spec), out_specs=(manual, P()),
-                       axis_names=frozenset(axes), check_vma=check_vma)
+                       axis_names=names, check_vma=check_vma)
     out, total = fn(leaves, data)
     return jax.tree.unflatten(treedef, out), total
 

@@ -58,7 +58,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxunlearn import tree as jt
-from jaxunlearn.projection import DEFAULT_RCOND, project_tree, stack_retain_grads
+from jaxunlearn.projection import DEFAULT_RCOND, project_tree_on_mesh, stack_retain_grads
 
 PyTree = Any
 Rules = Sequence[tuple[str, P]]
@@ -473,10 +473,6 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
 # ---------------------------------------------------------------- sharded projection
 
 
-def _leaf_axes(spec: P) -> tuple[str, ...]:
-    return tuple(a for entry in spec for a in _entry_axes(entry))
-
-
 def sharded_orthogonal_projection(
     g: PyTree,
     retain_grads: PyTree,
@@ -499,7 +495,8 @@ def sharded_orthogonal_projection(
     twice); the ``k x k`` solve runs replicated, and ``g_s - R_s^T c`` is local. With ``g``
     and ``retain_grads`` already placed by ``specs`` (inputs placed otherwise are resharded
     first), no parameter-sized array crosses devices: only ``k x k + k`` floats per group of
-    leaves. Each call traces a new ``shard_map``: jit the caller for a loop.
+    leaves (:func:`jaxunlearn.projection.project_tree_on_mesh`, with ``specs`` defaulting to the
+    partition rules). Each call traces a new ``shard_map``: jit the caller for a loop.
 
     Args:
       g: the update pytree, float32/bfloat16 leaves (other float dtypes with ``impl="auto"``
@@ -523,18 +520,7 @@ def sharded_orthogonal_projection(
     retain_grads, _ = stack_retain_grads(g, retain_grads)
     if specs is None:
         specs = param_specs(g, mesh, rules)
-    g_leaves, treedef = jax.tree.flatten(g)
-    spec_leaves = jax.tree.leaves(specs, is_leaf=_is_spec)
-    if len(spec_leaves) != len(g_leaves):
-        raise ValueError(f"specs has {len(spec_leaves)} PartitionSpecs but the updates have {len(g_leaves)} leaves")
-    axes = [tuple(a for a in mesh.axis_names if a in _leaf_axes(s)) for s in spec_leaves]
-
-    def body(gl, rl):
-        return project_tree(gl, rl, rcond=rcond, per_tensor=per_tensor, impl=impl, axis_name=axes)
-
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(list(spec_leaves), [P(None, *s) for s in spec_leaves]),
-                       out_specs=list(spec_leaves))
-    return jax.tree.unflatten(treedef, jax.jit(fn)(g_leaves, jax.tree.leaves(retain_grads)))
+    return project_tree_on_mesh(g, retain_grads, mesh, specs, rcond=rcond, per_tensor=per_tensor, impl=impl)
 
 
 def jit_keeping_state_sharding(step, *, donate_state: bool = True):

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any, Callable
 
 import optax
+from jax.sharding import Mesh
 
 from jaxunlearn import validate as V
 from jaxunlearn.estimators import GradientEstimator, plain_estimator, saf_estimator, sam_estimator
@@ -140,7 +141,8 @@ class UnlearnConfig:
         """Whether the frozen reference model is evaluated (NPO, or the KL retain loss)."""
         return self.method in _NEEDS_REF or (self.uses_retain and self.retain_loss == "kl")
 
-    def transform(self, mask: Any = None) -> optax.GradientTransformationExtraArgs:
+    def transform(self, mask: Any = None, *, mesh: Mesh | None = None,
+                  param_specs: Any = None) -> optax.GradientTransformationExtraArgs:
         """``[project_orthogonal] -> [clip] -> [SalUn mask] -> adamw | sgd`` as one optax chain.
 
         The learning rate rises linearly from 0 over ``warmup_steps``, then stays constant.
@@ -150,6 +152,9 @@ class UnlearnConfig:
         Args:
           mask: optional SalUn mask (pytree of 0/1 like the params, :func:`jaxunlearn.salun_mask`)
             applied to every update after clipping.
+          mesh, param_specs: the mesh the parameters are sharded on and their
+            ``PartitionSpec`` s: the projection then runs per shard, on the array kernels
+            (``project_orthogonal(mesh=, specs=)``).
 
         Returns:
           An ``optax.GradientTransformationExtraArgs``.
@@ -158,7 +163,8 @@ class UnlearnConfig:
         if self.project:
             parts.append(project_orthogonal(
                 per_tensor=self.projection_per_tensor, metric=self.projection_metric,
-                only_conflicting=self.projection_only_conflicting, retain_scale=self.alpha, forget_scale=1.0))
+                only_conflicting=self.projection_only_conflicting, retain_scale=self.alpha, forget_scale=1.0,
+                mesh=mesh, specs=param_specs))
         if self.grad_clip > 0:
             parts.append(optax.clip_by_global_norm(self.grad_clip))
         if mask is not None:
@@ -182,7 +188,7 @@ class UnlearnConfig:
         return plain_estimator()
 
     def build(self, apply_fn: Callable, *, mask: Any = None, forget_loss: Callable | None = None,
-              jit: bool = True) -> Unlearner:
+              jit: bool = True, mesh: Mesh | None = None, param_specs: Any = None) -> Unlearner:
         """The :class:`Unlearner` of this config.
 
         Args:
@@ -192,6 +198,7 @@ class UnlearnConfig:
             ``method``'s (the retain term, the estimator and the transform still apply; no
             reference is computed for it).
           jit: see :func:`unlearner`.
+          mesh, param_specs: see :meth:`transform` (a sharded run's projection per shard).
 
         Returns:
           ``unlearner(forget_loss_fn(apply_fn, method), transform(mask), retain_loss=...,
@@ -204,7 +211,7 @@ class UnlearnConfig:
                                                            reduction=self.nll_reduction)
         r_loss = retain_loss_fn(apply_fn, self.retain_loss, reduction=self.nll_reduction) if self.uses_retain else None
         return unlearner(
-            f_loss, self.transform(mask), retain_loss=r_loss, estimator=self.estimator(), gamma=self.gamma,
+            f_loss, self.transform(mask, mesh=mesh, param_specs=param_specs), retain_loss=r_loss, estimator=self.estimator(), gamma=self.gamma,
             alpha=None if self.project else self.alpha, retain_k=self.retain_k if self.project else None,
             apply_fn=apply_fn, forget_ref_logp=not custom and self.method in _NEEDS_REF,
             retain_ref_logits=self.uses_retain and self.retain_loss == "kl", jit=jit)

@@ -16,6 +16,14 @@ Dispatch rule used by every kernel module (``impl`` argument):
   an op), the XLA path is used instead and one ``RuntimeWarning`` names the kernel, the
   shapes and the compiler's message (:func:`with_fallback`).
 
+Under ``"auto"`` a kernel is used only where it runs whole on each device: on one device,
+or inside a ``jax.shard_map`` manual over every mesh axis. In a ``jit`` whose arrays are
+sharded over several devices (or a ``shard_map`` leaving some axes to XLA) the XLA path is
+lowered instead, since XLA cannot partition a kernel call (Mosaic refuses it, a Triton call
+would be replicated): :func:`kernel_unless_partitioned`. Run the kernels per shard under
+``shard_map`` to have them on a mesh (as :func:`jaxunlearn.sharding.sharded_orthogonal_projection`
+and the data-parallel Fisher of :mod:`jaxunlearn.reduction` do).
+
 Platform choice happens at *lowering*, not at trace time: every path that depends on
 the platform (``"auto"``, ``interpret=None``, block defaults, compiler parameters) is
 built once per platform and staged with ``lax.platform_dependent`` (:func:`per_platform`),
@@ -59,6 +67,8 @@ __all__ = [
     "IMPL_ENV",
     "compile_probe",
     "with_fallback",
+    "automatically_partitioned",
+    "kernel_unless_partitioned",
     "check_pallas_platform",
     "resolve_interpret",
     "check_float_dtype",
@@ -125,10 +135,15 @@ def with_fallback(name: str, plat: str, pallas_branch: Callable[..., Any],
     process). If that fails, the XLA branch is traced instead and one ``RuntimeWarning``
     names the kernel, the shapes and the compiler's first message line. For a platform
     that is not attached (``jax.export`` for TPU from a CPU host) there is no compiler to
-    ask and the Pallas branch is kept.
+    ask and the Pallas branch is kept. On either, the kernel is lowered only where it runs
+    whole on each device (:func:`kernel_unless_partitioned`): in a program that XLA partitions
+    over several devices the XLA branch is lowered instead.
     """
-    if plat == "cpu" or plat != platform():
+    if plat == "cpu":
         return pallas_branch
+    safe = kernel_unless_partitioned(pallas_branch, xla_branch)
+    if plat != platform():
+        return safe
 
     def branch(*args):
         shapes = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in jax.tree.leaves(args))
@@ -144,9 +159,102 @@ def with_fallback(name: str, plat: str, pallas_branch: Callable[..., Any],
                 warnings.warn(f"jaxunlearn.kernels: the Pallas kernel {name} did not compile on {plat} for "
                               f"inputs {[f'{d}{list(s)}' for s, d in shapes]} ({type(e).__name__}: {first}); "
                               f"using its XLA path instead", RuntimeWarning, stacklevel=2)
-        return (pallas_branch if _PROBED[key] else xla_branch)(*args)
+        return (safe if _PROBED[key] else xla_branch)(*args)
 
     return branch
+
+
+# ---------------------------------------------------------------- kernels under automatic partitioning
+#
+# A Pallas call is one opaque custom call: XLA's SPMD partitioner cannot split it. Mosaic
+# refuses to lower one in a program partitioned over more than one device ("Mosaic kernels
+# cannot be automatically partitioned"), Triton's would be replicated (every input gathered
+# onto every device). Whether a call is in such a program is known only at lowering, from the
+# lowering context's axis context: a ``jit`` over n devices (n > 1), or a ``shard_map`` that
+# leaves some mesh axes automatic. ``_kernel_or_xla_p`` carries both paths and lowers the
+# kernel where it can run whole on each device, else the XLA path.
+
+_kernel_or_xla_p = Primitive("jaxunlearn_kernel_or_xla")
+_kernel_or_xla_p.multiple_results = True
+
+
+def _union_manual_axis_type(avals):
+    varying = frozenset().union(*(getattr(getattr(a, "manual_axis_type", None), "varying", frozenset())
+                                  for a in avals))
+    return jax.sharding.ManualAxisType(varying=varying)
+
+
+def _kernel_or_xla_abstract(*avals, kernel, fallback, out_types):
+    del kernel, fallback
+    mat = _union_manual_axis_type(avals)
+    if not mat.varying:
+        return [jax.core.ShapedArray(shape, dtype) for shape, dtype in out_types]
+    mesh = jax.sharding.get_abstract_mesh()  # inside shard_map: the mesh with its manual axes
+    return [jax.core.ShapedArray(shape, dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                                 manual_axis_type=mat) for shape, dtype in out_types]
+
+
+def automatically_partitioned(axis_context: Any) -> bool:
+    """Whether a lowering context's ``axis_context`` leaves XLA to partition the program over
+    more than one device: a ``jit`` over n > 1 devices, or a ``shard_map`` whose manual axes
+    are not all the mesh's axes (the condition under which Mosaic refuses a kernel)."""
+    manual = getattr(axis_context, "manual_axes", None)
+    mesh = getattr(axis_context, "mesh", None)
+    if manual is not None and mesh is not None:  # inside shard_map
+        every = set(manual) | set(getattr(mesh, "manual_axes", ()))
+        return bool(manual) and every != set(mesh.axis_names)
+    n = getattr(axis_context, "num_devices", None)  # jit over n devices
+    return n is not None and n != 1
+
+
+def _kernel_or_xla_lowering(ctx, *args, kernel, fallback, out_types):
+    del out_types
+    fn = fallback if automatically_partitioned(ctx.module_context.axis_context) else kernel
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+
+def _kernel_or_xla_batch(args, dims, *, kernel, fallback, out_types):
+    del out_types
+    axes = [d if isinstance(d, int) else None for d in dims]  # an unmapped argument: None
+    kernel, fallback = jax.vmap(kernel, in_axes=axes), jax.vmap(fallback, in_axes=axes)
+    structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in args]
+    out_types = tuple((o.shape, o.dtype) for o in jax.eval_shape(fallback, *structs))
+    outs = _kernel_or_xla_p.bind(*args, kernel=kernel, fallback=fallback, out_types=out_types)
+    return outs, [0] * len(outs)
+
+
+_kernel_or_xla_p.def_abstract_eval(_kernel_or_xla_abstract)
+_kernel_or_xla_p.def_impl(lambda *args, kernel, fallback, out_types: kernel(*args))
+mlir.register_lowering(_kernel_or_xla_p, _kernel_or_xla_lowering)
+batching.primitive_batchers[_kernel_or_xla_p] = _kernel_or_xla_batch
+
+
+def kernel_unless_partitioned(kernel: Callable[..., Any], fallback: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` where the computation is lowered whole per device, else ``fallback``.
+
+    Both take the same arguments (a pytree of arrays; ``None`` allowed) and return the same
+    pytree of shapes and dtypes. The choice is made when the computation is *lowered*
+    (:func:`automatically_partitioned` of the lowering context): the kernel on one device or
+    inside a ``shard_map`` that is manual over every mesh axis; the XLA ``fallback`` in a
+    ``jit`` whose arrays are sharded over several devices (the partitioner splits it like any
+    XLA op), where a Mosaic kernel would be refused and a Triton one replicated. ``vmap``
+    applies to both; not differentiable (the kernels act on gradients, not through them).
+    """
+
+    def call(*args):
+        flat, in_tree = jax.tree.flatten(args)
+        structs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in flat]
+        out_shape = jax.eval_shape(lambda *xs: fallback(*jax.tree.unflatten(in_tree, xs)), *structs)
+        out_leaves, out_tree = jax.tree.flatten(out_shape)
+
+        def flat_fn(f):
+            return lambda *xs: jax.tree.leaves(f(*jax.tree.unflatten(in_tree, xs)))
+
+        outs = _kernel_or_xla_p.bind(*flat, kernel=flat_fn(kernel), fallback=flat_fn(fallback),
+                                     out_types=tuple((o.shape, o.dtype) for o in out_leaves))
+        return jax.tree.unflatten(out_tree, outs)
+
+    return call
 
 
 def resolve_interpret(interpret: bool | None, plat: str) -> bool:

@@ -5,7 +5,8 @@ Run by ``tests/kernels/test_tpu_compile.py`` in a subprocess whose ``PYTHONPATH`
 CPU run never starts looking for a TPU) and with ``JAX_PLATFORMS=cpu``:
 ``jax.experimental.topologies.get_topology_desc`` gives the devices of a TPU slice that is not
 attached, and ``jax.jit(f).lower(ShapeDtypeStructs on those devices).compile()`` runs the real
-XLA:TPU compiler, Mosaic included. One JSON object per case goes to the file named by argv[1]:
+XLA:TPU compiler, Mosaic included. On an 8-chip slice the sharded steps compile too: kernels
+where they run per shard, their XLA path where XLA partitions the program. One JSON object per case goes to the file named by argv[1]:
 ``{"case", "topology", "dtype", "ok", "mosaic_calls", "temp_bytes", "error"}``.
 """
 
@@ -51,8 +52,14 @@ def _cases(dtype):
 CFG = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, num_layers=2)
 
 
-def _decoder():
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(CFG, rngs=nnx.Rngs(0))), nnx.Param)
+# large enough that each chip's shard of an MLP kernel (256 x 1024 / 8) spans full kernel blocks
+# (8192 elements on TPU; a shorter leaf is projected by the XLA tail alone)
+CFG_SHARDED = ModelConfig(vocab_size=64, hidden_size=256, intermediate_size=1024, num_heads=4, num_kv_heads=2,
+                          num_layers=1)
+
+
+def _decoder(cfg=CFG):
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     return DecoderFn(graphdef), params
 
 
@@ -75,6 +82,48 @@ def _library_cases(dtype):
     u = UnlearnConfig(method="npo", project=True, retain_k=4, learning_rate=1e-4).build(fn, jit=False)
     state = jax.eval_shape(u.init, params)
     yield ("NPO + projection step", lambda s, fb, rb, ref: u.step(s, fb, rb, ref), (state, batch, batch, params), None)
+
+
+SHARDED_TOPOLOGY = "v5e:2x4"
+
+
+def _sharded_cases(devices):
+    """On a mesh of 8 chips: the steps the runs use, with the kernels where they run per shard
+    (inside a shard_map manual over every axis) and XLA where XLA partitions the program.
+
+    (name, fn, placed abstract args, expected Mosaic calls: an int, or None for "at least 2")."""
+    from jaxunlearn import sharding as sh
+    from jaxunlearn.placement import placed_specs
+
+    dt = jnp.dtype(jnp.bfloat16)
+    fn, params = _decoder(CFG_SHARDED)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), params)
+    B, T = 8, 32
+    batch = {"input_ids": jax.ShapeDtypeStruct((B, T), jnp.int32),
+             "attention_mask": jax.ShapeDtypeStruct((B, T), jnp.int32),
+             "loss_mask": jax.ShapeDtypeStruct((B, T), jnp.float32)}
+    for spec, tp in (("fsdp=4,tp=2", True), ("fsdp=8", False)):
+        mesh = sh.make_mesh(spec, devices)
+        p_sh = sh.param_shardings(params, mesh)
+        placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, p_sh)
+        b_sh = sh.batch_sharding(mesh)
+        fb = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b_sh), batch)
+        specs = tuple(jax.tree.leaves(placed_specs(placed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+        # the data-parallel Fisher: manual over the data axes; a tp axis > 1 leaves the kernels to XLA
+        acc = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), placed)
+        step = functools.partial(rd.accumulate, local_sums=fi.fisher_local_sums(fn.example_nll), mesh=mesh, specs=specs)
+        w = jax.ShapeDtypeStruct((B,), jnp.float32, sharding=b_sh)
+        yield (f"fused Fisher step {spec}", lambda a, p, b, w, step=step: step(a, jnp.zeros((), jnp.float32), p, b, w, None),
+               (acc, placed, fb, w), 0 if tp else len(dense_shapes(CFG_SHARDED)))
+        for per_shard in (False, True):
+            u = UnlearnConfig(method="npo", project=True, retain_k=4, learning_rate=1e-4).build(
+                fn, jit=False, **(dict(mesh=mesh, param_specs=placed_specs(placed)) if per_shard else {}))
+            state = jax.eval_shape(u.init, params)
+            s_sh = sh.shardings_like_params(state, params, mesh)
+            st = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, s_sh)
+            name = f"NPO + projection step {spec}, " + ("projection per shard" if per_shard else "jit-partitioned")
+            yield (name, lambda s, f, r, ref, u=u: u.step(s, f, r, ref), (st, fb, fb, placed),
+                   None if per_shard else 0)
 
 
 def _place(tree, sharding):
@@ -104,6 +153,9 @@ def main(out: str) -> None:
                 rows.append(_compile(name, topology, dtype, fn, args, expected))
             for name, fn, args, expected in _library_cases(dtype):
                 rows.append(_compile(name, topology, dtype, fn, _place(args, sharding), expected))
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=SHARDED_TOPOLOGY).devices
+    for name, fn, args, expected in _sharded_cases(devices):
+        rows.append(_compile(name, SHARDED_TOPOLOGY, "bfloat16", fn, args, expected))
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -7,6 +7,8 @@ start a TPU backend and log an error at every start). ``tests/tpu_compile_worker
 subprocess with that directory on ``PYTHONPATH`` and ``JAX_PLATFORMS=cpu``, compiles each case
 for an unattached topology (``jax.experimental.topologies.get_topology_desc``) and reports the
 compiler's result per case; a configuration the compiler rejects fails here with its message.
+On an 8-chip v5e slice the sharded steps compile with the kernels per shard where a
+``shard_map`` is manual over every mesh axis, and with their XLA path where XLA partitions.
 """
 
 import importlib.util
@@ -45,7 +47,19 @@ def test_every_case_compiles_for_v5e_and_v5p_in_both_dtypes(compiled):
     rejected = [f"{r['topology']} {r['dtype']} {r['case']}: {r['error']}" for r in compiled if not r["ok"]]
     assert not rejected, "the TPU compiler rejected:\n" + "\n".join(rejected)
     assert {(r["topology"], r["dtype"]) for r in compiled} == {
-        (t, d) for t in ("v5e:2x2", "v5p:2x2x1") for d in ("float32", "bfloat16")}
+        (t, d) for t in ("v5e:2x2", "v5p:2x2x1") for d in ("float32", "bfloat16")} | {("v5e:2x4", "bfloat16")}
+
+
+def test_sharded_steps_use_kernels_per_shard_and_xla_where_xla_partitions(compiled):
+    # the bug this guards: with kernels "auto", Mosaic refused the unlearning step and the fused
+    # Fisher on a sharded slice ("Mosaic kernels cannot be automatically partitioned")
+    rows = {r["case"]: r for r in compiled if r["topology"] == "v5e:2x4"}
+    assert len(rows) == 6, sorted(rows)
+    assert rows["fused Fisher step fsdp=8"]["mosaic_calls"] > 0  # manual over every axis: kernels
+    assert rows["fused Fisher step fsdp=4,tp=2"]["mosaic_calls"] == 0  # tp left to XLA: the XLA path
+    for spec in ("fsdp=4,tp=2", "fsdp=8"):
+        assert rows[f"NPO + projection step {spec}, jit-partitioned"]["mosaic_calls"] == 0
+        assert rows[f"NPO + projection step {spec}, projection per shard"]["mosaic_calls"] >= 2
 
 
 def test_auto_dispatch_compiles_to_mosaic_kernels(compiled):
