@@ -115,7 +115,11 @@ class Dense(nnx.Module):
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Dense expects inputs with last dim {self.in_features}, got {x.shape}")
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # one 2-D matmul over the flattened leading axes: XLA:CPU runs the weight gradient of a
+        # 3-D einsum (a contraction over two axes) at about half the rate of the 2-D one
+        lead = x.shape[:-1]
+        y = jnp.dot(x.reshape(-1, self.in_features).astype(self.dtype),
+                    self.kernel[...].astype(self.dtype)).reshape(*lead, self.out_features)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if tap is not None:
@@ -139,7 +143,9 @@ class Embed(nnx.Module):
 
     def attend(self, x: Array) -> Array:
         """Tied logits ``x @ embedding.T``: (..., hidden) -> (..., vocab)."""
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        lead, d = x.shape[:-1], x.shape[-1]
+        return jnp.dot(x.reshape(-1, d).astype(self.dtype),
+                       self.embedding[...].astype(self.dtype).T).reshape(*lead, self.num_embeddings)
 
 
 class RMSNorm(nnx.Module):
@@ -236,12 +242,17 @@ class Attention(nnx.Module):
             kk = jax.lax.dynamic_update_slice(cache["k"], kk.astype(cache["k"].dtype), (zero, idx, zero, zero))
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (zero, idx, zero, zero))
             new_cache = {"k": kk, "v": v}
-        q = q.reshape(b, t, k, h // k, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, kk.astype(self.dtype),
-                            preferred_element_type=jnp.float32) * (d ** -0.5)
+        # the g = h // k queries sharing a key/value head stacked into one (g t, d) matrix per
+        # (batch, kv head): two batched matmuls of (g t, d) x (d, s), larger than per query head
+        # (about 1.4x faster forward + backward on XLA:CPU than the 5-D einsum)
+        g, s = h // k, kk.shape[1]
+        q = q.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
+        kt = kk.astype(self.dtype).transpose(0, 2, 3, 1)  # (b, k, d, s)
+        vt = v.astype(self.dtype).transpose(0, 2, 1, 3)  # (b, k, s, d)
+        scores = jnp.matmul(q, kt, preferred_element_type=jnp.float32).reshape(b, k, g, t, s) * (d ** -0.5)
         scores = jnp.where(mask[:, None, None], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(b, t, h * d)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, k, g * t, s)
+        out = jnp.matmul(probs, vt).reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
         return tape(self.o_proj, f"{prefix}/o_proj", out), new_cache
 
 
