@@ -10,6 +10,9 @@
   on 1, 2, 4 and 8 devices (mesh ``fsdp=n``; 8 forced CPU devices when there is no
   accelerator) -> ``results/bench/scaling.json``. It runs in its own process: the forced
   device count (``XLA_FLAGS``) must be set before JAX starts and must not change the others.
+* ``experiments/bench_vs_torch.py``: the same Hugging Face checkpoint through jaxunlearn and
+  transformers' PyTorch model (gradient and its fraction of the matmul rate, diagonal Fisher
+  fused / vmap vs ``torch.func``, an NPO + GradDiff AdamW step) -> ``results/bench/vs_torch.json``.
 
 By default the sizes fit a small CPU machine (a few minutes on 2 cores); ``--full``
 runs the larger sizes (kernel shapes of a real layer, the whole batch 8/32/128 x
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_fisher  # noqa: E402
 import bench_kernels  # noqa: E402
+import bench_vs_torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,6 +61,7 @@ def main(argv=None) -> dict:
         ("kernels", bench_kernels.main, KERNELS_FULL if args.full else []),
         ("fisher", bench_fisher.main, ["--full"] if args.full else []),
         ("scaling", run_scaling, ["--batch", "128", "--seq", "128"] if args.full else []),
+        ("vs_torch", bench_vs_torch.main, []),
     ):
         t0 = time.perf_counter()
         print(f"=== {name} ===", flush=True)
