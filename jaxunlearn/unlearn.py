@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from jaxunlearn import validate as V
 from jaxunlearn.estimators import GradientEstimator, plain_estimator, saf_estimator, sam_estimator
+from jaxunlearn.optim import float32_state
 from jaxunlearn.projection import METRICS as PROJECTION_METRICS
 from jaxunlearn.projection import project_orthogonal
 from jaxunlearn.quant import SCHEMES as SAF_SCHEMES
@@ -145,7 +146,9 @@ class UnlearnConfig:
                   param_specs: Any = None) -> optax.GradientTransformationExtraArgs:
         """``[project_orthogonal] -> [clip] -> [SalUn mask] -> adamw | sgd`` as one optax chain.
 
-        The learning rate rises linearly from 0 over ``warmup_steps``, then stays constant.
+        The learning rate rises linearly from 0 over ``warmup_steps``, then stays constant. The
+        optimizer's state is float32 whatever the parameters' dtype
+        (:func:`jaxunlearn.optim.float32_state`).
         With ``project`` the chain's ``update`` takes ``retain_grads=`` (stacked, leading k)
         and adds ``alpha`` times their mean.
 
@@ -171,10 +174,11 @@ class UnlearnConfig:
             parts.append(masked_updates(mask))
         lr = (optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps) if self.warmup_steps
               else self.learning_rate)
+        # the optimizer's moments in float32 also for bfloat16 parameters (identity for float32 ones)
         if self.optimizer == "sgd":
-            parts.append(optax.sgd(lr))
+            parts.append(float32_state(optax.sgd(lr)))
         else:
-            parts.append(optax.adamw(lr, weight_decay=self.weight_decay))
+            parts.append(float32_state(optax.adamw(lr, weight_decay=self.weight_decay)))
         return optax.chain(*parts)
 
     def estimator(self) -> GradientEstimator:
