@@ -28,6 +28,8 @@ __all__ = [
     "npo",
     "simnpo",
     "kl_to_reference",
+    "wga",
+    "undial",
 ]
 
 
@@ -251,3 +253,77 @@ def kl_to_reference(logits: jax.Array, ref_logits: jax.Array, loss_mask: jax.Arr
     kl = jnp.sum(jnp.exp(lq) * (lq - lp), axis=-1)
     m = jnp.asarray(loss_mask)[..., 1:].astype(jnp.float32)
     return jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def wga(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, *, beta: float = 1.0) -> jax.Array:
+    """Weighted gradient ascent (WGA): gradient ascent with each answer token weighted by its
+    own probability.
+
+    ``L_WGA = -(1 / N) sum_{n,t} m_{n,t} sg(p_{n,t})^beta (-log p_{n,t})``, i.e. the negated
+    token-pooled NLL with weights ``sg(p)^beta`` (``sg``: no gradient through the weight), over
+    the ``N`` answer tokens of the batch (``p_{n,t} = p(x_t | x_<t)``). Tokens the model still
+    predicts confidently drive the update; tokens already forgotten (``p -> 0``) stop
+    contributing, which bounds the divergence of plain GA. ``beta = 0`` is GA's loss.
+
+    Args:
+      logits: (B, T, V).
+      input_ids: (B, T).
+      loss_mask: (B, T), 1 on the answer tokens (the batch convention of this module).
+      beta: the weight's exponent (>= 0; open-unlearning's WGA config: 1.0).
+
+    Returns:
+      A float32 scalar.
+
+    References:
+      Wang, Zhang, Ding, Gu, Han, Liu, Sugiyama, "Rethinking LLM Unlearning Objectives: A Gradient
+      Perspective and Go Beyond", ICLR 2025 (WGA); open-unlearning ``compute_wga_loss``.
+    """
+    if isinstance(beta, (int, float)) and beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    lp = token_logprobs(logits, input_ids)
+    m = loss_mask[..., 1:].astype(jnp.float32)
+    w = jax.lax.stop_gradient(jnp.exp(beta * lp))
+    return jnp.sum(w * lp * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def undial(logits: jax.Array, ref_logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, *,
+           beta: float = 10.0) -> jax.Array:
+    """UNDIAL: self-distillation toward the reference's logits with the answer token's logit lowered.
+
+    ``L = (1 / N) sum_{n,t} m_{n,t} CE(softmax(z^ref_{n,t} - beta e_{x_{t+1}}), softmax(z_{n,t}))``,
+    the cross-entropy ``-sum_v q_v log p_v`` from the adjusted teacher distribution ``q`` (the
+    frozen reference's next-token logits with ``beta`` subtracted from the logit of the true
+    next token) to the model's, averaged over the ``N`` answer tokens. The model is pulled
+    toward the reference everywhere except on the memorised token, which loses ``beta`` nats of
+    logit: a bounded target, unlike gradient ascent.
+
+    Normalisation: over answer tokens. open-unlearning's ``compute_undial_loss`` averages over
+    every position of the sequence (prompt and padding included, where its label is -100 and the
+    one-hot index -100 wraps to vocabulary entry V - 100); with every position an answer token
+    the two are equal.
+
+    Args:
+      logits: (B, T, V), the model's.
+      ref_logits: (B, T, V), the frozen reference's (treated as constant).
+      input_ids: (B, T).
+      loss_mask: (B, T), 1 on the answer tokens.
+      beta: the logit reduction of the true token (>= 0; open-unlearning's UNDIAL config: 10).
+
+    Returns:
+      A float32 scalar.
+
+    References:
+      Dong, Lin, Belinkov, Goldstein, Shen, "UNDIAL: Self-Distillation with Adjusted Logits for
+      Robust Unlearning in Large Language Models", NAACL 2025; open-unlearning ``compute_undial_loss``.
+    """
+    if isinstance(beta, (int, float)) and beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if jnp.shape(logits) != jnp.shape(ref_logits):
+        raise ValueError(f"logits {jnp.shape(logits)} and ref_logits {jnp.shape(ref_logits)} must have the same shape")
+    z = logits[..., :-1, :].astype(jnp.float32)
+    zr = jax.lax.stop_gradient(ref_logits[..., :-1, :].astype(jnp.float32))
+    onehot = jax.nn.one_hot(input_ids[..., 1:], z.shape[-1], dtype=jnp.float32)
+    q = jax.nn.softmax(zr - beta * onehot, axis=-1)
+    ce = -jnp.sum(q * jax.nn.log_softmax(z, axis=-1), axis=-1)
+    m = loss_mask[..., 1:].astype(jnp.float32)
+    return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)

@@ -37,7 +37,7 @@ __all__ = ["METHODS", "RETAIN_LOSSES", "UnlearnConfig", "UnlearnState", "Unlearn
            "forget_loss_fn", "retain_loss_fn"]
 
 OPTIMIZERS = ("adamw", "sgd")
-_NEEDS_REF = ("npo",)
+_NEEDS_REF = ("npo", "undial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class UnlearnConfig:
     ``retain_loss_fn(retain_loss)``, :meth:`estimator` and :meth:`transform`.
 
     Attributes:
-      method: ``"ga" | "grad_diff" | "npo" | "simnpo"`` (:func:`forget_loss_fn`).
+      method: ``"ga" | "grad_diff" | "npo" | "simnpo" | "wga" | "undial"`` (:func:`forget_loss_fn`).
       steps: number of steps of a run (read by the run loop, :func:`jaxunlearn.methods.run_method`,
         not by the step).
       optimizer: ``"adamw"`` or ``"sgd"`` (plain gradient descent: the update is exactly
@@ -60,7 +60,8 @@ class UnlearnConfig:
       grad_clip: global-norm clip of the final update direction (0: off).
       gamma: weight of the forget loss.
       alpha: weight of the retain loss (ignored by ``"ga"``).
-      beta: NPO / SimNPO inverse temperature (``None``: 0.1 for NPO, 4.5 for SimNPO).
+      beta: NPO / SimNPO inverse temperature, WGA weight exponent, UNDIAL logit reduction
+        (``None``: 0.1 for NPO, 4.5 for SimNPO, 1.0 for WGA, 10 for UNDIAL).
       delta: SimNPO margin.
       retain_loss: ``"nll"`` or ``"kl"`` (KL to the reference on retain tokens).
       nll_reduction: how a batch NLL is averaged, for the ``"nll"`` retain loss and the GA /
@@ -217,7 +218,8 @@ class UnlearnConfig:
         return unlearner(
             f_loss, self.transform(mask, mesh=mesh, param_specs=param_specs), retain_loss=r_loss, estimator=self.estimator(), gamma=self.gamma,
             alpha=None if self.project else self.alpha, retain_k=self.retain_k if self.project else None,
-            apply_fn=apply_fn, forget_ref_logp=not custom and self.method in _NEEDS_REF,
+            apply_fn=apply_fn, forget_ref_logp=not custom and self.method == "npo",
+            forget_ref_logits=not custom and self.method == "undial",
             retain_ref_logits=self.uses_retain and self.retain_loss == "kl", jit=jit)
 
 

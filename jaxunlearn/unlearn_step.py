@@ -40,13 +40,13 @@ import optax
 from jaxunlearn import tree as jt
 from jaxunlearn import validate as V
 from jaxunlearn.estimators import GradientEstimator, plain_estimator
-from jaxunlearn.losses import batch_token_nll, kl_to_reference, npo, sequence_nll, simnpo
+from jaxunlearn.losses import batch_token_nll, kl_to_reference, npo, sequence_nll, simnpo, undial, wga
 from jaxunlearn.sharding import jit_keeping_state_sharding
 
 __all__ = ["METHODS", "RETAIN_LOSSES", "NLL_REDUCTIONS", "UnlearnState", "Unlearner", "unlearner", "forget_loss_fn",
            "retain_loss_fn"]
 
-METHODS = ("ga", "grad_diff", "npo", "simnpo")
+METHODS = ("ga", "grad_diff", "npo", "simnpo", "wga", "undial")
 RETAIN_LOSSES = ("nll", "kl")
 NLL_REDUCTIONS = ("token", "sequence")
 _BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -94,7 +94,12 @@ def forget_loss_fn(apply_fn: Callable, method: str, *, beta: float | None = None
       ``forget_ref_logp=True``), ``beta`` default 0.1: per-sequence *summed* log-likelihoods,
       as the paper and open-unlearning's ``compute_dpo_loss``, whatever ``reduction``;
     - ``"simnpo"``: :func:`jaxunlearn.simnpo` (reference-free; per-sequence ``NLL_n / |y_n|``
-      as the paper, whatever ``reduction``), ``beta`` default 4.5, margin ``delta``.
+      as the paper, whatever ``reduction``), ``beta`` default 4.5, margin ``delta``;
+    - ``"wga"``: :func:`jaxunlearn.losses.wga`, token-pooled GA with each answer token weighted
+      by ``sg(p)^beta``, ``beta`` default 1.0 (open-unlearning's WGA config);
+    - ``"undial"``: :func:`jaxunlearn.losses.undial`, self-distillation toward the reference's
+      logits ``batch["ref_logits"]`` with the true token's logit lowered by ``beta``, default 10
+      (open-unlearning's UNDIAL config; :func:`unlearner` adds them with ``forget_ref_logits=True``).
 
     Args:
       apply_fn: ``apply(params, input_ids, attention_mask) -> logits``.
@@ -120,12 +125,17 @@ def forget_loss_fn(apply_fn: Callable, method: str, *, beta: float | None = None
     V.check_choice("forget_loss_fn", "reduction", reduction, NLL_REDUCTIONS)
 
     def loss(params, batch):
-        _, nll = _nll(apply_fn, params, batch)
+        logits, nll = _nll(apply_fn, params, batch)
+        ids, mask = batch["input_ids"], batch["loss_mask"]
         if method in ("ga", "grad_diff"):
             return -_reduce(nll, batch, reduction)
         if method == "npo":
             return npo(-nll, batch["ref_logp"], beta=0.1 if beta is None else beta)
-        return simnpo(nll, _lengths(batch), beta=4.5 if beta is None else beta, delta=delta)
+        if method == "simnpo":
+            return simnpo(nll, _lengths(batch), beta=4.5 if beta is None else beta, delta=delta)
+        if method == "wga":
+            return wga(logits, ids, mask, beta=1.0 if beta is None else beta)
+        return undial(logits, batch["ref_logits"], ids, mask, beta=10.0 if beta is None else beta)
 
     return loss
 
@@ -235,6 +245,7 @@ def unlearner(
     apply_fn: Callable | None = None,
     forget_ref_logp: bool = False,
     retain_ref_logits: bool = False,
+    forget_ref_logits: bool = False,
     jit: bool = True,
 ) -> Unlearner:
     """Compose an :class:`Unlearner` from a forget loss, a retain loss, an estimator and a transform.
@@ -250,8 +261,9 @@ def unlearner(
 
     and ``theta <- theta + u`` (``optax.apply_updates``). Before the losses are called, the
     frozen reference model ``apply_fn(ref_params, ...)`` supplies ``forget_batch["ref_logp"]``
-    (its per-example summed answer log-likelihood, with ``forget_ref_logp``) and
-    ``retain_batch["ref_logits"]`` (with ``retain_ref_logits``), both without gradient.
+    (its per-example summed answer log-likelihood, with ``forget_ref_logp``),
+    ``forget_batch["ref_logits"]`` (with ``forget_ref_logits``, UNDIAL) and
+    ``retain_batch["ref_logits"]`` (with ``retain_ref_logits``), all without gradient.
 
     ``step`` checks its inputs before running: the batches carry ``input_ids``,
     ``attention_mask`` and ``loss_mask`` (only these reach the losses) and are not empty; a
@@ -271,6 +283,7 @@ def unlearner(
         (needed with ``forget_ref_logp`` or ``retain_ref_logits``).
       forget_ref_logp: add ``ref_logp`` to the forget batch (NPO).
       retain_ref_logits: add ``ref_logits`` to the retain batch (the KL retain loss).
+      forget_ref_logits: add ``ref_logits`` to the forget batch (UNDIAL).
       jit: compile ``step`` (donating the state, keeping its shardings); False gives the
         same checked step unjitted, to call inside one's own ``jax.jit`` or ``lax.scan``.
 
@@ -320,12 +333,13 @@ def unlearner(
     alpha = 1.0 if alpha is None else V.check_float(o, "alpha", alpha, min=0.0)
     forget_ref_logp = V.check_bool(o, "forget_ref_logp", forget_ref_logp)
     retain_ref_logits = V.check_bool(o, "retain_ref_logits", retain_ref_logits)
+    forget_ref_logits = V.check_bool(o, "forget_ref_logits", forget_ref_logits)
     jit = V.check_bool(o, "jit", jit)
     if retain_ref_logits and retain_loss is None:
         raise ValueError(f"{o}: retain_ref_logits=True needs a retain_loss")
-    needs_ref = forget_ref_logp or retain_ref_logits
+    needs_ref = forget_ref_logp or retain_ref_logits or forget_ref_logits
     if needs_ref and not callable(apply_fn):
-        raise ValueError(f"{o}: forget_ref_logp / retain_ref_logits need the reference's apply_fn, "
+        raise ValueError(f"{o}: forget_ref_logp / forget_ref_logits / retain_ref_logits need the reference's apply_fn, "
                          f"got {apply_fn!r}")
     uses_retain = retain_loss is not None
 
@@ -334,6 +348,9 @@ def unlearner(
         if forget_ref_logp:
             _, ref_nll = _nll(apply_fn, ref_params, fb)
             fb = {**fb, "ref_logp": jax.lax.stop_gradient(-ref_nll)}
+        if forget_ref_logits:
+            fb = {**fb, "ref_logits": jax.lax.stop_gradient(apply_fn(ref_params, fb["input_ids"],
+                                                                     fb["attention_mask"]))}
         if retain_ref_logits:
             ref_logits = apply_fn(ref_params, rb["input_ids"], rb["attention_mask"])
             rb = {**rb, "ref_logits": jax.lax.stop_gradient(ref_logits)}
@@ -372,6 +389,7 @@ def unlearner(
         if needs_ref:
             if ref_params is None:
                 what = " and ".join(w for w, on in (("the forget loss reads ref_logp", forget_ref_logp),
+                                                    ("the forget loss reads ref_logits", forget_ref_logits),
                                                     ("the retain loss reads ref_logits", retain_ref_logits)) if on)
                 raise ValueError(f"this unlearner needs ref_params, the frozen reference model ({what})")
             _check_not_aliased(state, ref_params)
