@@ -159,12 +159,17 @@ class GradientMethod:
       retain_batch_size: retain rows per step (None: ``batch_size``).
       salun_fraction: SalUn mask over the top fraction of forget-gradient saliency, in (0, 1]
         (None: no mask).
+      prune_sparsity: prune first, then unlearn (Jia et al., NeurIPS 2023): one-shot global
+        magnitude pruning of the decoder blocks' linear kernels to this sparsity, in [0, 1),
+        before unlearning, the mask then fixed (:func:`jaxunlearn.sparsity.magnitude_prune_mask`;
+        None: no pruning).
     """
 
     unlearn: UnlearnConfig
     batch_size: int = 32
     retain_batch_size: int | None = None
     salun_fraction: float | None = None
+    prune_sparsity: float | None = None
     kind: str = dataclasses.field(default="gradient", init=False)
 
     def __post_init__(self):
@@ -175,6 +180,10 @@ class GradientMethod:
             f = check_float("GradientMethod", "salun_fraction", self.salun_fraction, min=0.0, min_exclusive=True)
             if f > 1.0:
                 raise ValueError(f"GradientMethod.salun_fraction must be in (0, 1], got {self.salun_fraction!r}")
+        if self.prune_sparsity is not None:
+            f = check_float("GradientMethod", "prune_sparsity", self.prune_sparsity, min=0.0)
+            if f >= 1.0:
+                raise ValueError(f"GradientMethod.prune_sparsity must be in [0, 1), got {self.prune_sparsity!r}")
 
 
 MethodConfig = Union[TaskVectorMethod, PertaMethod, SSDMethod, GradientMethod]

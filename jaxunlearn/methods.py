@@ -38,6 +38,7 @@ refused, naming the first differing key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping
 
@@ -56,6 +57,7 @@ from jaxunlearn.method_configs import (FinetuneConfig, GradientMethod, MethodCon
 from jaxunlearn.placement import check_batch_size, place_batch, placed_specs, replicate_unplaced, resolve_mesh
 from jaxunlearn.runs import ResumableRun, array_digest, params_digest
 from jaxunlearn.saliency import salun_mask
+from jaxunlearn.sparsity import magnitude_prune_mask
 from jaxunlearn.task_vector import apply_task_vector, perta, task_vector
 from jaxunlearn.train import BATCH_KEYS, TrainConfig, TrainState, batch_at, make_optimizer, make_train_step
 from jaxunlearn.unlearn import UnlearnState
@@ -218,22 +220,30 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
     if ucfg.uses_retain:
         check_batch_size(br, mesh, "retain batch size")
     record = run_record(ctx, cfg) if checkpoint_dir is not None else None
-    mask = None
+    masks = []
     if cfg.salun_fraction:
         loss = importance_loss(ctx)
         sal = grad_importance(loss, ctx.params, importance_batches(ctx.forget, 32, seed=ctx.seed), kind="abs_sum")
-        mask = jax.tree.map(lambda m: m.astype(jnp.float32), salun_mask(sal, fraction=cfg.salun_fraction))
-        mask = replicate_unplaced(mask, mesh)
+        masks.append(salun_mask(sal, fraction=cfg.salun_fraction))
+    start = ctx.params
+    if cfg.prune_sparsity is not None:  # prune first, then unlearn: the pruned model is also the reference
+        keep = magnitude_prune_mask(ctx.params, cfg.prune_sparsity)
+        start = jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), ctx.params, keep)
+        masks.append(keep)
+    mask = None
+    if masks:
+        mask = replicate_unplaced(jax.tree.map(lambda *ms: functools.reduce(jnp.logical_and, ms).astype(jnp.float32),
+                                               *masks), mesh)
     # the mask enters once: init and step share the optimizer; on a mesh the projection runs per shard
     unlearner = ucfg.build(ctx.apply_fn, mask=mask, mesh=mesh, param_specs=placed_specs(ctx.params))
-    fresh: UnlearnState = replicate_unplaced(unlearner.init(ctx.params), mesh)
+    fresh: UnlearnState = replicate_unplaced(unlearner.init(start), mesh)
     with ResumableRun(checkpoint_dir, record, fresh, checkpoint_every=checkpoint_every) as run:
         state = run.state
         for s in range(int(state.step), ucfg.steps):
             fb = place_batch(batch_at(ctx.forget, bf, s, ctx.seed), mesh, "forget batch size")
             rb = (place_batch(batch_at(ctx.retain, br, s, ctx.seed + 1), mesh, "retain batch size")
                   if unlearner.uses_retain else None)
-            state, metrics = unlearner.step(state, fb, rb, ctx.params)
+            state, metrics = unlearner.step(state, fb, rb, start)
             run.after_step(s + 1, state)
             if callback is not None:
                 callback(s + 1, {k: float(v) for k, v in metrics.items()})

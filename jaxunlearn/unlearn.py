@@ -30,6 +30,7 @@ from jaxunlearn.projection import METRICS as PROJECTION_METRICS
 from jaxunlearn.projection import project_orthogonal
 from jaxunlearn.quant import SCHEMES as SAF_SCHEMES
 from jaxunlearn.saliency import masked_updates
+from jaxunlearn.sparsity import l1_regularization
 from jaxunlearn.unlearn_step import (METHODS, NLL_REDUCTIONS, RETAIN_LOSSES, Unlearner, UnlearnState, _init_state, forget_loss_fn,
                                      retain_loss_fn, unlearner)
 
@@ -81,6 +82,9 @@ class UnlearnConfig:
         (:func:`jaxunlearn.estimators.saf_estimator`).
       saf_scheme / saf_block_size / saf_rho: quantiser and radius of :func:`jaxunlearn.saf_loss`
         (``saf_rho=None``: the mean quantisation step, :func:`jaxunlearn.saf_perturbation_radius`).
+      l1 / l1_decay_steps: sparsity-aware unlearning (Jia et al., NeurIPS 2023): the gradient
+        gains ``alpha_t sign(theta)``, ``alpha_t = l1 (1 - t / l1_decay_steps)`` decaying to 0
+        (``None``: over all ``steps``); 0 = off (:func:`jaxunlearn.sparsity.l1_regularization`).
 
     Every field is validated at construction (see :mod:`jaxunlearn.validate`):
     ``learning_rate > 0``; ``steps, warmup_steps >= 0`` and ``retain_k, saf_block_size >= 1``
@@ -129,6 +133,8 @@ class UnlearnConfig:
     saf_scheme: str = "int4"
     saf_block_size: int = 64
     saf_rho: float | None = None
+    l1: float = 0.0
+    l1_decay_steps: int | None = None
 
     def __post_init__(self):
         _validate_unlearn_config(self)
@@ -145,7 +151,7 @@ class UnlearnConfig:
 
     def transform(self, mask: Any = None, *, mesh: Mesh | None = None,
                   param_specs: Any = None) -> optax.GradientTransformationExtraArgs:
-        """``[project_orthogonal] -> [clip] -> [SalUn mask] -> adamw | sgd`` as one optax chain.
+        """``[project_orthogonal] -> [l1] -> [clip] -> [SalUn mask] -> adamw | sgd`` as one optax chain.
 
         The learning rate rises linearly from 0 over ``warmup_steps``, then stays constant. The
         optimizer's state is float32 whatever the parameters' dtype
@@ -169,6 +175,8 @@ class UnlearnConfig:
                 per_tensor=self.projection_per_tensor, metric=self.projection_metric,
                 only_conflicting=self.projection_only_conflicting, retain_scale=self.alpha, forget_scale=1.0,
                 mesh=mesh, specs=param_specs))
+        if self.l1 > 0:  # a term of the objective: after the projection, before clipping
+            parts.append(l1_regularization(self.l1, self.l1_decay_steps or max(self.steps, 1)))
         if self.grad_clip > 0:
             parts.append(optax.clip_by_global_norm(self.grad_clip))
         if mask is not None:
@@ -238,9 +246,11 @@ def _validate_unlearn_config(cfg: UnlearnConfig) -> None:
     for name, lo in (("steps", 0), ("warmup_steps", 0), ("retain_k", 1), ("saf_block_size", 1)):
         out[name] = V.check_int(o, name, getattr(cfg, name), min=lo)
     out["learning_rate"] = V.check_float(o, "learning_rate", cfg.learning_rate, min=0.0, min_exclusive=True)
-    for name in ("weight_decay", "grad_clip", "gamma", "alpha", "sam_rho"):
+    for name in ("weight_decay", "grad_clip", "gamma", "alpha", "sam_rho", "l1"):
         out[name] = V.check_float(o, name, getattr(cfg, name), min=0.0)
     out["delta"] = V.check_float(o, "delta", cfg.delta)
+    if cfg.l1_decay_steps is not None:
+        out["l1_decay_steps"] = V.check_int(o, "l1_decay_steps", cfg.l1_decay_steps, min=1)
     for name in ("beta", "saf_rho"):
         out[name] = V.check_float(o, name, getattr(cfg, name), min=0.0, min_exclusive=True, allow_none=True)
     for name in ("project", "projection_per_tensor", "projection_only_conflicting", "saf"):
