@@ -55,17 +55,17 @@ def test_sharded_steps_use_kernels_per_shard_and_xla_where_xla_partitions(compil
     # Fisher on a sharded slice ("Mosaic kernels cannot be automatically partitioned")
     rows = {r["case"]: r for r in compiled if r["topology"] == "v5e:2x4"}
     assert len(rows) == 6, sorted(rows)
-    assert rows["fused Fisher step fsdp=8"]["mosaic_calls"] > 0  # manual over every axis: kernels
-    assert rows["fused Fisher step fsdp=4,tp=2"]["mosaic_calls"] == 0  # tp left to XLA: the XLA path
+    assert rows["fused Fisher step fsdp=8"]["calls"] > 0  # manual over every axis: kernels
+    assert rows["fused Fisher step fsdp=4,tp=2"]["calls"] == 0  # tp left to XLA: the XLA path
     for spec in ("fsdp=4,tp=2", "fsdp=8"):
-        assert rows[f"NPO + projection step {spec}, jit-partitioned"]["mosaic_calls"] == 0
-        assert rows[f"NPO + projection step {spec}, projection per shard"]["mosaic_calls"] >= 2
+        assert rows[f"NPO + projection step {spec}, jit-partitioned"]["calls"] == 0
+        assert rows[f"NPO + projection step {spec}, projection per shard"]["calls"] >= 2
 
 
 def test_auto_dispatch_compiles_to_mosaic_kernels(compiled):
     for r in compiled:
         where = f"{r['topology']} {r['dtype']} {r['case']}"
         if r["expected"] is not None:  # one kernel call per kernel; one per dense layer in the Fisher step
-            assert r["mosaic_calls"] == r["expected"], where
+            assert r["calls"] == r["expected"], where
         else:  # project_tree and the unlearning step: a Gram and a subtract call per large leaf
-            assert r["mosaic_calls"] >= 2, where
+            assert r["calls"] >= 2, where
