@@ -49,6 +49,18 @@ def place(tree, sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def fisher_kernel_cases(dtype):
+    """(name, fn, [(shape, dtype), ...], 1 expected kernel call): ``dense_fisher`` at an aligned,
+    an odd and a masked shape."""
+    from jaxunlearn.kernels import fisher as kf
+
+    dt, f32 = jnp.dtype(dtype), jnp.dtype(jnp.float32)
+    yield ("dense_fisher aligned", lambda a, g: kf.dense_fisher(a, g), [((8, 128, 256), dt), ((8, 128, 512), dt)], 1)
+    yield ("dense_fisher odd", lambda a, g: kf.dense_fisher(a, g), [((3, 37, 100), dt), ((3, 37, 130), dt)], 1)
+    yield ("dense_fisher masked", lambda a, g, m: kf.dense_fisher(a, g, m),
+           [((4, 64, 128), dt), ((4, 64, 256), dt), ((4, 64), f32)], 1)
+
+
 def library_cases(dtype, retain_k: int):
     """(name, fn, abstract args, expected kernel calls or None for "at least 2"): the fused-Fisher
     step (one kernel per dense layer), ``project_tree`` and an NPO + projection unlearning step

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
 
-from compile_cases import compile_case, library_cases, place, sharded_cases
-from jaxunlearn.kernels import fisher as kf
+from compile_cases import compile_case, fisher_kernel_cases, library_cases, place, sharded_cases
 from jaxunlearn.kernels import projection as kp
 
 TARGET_DIR = Path(__file__).resolve().parent / "gpu_targets"
@@ -61,10 +60,7 @@ def _cases(dtype):
     """(name, fn, [(shape, dtype), ...], expected Triton calls) for one dtype."""
     dt = jnp.dtype(dtype)
     f32 = jnp.dtype(jnp.float32)
-    yield ("dense_fisher aligned", lambda a, g: kf.dense_fisher(a, g), [((8, 128, 256), dt), ((8, 128, 512), dt)], 1)
-    yield ("dense_fisher odd", lambda a, g: kf.dense_fisher(a, g), [((3, 37, 100), dt), ((3, 37, 130), dt)], 1)
-    yield ("dense_fisher masked", lambda a, g, m: kf.dense_fisher(a, g, m),
-           [((4, 64, 128), dt), ((4, 64, 256), dt), ((4, 64), f32)], 1)
+    yield from fisher_kernel_cases(dtype)
     for k in (4, 16, 32):
         for P in (3 * 8192, 20001):
             n = _triton_k(k)

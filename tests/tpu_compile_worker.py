@@ -22,8 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
 
-from compile_cases import compile_case, library_cases, place, sharded_cases
-from jaxunlearn.kernels import fisher as kf
+from compile_cases import compile_case, fisher_kernel_cases, library_cases, place, sharded_cases
 from jaxunlearn.kernels import projection as kp
 
 TOPOLOGIES = ("v5e:2x2", "v5p:2x2x1")
@@ -37,10 +36,7 @@ def _cases(dtype):
     """(name, fn, [(shape, dtype), ...], expected Mosaic calls) for one dtype."""
     dt = jnp.dtype(dtype)
     f32 = jnp.dtype(jnp.float32)
-    yield ("dense_fisher aligned", lambda a, g: kf.dense_fisher(a, g), [((8, 128, 256), dt), ((8, 128, 512), dt)], 1)
-    yield ("dense_fisher odd", lambda a, g: kf.dense_fisher(a, g), [((3, 37, 100), dt), ((3, 37, 130), dt)], 1)
-    yield ("dense_fisher masked", lambda a, g, m: kf.dense_fisher(a, g, m),
-           [((4, 64, 128), dt), ((4, 64, 256), dt), ((4, 64), f32)], 1)
+    yield from fisher_kernel_cases(dtype)
     for k in (1, 4, 16):
         for P in (3 * 8192, 20001):
             yield (f"gram_and_dots k={k} P={P}", lambda R, g: kp.gram_and_dots(R, g), [((k, P), dt), ((P,), dt)], 1)

@@ -62,13 +62,10 @@ def test_every_case_compiles_for_h100_and_a100_in_both_dtypes(compiled):
 def test_sharded_steps_use_kernels_per_shard_and_xla_where_xla_partitions(compiled):
     # a Triton call in a program XLA partitions would be replicated (every input gathered onto
     # every GPU): there the XLA path is lowered, and the kernels run per shard under shard_map
-    rows = {r["case"]: r for r in compiled if r["target"] == "h100x8"}
-    assert len(rows) == 6, sorted(rows)
-    assert rows["fused Fisher step fsdp=8"]["calls"] > 0  # manual over every axis: kernels
-    assert rows["fused Fisher step fsdp=4,tp=2"]["calls"] == 0  # tp left to XLA: the XLA path
-    for spec in ("fsdp=4,tp=2", "fsdp=8"):
-        assert rows[f"NPO + projection step {spec}, jit-partitioned"]["calls"] == 0
-        assert rows[f"NPO + projection step {spec}, projection per shard"]["calls"] >= 2
+    rows = [r for r in compiled if r["target"] == "h100x8"]
+    assert len(rows) == 6, [r["case"] for r in rows]
+    for r in rows:  # the expected calls of compile_cases.sharded_cases: 0 where XLA partitions
+        assert r["ok"] and (r["calls"] == r["expected"] if r["expected"] is not None else r["calls"] >= 2), r
 
 
 def test_a_kernel_over_the_targets_shared_memory_is_refused(compiled):

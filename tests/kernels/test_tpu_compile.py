@@ -53,13 +53,10 @@ def test_every_case_compiles_for_v5e_and_v5p_in_both_dtypes(compiled):
 def test_sharded_steps_use_kernels_per_shard_and_xla_where_xla_partitions(compiled):
     # the bug this guards: with kernels "auto", Mosaic refused the unlearning step and the fused
     # Fisher on a sharded slice ("Mosaic kernels cannot be automatically partitioned")
-    rows = {r["case"]: r for r in compiled if r["topology"] == "v5e:2x4"}
-    assert len(rows) == 6, sorted(rows)
-    assert rows["fused Fisher step fsdp=8"]["calls"] > 0  # manual over every axis: kernels
-    assert rows["fused Fisher step fsdp=4,tp=2"]["calls"] == 0  # tp left to XLA: the XLA path
-    for spec in ("fsdp=4,tp=2", "fsdp=8"):
-        assert rows[f"NPO + projection step {spec}, jit-partitioned"]["calls"] == 0
-        assert rows[f"NPO + projection step {spec}, projection per shard"]["calls"] >= 2
+    rows = [r for r in compiled if r["topology"] == "v5e:2x4"]
+    assert len(rows) == 6, [r["case"] for r in rows]
+    for r in rows:  # the expected calls of compile_cases.sharded_cases: 0 where XLA partitions
+        assert r["ok"] and (r["calls"] == r["expected"] if r["expected"] is not None else r["calls"] >= 2), r
 
 
 def test_auto_dispatch_compiles_to_mosaic_kernels(compiled):
