@@ -9,7 +9,8 @@
 - ``splits``: benchmark splits encoded with one padded length (:func:`encode_eval_splits`);
 - ``runner``: fixed-shape jitted passes, :func:`evaluate_model`;
 - ``muse``: MUSE's KnowMem, VerbMem and PrivLeak (:func:`muse_eval`);
-- ``quant_recovery``: the forget metrics again after int8 / int4 / nf4 fake quantisation.
+- ``quant_recovery``: the forget metrics again after int8 / int4 / nf4 fake quantisation;
+- ``relearn``: the relearning attack (fine-tune on part of the forget set, measure the rest).
 
 >>> from jaxunlearn.eval import evaluate_model, forget_quality
 >>> # ref = evaluate_model(reference_model, tok, dd, forget="forget10", retain="retain90",
@@ -52,6 +53,7 @@ from jaxunlearn.eval.muse import (
     verbmem,
 )
 from jaxunlearn.eval.quant_recovery import QUANT_SCHEMES, forget_metrics, quantization_recovery
+from jaxunlearn.eval.relearn import RelearnConfig, recovered_fraction, relearn, split_for_relearning
 from jaxunlearn.eval.rouge import (
     RougeScore,
     lcs_length,
@@ -85,6 +87,10 @@ from jaxunlearn.eval.tofu import (
 )
 
 __all__ = [
+    "RelearnConfig",
+    "recovered_fraction",
+    "relearn",
+    "split_for_relearning",
     "verbmem",
     "passage_min_k",
     "muse_eval",
