@@ -30,10 +30,15 @@ Targets:
   directory (``libtpu_dir=``, else ``$JAXUNLEARN_LIBTPU_DIR``, else ``.venv/libtpu`` of this
   repository, where ``make`` installs it), put on ``PYTHONPATH`` of a subprocess only. The
   numbers are XLA:TPU's own.
+- ``"h100:8"``, ``"a100:16"``: NVIDIA GPUs, compiled by the real XLA:GPU compiler (Triton,
+  ptxas) with no GPU attached (``get_topology_desc(platform="cuda", target_config=...)``), the
+  CUDA PJRT plugin likewise off the import path (:func:`jaxunlearn.plan_targets.cuda_dir`).
+  No autotuning runs, so the chosen kernels (and their temporaries) may differ a little, and
+  XLA:GPU has no cost analysis without a device: no FLOPs and no time bound.
 - ``"cpu:N"``: ``N`` host CPU devices (``--xla_force_host_platform_device_count=N``, also in a
-  subprocess, since the flag must be set before JAX starts). The fallback for GPU slices: the
-  CPU compiler's buffer assignment and fusion differ from XLA:GPU's, so its numbers are an
-  estimate for a GPU, and no time bound is given.
+  subprocess, since the flag must be set before JAX starts): the CPU compiler's buffer
+  assignment and fusion differ from the accelerators', so its numbers are an estimate, and no
+  time bound is given.
 
 Example (8 CPU devices; a TPU slice the same way with ``target="v5e:8x8"``):
   >>> result = plan("llama-2-7b", target="cpu:64", mesh="fsdp=16,tp=4")   # doctest: +SKIP
@@ -55,6 +60,8 @@ from pathlib import Path
 from typing import Any
 
 from jaxunlearn.models.config import ModelConfig
+from jaxunlearn.plan_targets import (CHIPS, GPU_TARGET_CONFIGS, TPU_TOPOLOGIES, Chip, GiB, Target, cuda_dir, libtpu_dir,
+                                     parse_target)
 
 __all__ = [
     "PRESETS",
@@ -69,11 +76,12 @@ __all__ = [
     "parse_target",
     "parse_collectives",
     "libtpu_dir",
+    "cuda_dir",
+    "GPU_TARGET_CONFIGS",
     "plan",
     "smallest_slice",
 ]
 
-GiB = 1024**3
 
 # ---------------------------------------------------------------- models
 
@@ -131,103 +139,6 @@ def model_config(model: str | os.PathLike | ModelConfig, param_dtype: str = "bfl
     if os.sep in name or name.endswith(".json"):
         raise FileNotFoundError(f"model config not found: {name}")
     raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)} (or pass a config.json path)")
-
-
-# ---------------------------------------------------------------- chips and targets
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One accelerator's datasheet numbers: HBM bytes, peak dense bf16 FLOP/s, HBM bytes/s, source."""
-
-    hbm_bytes: int
-    peak_bf16_flops: float
-    hbm_bandwidth: float
-    source: str
-
-
-CHIPS: dict[str, Chip] = {
-    "v5e": Chip(16 * GiB, 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e (16 GiB HBM2, 197 TFLOP/s bf16, 819 GB/s)"),
-    "v5p": Chip(95 * GiB, 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p (95 GiB HBM2e, 459 TFLOP/s bf16, 2765 GB/s)"),
-    "v6e": Chip(32 * GiB, 918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e (32 GiB HBM, 918 TFLOP/s bf16, 1640 GB/s)"),
-    "h100": Chip(80 * GiB, 989e12, 3.35e12,
-                 "https://www.nvidia.com/en-us/data-center/h100/ (SXM: 80 GB HBM3, 989 TFLOP/s dense bf16, 3.35 TB/s)"),
-    "h200": Chip(141 * GiB, 989e12, 4.8e12,
-                 "https://www.nvidia.com/en-us/data-center/h200/ (SXM: 141 GB HBM3e, 989 TFLOP/s dense bf16, 4.8 TB/s)"),
-}
-"""Datasheet numbers per chip (dense, not sparse, bf16 FLOP/s). GPU memory is taken as GiB (an
-"80 GB" H100 reports 79.6 GiB to nvidia-smi): leave a few percent for the runtime."""
-
-TPU_TOPOLOGIES: dict[str, tuple[str, ...]] = {
-    "v5e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
-    "v5p": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
-    "v6e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
-}
-"""Slice shapes :func:`smallest_slice` tries, smallest first (chips = the product, v5p counts chips)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A parsed target: ``platform`` ``"tpu"`` or ``"cpu"``, ``num_devices``, ``chip`` and
-    ``topology`` (``"v5e"``, ``"8x8"``) for TPUs."""
-
-    name: str
-    platform: str
-    num_devices: int
-    chip: str | None = None
-    topology: str | None = None
-
-
-def parse_target(target: str) -> Target:
-    """``"v5e:8x8"`` / ``"v5p:2x2x4"`` / ``"v6e:4x4"`` (TPU chip and slice shape) or ``"cpu:N"``.
-
-    Raises:
-      ValueError: an unknown chip, a malformed shape or count (the message lists the forms).
-    """
-    forms = f"'cpu:N' or '<tpu>:<shape>' with <tpu> in {tuple(TPU_TOPOLOGIES)}, e.g. 'v5e:8x8', 'v5p:2x2x4'"
-    if not isinstance(target, str) or ":" not in target:
-        raise ValueError(f"unknown target {target!r}; use {forms}")
-    kind, _, shape = target.strip().partition(":")
-    kind = kind.lower()
-    if kind == "cpu":
-        if not shape.isdigit() or int(shape) < 1:
-            raise ValueError(f"target {target!r}: the CPU device count must be a positive integer ('cpu:64')")
-        return Target(target, "cpu", int(shape))
-    if kind not in TPU_TOPOLOGIES:
-        raise ValueError(f"unknown target {target!r}; use {forms} (GPU slices: plan on 'cpu:N' and compare "
-                         f"against the HBM of {sorted(c for c in CHIPS if c.startswith('h'))})")
-    if not re.fullmatch(r"\d+(x\d+){1,2}", shape):
-        raise ValueError(f"target {target!r}: the slice shape must look like 8x8 or 2x2x4")
-    dims = [int(d) for d in shape.split("x")]
-    want = 3 if kind == "v5p" else 2
-    if len(dims) != want or min(dims) < 1:
-        raise ValueError(f"target {target!r}: a {kind} slice shape has {want} dimensions (e.g. "
-                         f"{TPU_TOPOLOGIES[kind][2]})")
-    return Target(f"{kind}:{shape}", "tpu", math.prod(dims), kind, shape)
-
-
-def libtpu_dir(path: str | os.PathLike | None = None) -> Path:
-    """The directory holding the ``libtpu`` package for TPU compiles (never on the import path).
-
-    ``path``, else ``$JAXUNLEARN_LIBTPU_DIR``, else ``.venv/libtpu`` of this repository.
-
-    Raises:
-      FileNotFoundError: no ``libtpu`` package there; the message gives the pip command.
-    """
-    if path is None:
-        path = os.environ.get("JAXUNLEARN_LIBTPU_DIR") or Path(__file__).resolve().parents[1] / ".venv" / "libtpu"
-    path = Path(path)
-    if not (path / "libtpu").is_dir():
-        try:
-            import importlib.metadata as md
-
-            pin = next(r.split(";")[0] for r in md.requires("jax") or () if r.startswith("libtpu"))
-        except Exception:  # no metadata: name the package only
-            pin = "libtpu"
-        raise FileNotFoundError(
-            f"no libtpu in {path}: TPU targets are compiled with libtpu kept off the import path; install it "
-            f"with `pip install --target {path} '{pin}'` (jax's tpu extra pin) or set JAXUNLEARN_LIBTPU_DIR")
-    return path
 
 
 # ---------------------------------------------------------------- HLO collectives
@@ -422,6 +333,9 @@ class PlanResult:
 TPU_NOTE = ("Memory, FLOPs and collectives are XLA:TPU's own for this slice; 'bound' is a roofline lower bound "
             "on the step time (max of FLOPs / peak bf16 FLOP/s and bytes accessed / HBM bandwidth), not a "
             "measurement.")
+GPU_NOTE = ("Memory and collectives are XLA:GPU's own for these GPUs (compiled without a GPU: no autotuning). "
+            "XLA:GPU gives no cost analysis without a device, so no FLOPs and no time bound (plan on a TPU or "
+            "cpu:N target for the FLOP count).")
 CPU_NOTE = ("Compiled by XLA:CPU on forced host devices: for a GPU slice these numbers are an estimate (XLA:GPU "
             "fuses and assigns buffers differently); no time bound is given.")
 
@@ -457,7 +371,10 @@ def _run_worker(spec: dict[str, Any], target: Target, libtpu: str | os.PathLike 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXUNLEARN_KERNEL_IMPL": kernels}
     root = str(Path(__file__).resolve().parents[1])
     paths = [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    if target.platform == "tpu":
+    if target.platform == "cuda":  # the plugin registers without a driver only with JAX_PLATFORMS=cpu
+        paths.insert(0, str(cuda_dir()))
+        env.pop("XLA_FLAGS", None)
+    elif target.platform == "tpu":
         paths.insert(0, str(libtpu_dir(libtpu)))
         env.pop("XLA_FLAGS", None)
         # compiling attaches no chip: skip libtpu's one-process-per-host lock, so a plan runs beside
@@ -534,7 +451,9 @@ def plan(
     spec = _spec(cfg, t, mesh, batch=batch, seq=seq, method=base, retain_k=retain_k, passes=tuple(passes))
     spec["project"] = project
     if t.platform == "tpu":
-        libtpu_dir(libtpu)  # a missing libtpu is named before the subprocess starts
+        libtpu_dir(libtpu)  # a missing libtpu (or CUDA plugin) is named before the subprocess starts
+    elif t.platform == "cuda":
+        cuda_dir()
     if kernels not in ("auto", "xla", "pallas"):
         raise ValueError(f"plan: kernels must be 'auto', 'xla' or 'pallas', got {kernels!r}")
     raw = _run_worker(spec, t, libtpu, timeout, kernels)
@@ -543,12 +462,13 @@ def plan(
     for name in passes:
         r = raw["passes"][name]
         bound = (max(r["flops"] / chip.peak_bf16_flops, r["bytes_accessed"] / chip.hbm_bandwidth)
-                 if chip is not None and "error" not in r else None)
+                 if chip is not None and "error" not in r and (r["flops"] or r["bytes_accessed"]) else None)
         out[name] = PassPlan(name=name, roofline_seconds=bound, **r)
     name = str(model) if not isinstance(model, ModelConfig) else f"{cfg.architecture} d={cfg.hidden_size}"
     return PlanResult(model=name, num_params=raw["num_params"], target=t.name, platform=t.platform,
                       mesh=spec["mesh"], batch=batch, seq=seq, method=method, retain_k=retain_k if project else 0,
-                      param_dtype=param_dtype, kernels=kernels, passes=out, note=TPU_NOTE if t.platform == "tpu" else CPU_NOTE)
+                      param_dtype=param_dtype, kernels=kernels, passes=out,
+                      note={"tpu": TPU_NOTE, "cuda": GPU_NOTE}.get(t.platform, CPU_NOTE))
 
 
 def smallest_slice(model: str | os.PathLike | ModelConfig, chip: str, *, passes: Sequence[str] = ("unlearn",),

@@ -1,10 +1,10 @@
 """``jaxunlearn plan``: the command-line face of :func:`jaxunlearn.plan.plan`.
 
-``jaxunlearn plan MODEL --target v5e:8x8 --mesh fsdp=16,tp=4 --batch 32 --seq 512 --method npo_proj``
+``jaxunlearn plan MODEL --target v5e:8x8 (or h100:8) --mesh fsdp=16,tp=4 --batch 32 --seq 512 --method npo_proj``
 compiles the unlearning step, the fused-Fisher pass and the evaluation forward for the target from
 abstract shapes (no weights) and prints per-device memory, FLOPs, collectives and which chips the
 run fits; ``--json FILE`` writes the same as a dict. Exit status 1 when a pass did not compile or
-the run does not fit the chip named by a TPU ``--target``.
+the run does not fit the chip named by a TPU or GPU ``--target``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[1])
     p.add_argument("model", help="a preset (llama-2-7b, llama-3-8b, llama-3-70b, qwen2-7b), a config.json "
                    "or a checkpoint directory")
-    p.add_argument("--target", default="v5e:8x8", help="a TPU topology libtpu accepts (v5e:8x8, v5p:4x4x4, ...) "
-                   "or cpu:N (N forced host devices; an estimate for GPUs)")
+    p.add_argument("--target", default="v5e:8x8", help="a TPU topology libtpu accepts (v5e:8x8, v5p:4x4x4, ...), "
+                   "NVIDIA GPUs h100:N / a100:N (compiled by XLA:GPU with no GPU attached), or cpu:N (N forced "
+                   "host devices; an estimate)")
     p.add_argument("--mesh", default="fsdp=16,tp=4", help="mesh axes, their product = the target's devices")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=512)

@@ -90,10 +90,15 @@ def build_passes(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, batch: int, seq: 
     return out
 
 
-def _cost(compiled) -> dict[str, float]:
+def _cost(compiled, lowered) -> dict[str, float]:
+    """FLOPs and bytes accessed of the compiled program; where the backend gives none (a GPU
+    compiled with no device attached), XLA's estimate for the lowered, unoptimised program."""
     cost = compiled.cost_analysis()
+    if cost is None:
+        cost = lowered.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
         cost = cost[0] if cost else {}
+    cost = cost or {}
     return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
@@ -107,7 +112,8 @@ def compile_passes(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, batch: int, seq
                                            retain_k=retain_k, passes=passes).items():
         start = time.perf_counter()
         try:
-            compiled = step.lower(*args).compile()
+            lowered = step.lower(*args)
+            compiled = lowered.compile()
         except Exception as e:  # the compiler's refusal is a result of the plan, reported per pass
             result[name] = {"error": f"{type(e).__name__}: {e}"[:1500],
                             "compile_seconds": round(time.perf_counter() - start, 2)}
@@ -117,7 +123,7 @@ def compile_passes(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, batch: int, seq
         arg, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
         alias, temp = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
         result[name] = {"argument_bytes": arg, "output_bytes": out_b, "alias_bytes": alias, "temp_bytes": temp,
-                        "peak_bytes": arg + out_b - alias + temp, **_cost(compiled),
+                        "peak_bytes": arg + out_b - alias + temp, **_cost(compiled, lowered),
                         "collectives": parse_collectives(compiled.as_text(), mesh.size),
                         "compile_seconds": round(seconds, 2)}
     return result
@@ -129,6 +135,13 @@ def _devices(spec: Mapping[str, Any]) -> list:
 
         name = f"{spec['chip']}:{spec['topology']}"
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    if spec["platform"] == "cuda":
+        from jax.experimental import topologies
+
+        from jaxunlearn.plan_targets import gpu_target_config
+
+        return list(topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(spec["chip"]),
+                                                 topology=spec["topology"]).devices)
     devices = jax.devices()
     if len(devices) != spec["num_devices"]:
         raise RuntimeError(f"expected {spec['num_devices']} CPU devices, JAX has {len(devices)} (XLA_FLAGS="

@@ -6,7 +6,7 @@ runs use, so a CPU run never starts looking for a GPU) and with ``JAX_PLATFORMS=
 keeps the plugin from checking for a CUDA driver, which a host without a GPU lacks, and refusing
 to register). ``jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...,
 topology="1x1x<n>")`` gives ``n`` compile-only devices of the GPU the ``GpuTargetConfigProto``
-text in ``tests/gpu_targets`` describes, and ``jax.jit(f).lower(ShapeDtypeStructs on those
+text in ``jaxunlearn/gpu_targets`` describes, and ``jax.jit(f).lower(ShapeDtypeStructs on those
 devices).compile()`` runs the real XLA:GPU compiler with no device (XLA logs "Found GPU target
 config and no PjRtClient. Performing a deviceless compilation."): Triton (the Pallas kernels
 and XLA's own fusions) to PTX for the target's ``sm_XX``, then ptxas to a cubin; autotuning,
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +31,9 @@ from jax.sharding import SingleDeviceSharding
 
 from compile_cases import compile_case, fisher_kernel_cases, library_cases, place, sharded_cases
 from jaxunlearn.kernels import projection as kp
+from jaxunlearn.plan_targets import GPU_TARGET_CONFIGS, gpu_target_config
 
-TARGET_DIR = Path(__file__).resolve().parent / "gpu_targets"
-TARGETS = {"h100": "h100_sxm.txtpb", "a100": "a100_sxm_80.txtpb"}
+TARGETS = tuple(GPU_TARGET_CONFIGS)
 DTYPES = ("float32", "bfloat16")
 # the library steps (the same kernels inside larger XLA programs, seconds each to compile) on one
 # target: what differs between GPU generations is the Triton code of the kernels, compiled for each
@@ -46,8 +45,7 @@ SHARDED_DEVICES = 8
 
 def topology(target: str, n: int = 1):
     """``n`` compile-only devices of ``target`` on one host."""
-    config = (TARGET_DIR / TARGETS[target]).read_text()
-    return topologies.get_topology_desc(platform="cuda", target_config=config, topology=f"1x1x{n}")
+    return topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target), topology=f"1x1x{n}")
 
 
 def _triton_k(k: int) -> int:

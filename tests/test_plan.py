@@ -89,7 +89,7 @@ def no_subprocess(monkeypatch):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(model="llama-9b"), "unknown model preset 'llama-9b'"),
     (dict(target="v5e:8x8", mesh="fsdp=8,tp=4"), "32 devices in all .* but there are 64"),
-    (dict(target="a100:8"), "unknown target 'a100:8'"),
+    (dict(target="b200:8"), "unknown target 'b200:8'"),
     (dict(target="cpu:zero"), "positive integer"),
     (dict(target="v5p:8x8"), "3 dimensions"),
     (dict(target="cpu:64", mesh="fsdp=64", batch=32), "batch 32 is not divisible"),

@@ -99,3 +99,29 @@ def test_a_tiny_model_plans_on_a_v5e_slice_with_xla_tpu():
         assert p.roofline_seconds > 0 and p.flops > 0
         assert p.collectives  # a sharded program communicates
     assert r.fits["v5e"] and "not a measurement" in r.note
+
+
+# ---------------------------------------------------------------- XLA:GPU, no GPU attached
+
+
+def test_gpu_targets_parse():
+    t = pl.parse_target("h100:16")
+    assert (t.platform, t.chip, t.num_devices, t.topology) == ("cuda", "h100", 16, "1x2x8")
+    assert pl.parse_target("a100:4").topology == "1x1x4"
+    for bad in ("h100:12", "h100:0", "h100:x"):
+        with pytest.raises(ValueError, match="GPU count"):
+            pl.parse_target(bad)
+
+
+def test_a_tiny_model_plans_on_eight_h100s_with_xla_gpu():
+    pl.cuda_dir()  # make installs the CUDA plugin into .venv/cuda; missing, this names how to install it
+    tiny = CFG.replace(hidden_size=128, intermediate_size=256)
+    r = pl.plan(tiny, target="h100:8", mesh="fsdp=4,tp=2", batch=8, seq=32, passes=("eval", "unlearn"))
+    cpu = pl.plan(tiny, target="cpu:8", mesh="fsdp=4,tp=2", batch=8, seq=32, passes=("eval", "unlearn"))
+    for name, p in r.passes.items():
+        assert p.error is None, p.error
+        assert p.collectives  # a sharded program communicates
+        assert p.roofline_seconds is None and p.flops == 0  # no cost analysis without a device
+        # the same arguments per device as on 8 CPU devices (the shardings are the same)
+        assert p.argument_bytes == cpu.passes[name].argument_bytes
+    assert r.fits["h100"] and "XLA:GPU" in r.note

@@ -8,7 +8,7 @@ register a CUDA backend, look for a driver and log an error at every start). Non
 CUDA libraries (cuBLAS, cuDNN, NCCL, ...) is needed to compile. ``tests/gpu_compile_worker.py``
 runs in a subprocess with that directory on ``PYTHONPATH`` and ``JAX_PLATFORMS=cpu`` (with which
 the plugin registers without a driver), compiles each case for compile-only devices described by
-a ``GpuTargetConfigProto`` (``tests/gpu_targets``) and reports the compiler's result per case; a
+a ``GpuTargetConfigProto`` (``jaxunlearn/gpu_targets``) and reports the compiler's result per case; a
 configuration the compiler rejects fails here with its message. On 8 H100s the sharded steps
 compile with the kernels per shard where a ``shard_map`` is manual over every mesh axis, and
 with their XLA path where XLA partitions. Compiling is not running: numerics on a GPU are
