@@ -11,8 +11,17 @@ TOFU-style and after INT4 fake quantisation, and writes
 - ``forget_vs_utility.png``: forget quality against model utility per method (means, with
   interval bars);
 - the printed table (method, seeds aggregated, forget quality, model utility, forget
-  probability, MIA AUC (Min-k), INT4 forget-probability recovery, wall time), each number a
-  mean over seeds with its 95% Student-t half-width (:mod:`jaxunlearn.stats`).
+  probability, MIA AUC (Min-k), INT4 forget-probability recovery, with MUSE data MUSE's KnowMem
+  forget / retain, VerbMem forget and PrivLeak, wall time), each number a mean over seeds with
+  its 95% Student-t half-width (:mod:`jaxunlearn.stats`; rows and table:
+  :mod:`jaxunlearn.results_table`).
+
+MUSE. With MUSE data (``DemoConfig.muse``, :mod:`jaxunlearn.pipeline`) every model is also
+evaluated by :func:`jaxunlearn.eval.muse.muse_eval` (:data:`MUSE_EVAL`), PrivLeak against the
+reference's passage AUC (the reference's own PrivLeak is 0, as its forget quality is 1), and
+the methods unlearn every training row about the forget people -- QA rows, KnowMem pairs and
+the passages cut into windows of the QA rows' length (:func:`jaxunlearn.pipeline.unlearning_sets`)
+-- with the retain people's rows as their retain set.
 
 Seeds. Each method runs once per seed ``s`` from the same target parameters, with
 ``UnlearnContext.seed = s``. That seed is all the randomness a method has (no method draws
@@ -42,26 +51,32 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from jaxunlearn.eval.quant_recovery import forget_metrics, quantization_recovery
-from jaxunlearn.eval.runner import EvalResult, encode_eval_splits, evaluate_model, to_jsonable
+from jaxunlearn.eval.mia import privleak
+from jaxunlearn.eval.muse import muse_eval
+from jaxunlearn.eval.quant_recovery import quantization_recovery
+from jaxunlearn.eval.runner import encode_eval_splits, evaluate_model, to_jsonable
 from jaxunlearn.eval.tofu import forget_quality
 from jaxunlearn.method_configs import MethodConfig, load_method_config, method_config_to_dict
 from jaxunlearn.methods import UnlearnContext, run_method
 from jaxunlearn.models import DecoderFn
 from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
-from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair
-from jaxunlearn.stats import DEFAULT_SEEDS, aggregate_rows, format_interval, interval_of
+from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair, unlearning_sets
+from jaxunlearn.results_table import failed_row, format_results_table, plot_forget_vs_utility, summarize
+from jaxunlearn.stats import DEFAULT_SEEDS, aggregate_rows
 from jaxunlearn.tree import check_finite
 
 __all__ = ["DEFAULT_METHODS", "load_method_configs", "summarize", "failed_row", "format_results_table", "plot_forget_vs_utility",
            "run_benchmark", "benchmark_methods", "compare_methods", "write_benchmark", "default_configs_dir",
-           "seed_list", "seeded_config", "DEFAULT_SEEDS"]
+           "seed_list", "seeded_config", "DEFAULT_SEEDS", "MUSE_EVAL"]
 
 DEFAULT_METHODS = ("task_vector", "perta_grad", "perta_fisher", "ssd", "ga", "ga_proj", "grad_diff",
                    "grad_diff_proj", "npo", "npo_proj", "simnpo", "simnpo_proj", "saf", "salun")
+#: ``muse_eval`` keywords of the benchmark on the synthetic MUSE data: MUSE's 32-token KnowMem
+#: budget, and 64 VerbMem tokens instead of 128 (the synthetic continuations are at most 45 tokens,
+#: so the cut targets are whole; decoding stops at the EOS the passages were trained with).
+MUSE_EVAL: dict[str, Any] = {"knowmem_max_new_tokens": 32, "verbmem_max_new_tokens": 64}
 
 
 def seed_list(base: int, count: int) -> list[int]:
@@ -118,120 +133,6 @@ def load_method_configs(methods: Sequence[str],
             raise ValueError(f"unknown method {m!r}: no config {f} (available: {', '.join(available)})")
         out[m] = load_method_config(f)
     return out
-
-
-def summarize(result: EvalResult, recovery: Mapping[str, Any] | None, seconds: float | None) -> dict[str, float]:
-    """One table row: the headline numbers of an evaluation (and its INT4 recovery)."""
-    agg = result.aggregates
-    fm = forget_metrics(result)
-    row = {
-        "forget_quality": float(agg.get("forget_quality", float("nan"))),
-        "model_utility": float(agg.get("model_utility", float("nan"))),
-        "forget_probability": float(fm["probability"]),
-        "forget_truth_ratio": float(fm["truth_ratio"]),
-        "mia_auc_min_k": float(agg.get("mia_auc", {}).get("min_k", float("nan"))),
-        "privleak_min_k": float(agg.get("privleak", {}).get("min_k", float("nan"))),
-        "seconds": float("nan") if seconds is None else float(seconds),
-    }
-    if recovery is not None and "int4" in recovery:
-        row["int4_recovery"] = float(recovery["int4"]["recovery"]["probability"])
-    else:
-        row["int4_recovery"] = float("nan")
-    return row
-
-
-def failed_row(error: BaseException, seconds: float | None) -> dict[str, Any]:
-    """The table row of a method that failed: every number NaN, ``error`` the reason."""
-    row: dict[str, Any] = {key: float("nan") for key, _, _ in _COLUMNS[1:]}
-    row["seconds"] = float("nan") if seconds is None else float(seconds)
-    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
-    return row
-
-
-_COLUMNS = (("method", "method", "s"), ("forget_quality", "forget_q", ".3g"), ("model_utility", "utility", ".3f"),
-            ("forget_probability", "forget_p", ".3f"), ("mia_auc_min_k", "MIA_AUC", ".3f"),
-            ("int4_recovery", "int4_rec", "+.3f"), ("seconds", "time_s", ".1f"))
-
-
-def format_results_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
-    """A fixed-width text table, one row per method (the order of ``rows``).
-
-    Each number is the mean over seeds with its 95% interval half-width (``"0.40 ± 0.05"``,
-    :func:`jaxunlearn.stats.format_interval`); column ``n`` is the number of seeds aggregated
-    (of the seeds run, when some failed). A row aggregated from one seed (or a plain
-    :func:`summarize` row) shows the number alone, and a note under the table says so.
-    """
-    head = [_COLUMNS[0][1], "n"] + [short for _, short, _ in _COLUMNS[1:]]
-    table = [head]
-    single = []
-    for name, row in rows.items():
-        n, n_seeds = int(row.get("n", 0 if row.get("error") else 1)), int(row.get("n_seeds", 1))
-        cells = [name, str(n) if n == n_seeds else f"{n}/{n_seeds}"]
-        for key, _, fmt in _COLUMNS[1:]:
-            iv = interval_of(row, key)
-            cells.append(format_interval(iv.mean, iv.half_width, fmt))
-        if n == 1:
-            single.append(name)
-        table.append(cells)
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
-    lines.insert(1, "-" * len(lines[0]))
-    notes = []
-    for name, row in rows.items():
-        if row.get("error"):
-            notes.append(f"{name}: FAILED ({row['error']})")
-        for seed, err in (row.get("failed_seeds") or {}).items():
-            if not row.get("error"):
-                notes.append(f"{name}: FAILED on seed {seed} ({err}); aggregated over the other {row.get('n')}")
-    if len(single) == len(table) - 1:
-        notes.append("one seed: no intervals (a ± needs n >= 2)")
-    else:
-        notes.append("x ± h: mean over n seeds ± the 95% Student-t half-width t(0.975, n-1)*s/sqrt(n)"
-                     + (f"; n = 1 (no interval): {', '.join(single)}" if single else ""))
-    return "\n".join(lines + notes)
-
-
-def plot_forget_vs_utility(rows: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> str:
-    """Forget quality (log scale) against model utility, one labelled point per method.
-
-    A point is the mean over seeds; where a row has intervals (:func:`jaxunlearn.stats.aggregate_rows`)
-    bars show them (on the log axis a forget-quality interval reaching zero or below is drawn
-    two decades down from the mean).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    floor = 1e-30
-    for name, row in rows.items():
-        fq, mu = interval_of(row, "forget_quality"), interval_of(row, "model_utility")
-        if not (np.isfinite(fq.mean) and np.isfinite(mu.mean)):
-            continue
-        x = max(fq.mean, floor)
-        marker = "*" if name in ("target", "reference") else "o"
-        xerr = yerr = None
-        if np.isfinite(fq.half_width):
-            low = fq.low if fq.low > 0 else x / 100.0  # log axis: a bound <= 0 is drawn two decades down
-            xerr = [[x - low], [fq.half_width]]
-        if np.isfinite(mu.half_width):
-            yerr = [[mu.half_width], [mu.half_width]]
-        if xerr is not None or yerr is not None:
-            ax.errorbar([x], [mu.mean], xerr=xerr, yerr=yerr, fmt="none", elinewidth=0.8, capsize=2, alpha=0.6)
-        ax.scatter([x], [mu.mean], marker=marker, s=80 if marker == "*" else 36)
-        ax.annotate(name, (x, mu.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("forget quality (KS p-value vs reference, log scale)")
-    ax.set_ylabel("model utility")
-    ax.set_title("jaxunlearn: forget quality vs model utility (mean, 95% interval over seeds)")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return os.fspath(path)
 
 
 def run_benchmark(
@@ -334,8 +235,11 @@ def benchmark_methods(
     # the reference's 200 (same greedy text up to the answer, 6x less generation time)
     ev = dict(forget=fs, retain=rs, general="general", holdout="holdout", rouge_examples=rouge_examples,
               max_new_tokens=None)
+    forget, retain = unlearning_sets(data)
     head = {"demo_config": to_jsonable(cfg), "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
-            "forget_split": fs, "retain_split": rs, "train_seeds": bool(train_seeds)}
+            "forget_split": fs, "retain_split": rs, "train_seeds": bool(train_seeds),
+            "unlearning_rows": {"forget": len(forget["input_ids"]), "retain": len(retain["input_ids"])},
+            "muse_eval": dict(MUSE_EVAL) if data.muse is not None else None}
     bar.update(1)
     done: list[dict[str, Any]] = []
     for i, s in enumerate(pairs):
@@ -346,14 +250,15 @@ def benchmark_methods(
         bar.update(1)
         target, reference = pair["target"][0], pair["reference"][0]
         fn, params = DecoderFn.of(target)
-        ctx = UnlearnContext(fn, params, data.encoded[fs], data.encoded[rs], seed=s)
+        ctx = UnlearnContext(fn, params, forget, retain, seed=s)
 
         def update(partial, done=done, s=s):
             if on_update is not None:
                 on_update({**head, **_merge(done + [_label(partial, s if train_seeds else None)]), "complete": False})
 
         out = compare_methods(target, reference, tok, enc, ev, ctx, configs, seeds=[s] if train_seeds else seeds,
-                              quant_schemes=quant_schemes, bar=bar, on_update=update)
+                              quant_schemes=quant_schemes, bar=bar, on_update=update, muse=data.muse,
+                              muse_kwargs=MUSE_EVAL)
         done.append(_label(out, s if train_seeds else None))
     bar.close()
     return {**head, **_merge(done), "seconds_total": time.perf_counter() - t_start}
@@ -407,6 +312,8 @@ def compare_methods(
     quant_schemes: Sequence[str] = ("int4",),
     bar=None,
     on_update: Callable[[dict[str, Any]], None] | None = None,
+    muse=None,
+    muse_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the target (and reference), then run each method on ``ctx`` once per seed and evaluate it.
 
@@ -422,8 +329,10 @@ def compare_methods(
     ``ctx.seed`` set to each seed (what a seed changes: this module's docstring), evaluated
     by :func:`jaxunlearn.eval.runner.evaluate_model` (forget quality against the reference's
     evaluation) and by :func:`jaxunlearn.eval.quant_recovery.quantization_recovery` after
-    fake quantisation (``quant_schemes``; forget-side metrics only). The same inputs and seeds
-    on the same machine give bitwise the same numbers (all but the wall times).
+    fake quantisation (``quant_schemes``; forget-side metrics only) and, given ``muse``, by
+    :func:`jaxunlearn.eval.muse.muse_eval` (PrivLeak against the reference's; the reference's own
+    PrivLeak is ``privleak(AUC_ref, AUC_ref) = 0``). The same inputs and seeds on the same machine
+    give bitwise the same numbers (all but the wall times).
 
     Args:
       target: the model to unlearn (its parameters are ``ctx.params``).
@@ -439,6 +348,9 @@ def compare_methods(
       bar: an optional tqdm bar, advanced once for the target/reference and once per method and seed.
       on_update: called with the results so far (same keys as the return value) after the
         target and after every method (all its seeds), e.g. to write them incrementally.
+      muse: a :class:`~jaxunlearn.data.muse.MuseData` to add MUSE's columns to every row
+        (:func:`~jaxunlearn.results_table.summarize`), or None.
+      muse_kwargs: ``muse_eval`` keywords (e.g. :data:`MUSE_EVAL`).
 
     Returns:
       ``{"seeds", "table", "per_seed", "forget_truth_ratios", "details", "failed"}``:
@@ -460,15 +372,20 @@ def compare_methods(
     rows: dict[str, list] = {}
     truth_ratios: dict[str, list] = {}
     details: dict[str, list] = {}
-    ref_res = None
+    mk = dict(muse_kwargs or {})
+    ref_res = ref_muse = None
     if reference is not None:
         ref_res = evaluate_model(reference, tokenizer, encoded, **ev)
-        row = summarize(ref_res, None, None)
+        if muse is not None:
+            ref_muse = muse_eval(reference, tokenizer, muse, **mk)
+            auc = ref_muse["passage_min_k_auc"]
+            ref_muse["privleak"] = privleak(auc, auc)  # 0 against itself
+        row = summarize(ref_res, None, None, ref_muse)
         ref_tr = ref_res.splits[fs]["truth_ratio"]
         row["forget_quality"] = float(forget_quality(ref_tr, ref_tr))  # 1 against itself
         rows["reference"] = [{**row, "seed": None}]
         truth_ratios["reference"] = [ref_tr.tolist()]
-        details["reference"] = [{"seed": None, "aggregates": to_jsonable(ref_res.aggregates)}]
+        details["reference"] = [{"seed": None, "aggregates": to_jsonable(ref_res.aggregates), "muse": ref_muse}]
 
     def evaluate(name, seed, params, seconds):
         res = evaluate_model(target, tokenizer, encoded, params=params, reference=ref_res, **ev)
@@ -476,8 +393,9 @@ def compare_methods(
         if quant_schemes:
             rec = quantization_recovery(target, tokenizer, encoded, forget=fs, holdout=holdout, schemes=quant_schemes,
                                         params=params, reference=ref_res, baseline=res, rouge_examples=0)
-        row, tr = {**summarize(res, rec, seconds), "seed": seed}, res.splits[fs]["truth_ratio"].tolist()
-        detail = {"seed": seed, "aggregates": to_jsonable(res.aggregates), "quant": rec}
+        m = None if muse is None else muse_eval(target, tokenizer, muse, params=params, reference=ref_muse, **mk)
+        row, tr = {**summarize(res, rec, seconds, m), "seed": seed}, res.splits[fs]["truth_ratio"].tolist()
+        detail = {"seed": seed, "aggregates": to_jsonable(res.aggregates), "quant": rec, "muse": m}
         rows.setdefault(name, []).append(row)  # all three lists or none: they stay aligned
         truth_ratios.setdefault(name, []).append(tr)
         details.setdefault(name, []).append(detail)

@@ -1,13 +1,14 @@
 """The ``jaxunlearn`` command line.
 
     jaxunlearn demo    [--out results/demo] [--overwrite] [--steps N] [--forget-split forget10] [--methods ...]
-                       [--seeds N] [--train-seeds]
+                       [--seeds N] [--train-seeds] [--no-muse]
     jaxunlearn train   --model DIR --data PATH --splits SPLIT [SPLIT ...] --out DIR [--steps N]
                        [--learning-rate LR] [--batch-size B] [--resume-dir DIR [--checkpoint-every N]]
     jaxunlearn unlearn --model DIR --data PATH --forget SPLIT --retain SPLIT --method NAME --out DIR
                        [--resume-dir DIR [--checkpoint-every N]]
     jaxunlearn bench   --model DIR --data PATH --forget SPLIT --retain SPLIT [--reference DIR] [--general ...]
-                       [--holdout SPLIT] [--methods NAME ...] [--seed S] [--seeds N] --out DIR
+                       [--holdout SPLIT] [--methods NAME ...] [--seed S] [--seeds N] [--muse DIR [--verbmem-tokens N]]
+                       --out DIR
     jaxunlearn eval    --model DIR --data PATH --forget SPLIT [--retain ...] [--general ...] [--holdout SPLIT]
                        [--reference DIR] --out FILE.json
 
@@ -68,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate the synthetic benchmark, train target and reference models, print a results table",
         description="Runs the embedded default offline: synthetic fictitious-facts benchmark, a small Llama-style "
         "decoder trained from scratch as the target (all people) and as the reference (without the forget "
-        "people); prints answer probability / token accuracy / fact accuracy per split and writes "
-        "<out>/results.json, <out>/data and <out>/models/{target,reference}.",
+        "people), with MUSE passages and KnowMem QA about the same people; prints answer probability / token "
+        "accuracy / fact accuracy per split and one results table (TOFU and MUSE columns), and writes "
+        "<out>/results.json, <out>/data, <out>/muse and <out>/models/{target,reference}.",
     )
     d.add_argument("--out", default="results/demo", help="results directory (default: results/demo)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", nargs="*", default=None,
                    help="unlearning methods to benchmark (config names in --configs; default: all; none: skip)")
     d.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
+    d.add_argument("--no-muse", action="store_true", help="QA rows only: no MUSE passages, KnowMem QA or columns")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_mesh(d)
 
@@ -152,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quant", nargs="*", default=["int4"], choices=list(QUANT_SCHEMES),
                    help="fake-quantisation schemes for the recovery columns (default: int4)")
     b.add_argument("--rouge-examples", type=int, default=32, help="generate for the first N rows per split")
+    b.add_argument("--muse", default=None, help="a MUSE corpus directory (jaxunlearn.data.muse.load_muse layout, "
+                   "e.g. the demo's <out>/muse): add MUSE's KnowMem, VerbMem and PrivLeak columns")
+    b.add_argument("--verbmem-tokens", type=int, default=128,
+                   help="VerbMem generation budget with --muse (default 128, MUSE's; the demo uses 64)")
     b.add_argument("--seed", type=int, default=0, help="the first unlearning seed (default 0)")
     _add_seeds(b, DEFAULT_SEEDS)
     b.add_argument("--out", required=True, help="results directory")
@@ -361,8 +368,9 @@ def _unlearn(args, mesh) -> int:
 def _bench(args, mesh) -> int:
     from tqdm.auto import tqdm
 
-    from jaxunlearn.benchmark import (DEFAULT_METHODS, compare_methods, format_results_table,
+    from jaxunlearn.benchmark import (DEFAULT_METHODS, MUSE_EVAL, compare_methods, format_results_table,
                                       load_method_configs, write_benchmark)
+    from jaxunlearn.data.muse import load_muse
     from jaxunlearn.eval.runner import encode_eval_splits
     from jaxunlearn.methods import UnlearnContext
     from jaxunlearn.models import DecoderFn, from_pretrained
@@ -375,6 +383,10 @@ def _bench(args, mesh) -> int:
     seeds = _seeds(args)
     methods = list(DEFAULT_METHODS if args.methods is None else args.methods)
     configs = load_method_configs(methods, args.configs)  # a bad name or config fails before any loading
+    if args.verbmem_tokens < 1:
+        raise ValueError(f"--verbmem-tokens must be >= 1, got {args.verbmem_tokens}")
+    muse = load_muse(args.muse, raw=False) if args.muse else None
+    muse_kwargs = {**MUSE_EVAL, "verbmem_max_new_tokens": args.verbmem_tokens}
     model, tok, dd = _load_model_and_data(args)
     train_enc = _encode_splits(model, tok, dd, (args.forget, args.retain), args.separator)
     roles = {args.forget: "forget", args.retain: "retain", **{g: "general" for g in args.general}}
@@ -395,6 +407,7 @@ def _bench(args, mesh) -> int:
               rouge_examples=args.rouge_examples)
     head = {"model": os.path.abspath(args.model), "reference": args.reference and os.path.abspath(args.reference),
             "data": os.path.abspath(args.data), "roles": roles, "seed": args.seed, "train_seeds": False,
+            "muse": args.muse and os.path.abspath(args.muse), "muse_eval": muse_kwargs if muse else None,
             "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
             "forget_split": args.forget, "retain_split": args.retain}
     # process 0 writes the results; the others run the same SPMD program and write into a scratch directory
@@ -407,7 +420,7 @@ def _bench(args, mesh) -> int:
             bar = tqdm(total=1 + len(configs) * len(seeds), desc="bench", disable=args.no_progress,
                        dynamic_ncols=True)
             res = compare_methods(model, reference, tok, enc, ev, ctx, configs, seeds=seeds, quant_schemes=args.quant,
-                                  bar=bar,
+                                  bar=bar, muse=muse, muse_kwargs=muse_kwargs,
                                   on_update=lambda partial: write_json_atomic(
                                       tmp / "results.json", {**head, **partial, "complete": False}))
             bar.close()
@@ -501,6 +514,8 @@ def _demo(args, mesh) -> int:
         changes["seed"] = args.seed
     if args.steps is not None:
         changes["train"] = dataclasses.replace(cfg.train, steps=args.steps)
+    if args.no_muse:
+        changes["muse"] = False
     cfg = dataclasses.replace(cfg, **changes)
     # process 0 writes the results; the others run the same SPMD program and write into a scratch directory
     out, scratch = args.out, None

@@ -1,10 +1,12 @@
 """``make demo``: the embedded default end to end, offline, on CPU.
 
-Generates the synthetic benchmark, trains the target and the reference model
-from scratch, prints per split the mean answer probability, answer-token
-accuracy and fact-token accuracy of both, then runs every unlearning method of
+Generates the synthetic benchmark (TOFU-shaped QA and, unless ``DemoConfig(muse=False)``,
+MUSE-shaped passages and KnowMem QA about the same people: :mod:`jaxunlearn.pipeline`), trains
+the target and the reference model from scratch, prints per split the mean answer probability,
+answer-token accuracy and fact-token accuracy of both, then runs every unlearning method of
 ``experiments/configs`` on the target (:mod:`jaxunlearn.benchmark`) and prints
-one results table: each method run with ``seeds`` seeds, every number a mean with its 95%
+one results table (TOFU's columns, then MUSE's KnowMem, VerbMem and PrivLeak for every
+model): each method run with ``seeds`` seeds, every number a mean with its 95%
 interval over them (:mod:`jaxunlearn.stats`). The default, :data:`DEMO_SEEDS` = 1, keeps the
 demo short and gives no intervals; pass ``seeds=3`` to compare methods. By default the seeds
 vary the unlearning only (batch order, importance subsets: :mod:`jaxunlearn.benchmark`) on one
@@ -17,6 +19,7 @@ The benchmark's data are generated from ``cfg.seed`` and fixed across seeds. It 
   method per seed and of the reference);
 - ``<out>/forget_vs_utility.png``: forget quality against model utility;
 - ``<out>/data``: the benchmark and its tokenizer (``jaxunlearn.data.load_benchmark``);
+- ``<out>/muse``: its MUSE data (``jaxunlearn.data.muse.load_muse``; ``jaxunlearn bench --muse``);
 - ``<out>/models/{target,reference}``: Hugging Face checkpoints (``from_pretrained``) of the
   pair trained with ``cfg`` (the first seed's).
 """
@@ -40,6 +43,7 @@ from jaxunlearn.benchmark import (
     seed_list,
 )
 from jaxunlearn.data import save_benchmark
+from jaxunlearn.data.muse import save_muse
 from jaxunlearn.models import count_params, save_pretrained
 from jaxunlearn.method_configs import method_config_to_dict
 from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
@@ -47,14 +51,21 @@ from jaxunlearn.pipeline import DemoConfig, evaluate_splits, prepare_data, train
 
 __all__ = ["run_demo", "format_table", "DEMO_SEEDS"]
 
-# Unlearning seeds of a plain `jaxunlearn demo` / `make demo`: one, so that `make demo` stays under 10 minutes
-# on a 2-core CPU (about 6 min, 176 s of it training; every further seed adds about 175 s of unlearning and
-# evaluating the 14 methods, so 3 seeds take about 12 min). A single-seed table says it has no intervals;
-# compare methods with `--seeds 3` (or more).
+# Unlearning seeds of a plain `jaxunlearn demo` / `make demo`: one, so that `make demo` stays under 8 minutes
+# on a 2-core CPU (measured 2026-11-30 with the MUSE data: 5 min 48 s; 340 s in the demo, 158 s of it training
+# the pair and 175 s unlearning and evaluating the 14 methods; every further seed adds about those 175 s, so
+# 3 seeds take about 12 min). A single-seed table says it has no intervals; compare methods with `--seeds 3`.
 DEMO_SEEDS = 1
 
 SPLITS = ("forget10", "retain90", "general", "holdout")
 METRICS = (("probability", "prob"), ("token_acc", "tok_acc"), ("fact_acc", "fact_acc"))
+
+
+_MUSE_NOTE = ("\nMUSE: KnowMem_f / KnowMem_r = ROUGE-L F1 of the greedy answers to the forget / retain KnowMem "
+              "questions (forget: lower = forgotten);\nVerbMem_f = ROUGE-L F1 of the greedy continuation of the "
+              "forget passages (the reference's level is what the templates alone give);\nPrivLeak = (AUC - AUC_ref) "
+              "/ AUC_ref x 100 of the passage Min-k (k=0.4) AUC forget vs holdout (0 = as the reference, "
+              "-100 = fully leaked, > 0 = over-unlearned).")
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]], splits) -> str:
@@ -127,6 +138,8 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int,
     t_total = time.perf_counter() - t0
     datasets.disable_progress_bars()
     save_benchmark(os.path.join(out_dir, "data"), data.dataset, data.tokenizer)
+    if data.muse is not None:
+        save_muse(data.muse, os.path.join(out_dir, "muse"))
     for name, (model, _) in trained.items():
         save_pretrained(model, os.path.join(out_dir, "models", name), tokenizer=data.tokenizer)
     results = {
@@ -135,6 +148,7 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int,
         "train_seeds": train_seeds,
         "num_params": count_params(trained["target"][0]),
         "max_length": data.max_length,
+        "passage_length": data.passage_length,
         "split_sizes": {s: len(data.dataset[s]) for s in data.dataset},
         "history": {name: hist for name, (_, hist) in trained.items()},
         "metrics": table,
@@ -145,7 +159,12 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int,
         plot = plot_forget_vs_utility(bench["table"], os.path.join(out_dir, "forget_vs_utility.png"))
         results["plot"] = os.path.basename(plot)
         varied = "training and unlearning" if train_seeds else "unlearning"
-        print(f"\nunlearning {data.forget_split} ({len(data.dataset[data.forget_split])} QA pairs), "
+        what = f"{len(data.dataset[data.forget_split])} QA pairs"
+        if data.muse is not None:
+            n_qa = len(data.dataset[data.forget_split]) + len(data.knowmem["forget"]["input_ids"])
+            what += (f" + {len(data.knowmem['forget']['input_ids'])} KnowMem pairs + {len(data.muse.raw['forget'])} "
+                     f"passages in {bench['unlearning_rows']['forget'] - n_qa} windows of {data.max_length} tokens")
+        print(f"\nunlearning {data.forget_split} ({what}), "
               f"{len(configs)} methods x {len(seeds)} seed(s) {seeds} (seeds vary the {varied}), "
               f"{bench['seconds_total']:.0f} s\n")
         print(format_results_table(bench["table"]))
@@ -153,7 +172,7 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int,
               "utility = TOFU model utility;\nforget_p = forget answer probability; MIA_AUC = Min-k (k=0.4) "
               "ROC-AUC forget vs holdout (0.5 = no leak);\nint4_rec = forget_p after INT4 fake quantisation "
               "minus before; time_s = unlearning wall time;\nn = seeds aggregated. Two methods differ on a "
-              "column only where their intervals separate.")
+              "column only where their intervals separate." + (_MUSE_NOTE if data.muse is not None else ""))
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
     print(f"\ntotal {t_total:.0f} s")
     return results

@@ -1,6 +1,6 @@
 """Means and 95% intervals over seeds, for comparing unlearning methods.
 
-A benchmark row is a flat mapping of numbers (:func:`jaxunlearn.benchmark.summarize`). Run
+A benchmark row is a flat mapping of numbers (:func:`jaxunlearn.results_table.summarize`). Run
 with several seeds, a method has one row per seed; :func:`aggregate_rows` turns them into one
 row of per-column means with a Student-t interval over seeds,
 

@@ -8,12 +8,17 @@ are a deterministic function of ``(seed, step)`` (:func:`batch_at`), which is wh
 makes an interrupted run resume to the exact same parameters (on the same mesh). A
 resumable run's directory holds a run record (:func:`train_record`: the config and
 digests of the data and of the starting weights); another run's directory is refused.
+
+Several batch streams (:class:`Stream`): besides its main data a run can draw, every step, one
+batch from each further stream, e.g. long passages beside short QA rows, each stream padded to
+its own length (padding QA rows to the passages' length would multiply the cost of every QA
+batch). The step's loss is then the sum of the streams' losses (:func:`make_train_step`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +42,9 @@ __all__ = [
     "batch_at",
     "train",
     "train_record",
+    "step_batches",
     "BATCH_KEYS",
+    "Stream",
 ]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -81,6 +88,18 @@ class TrainConfig:
         check_int("TrainConfig", "checkpoint_every", self.checkpoint_every, min=0)
 
 
+class Stream(NamedTuple):
+    """A further batch stream of :func:`train`: encoded rows and the rows per step drawn from them.
+
+    Attributes:
+      data: encoded examples (numpy arrays of :data:`BATCH_KEYS`, one padded length).
+      batch_size: rows per step (at most ``len(data["input_ids"])``).
+    """
+
+    data: Mapping[str, np.ndarray]
+    batch_size: int
+
+
 class TrainState(NamedTuple):
     """Run state: ``step`` (int32 scalar), ``params`` (nnx.State of Params), ``opt_state`` (optax)."""
 
@@ -115,10 +134,18 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Cal
 
     The loss is :func:`jaxunlearn.models.answer_loss` (mean NLL per answer token) of
     ``apply_fn(params, input_ids, attention_mask) -> logits``: a
-    :class:`~jaxunlearn.models.DecoderFn` or any such function."""
+    :class:`~jaxunlearn.models.DecoderFn` or any such function. ``batch`` is one batch, or a
+    tuple of batches ``(b_1, ..., b_S)`` (one per :class:`Stream`, each its own padded length):
+    then ``loss = sum_s answer_loss(b_s)``, each stream's mean NLL per scored token weighted 1
+    whatever its size (a stream of long passages does not drown a stream of short answers)."""
+
+    def loss_fn(params, batch):
+        if isinstance(batch, tuple):
+            return sum(answer_loss(apply_fn, params, b) for b in batch)
+        return answer_loss(apply_fn, params, batch)
 
     def step(state: TrainState, batch):
-        loss, grads = jax.value_and_grad(lambda p: answer_loss(apply_fn, p, batch))(state.params)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -145,18 +172,51 @@ def batch_at(data: Mapping[str, np.ndarray], batch_size: int, step: int, seed: i
     return {k: np.asarray(data[k])[idx] for k in BATCH_KEYS}
 
 
-def train_record(params: Any, data: Mapping[str, np.ndarray], cfg: TrainConfig) -> dict[str, Any]:
+def train_record(params: Any, data: Mapping[str, np.ndarray], cfg: TrainConfig,
+                 streams: Sequence[Stream] = ()) -> dict[str, Any]:
     """What identifies a training run, as stored in :data:`jaxunlearn.runs.RUN_RECORD_FILE`.
 
     ``{"kind": "train", "config": cfg (without checkpoint_every), "data": digest, "params": digest,
     "num_params": n}``, the digests of the encoded data arrays (:data:`BATCH_KEYS`) and of the
-    starting parameters' values (:func:`jaxunlearn.runs.params_digest`).
+    starting parameters' values (:func:`jaxunlearn.runs.params_digest`); with further
+    ``streams`` also ``"streams": [{"data": digest, "batch_size": b}, ...]``.
     """
     config = dataclasses.asdict(cfg)
     config.pop("checkpoint_every")
-    return {"kind": "train", "config": config,
-            "data": array_digest({k: data[k] for k in BATCH_KEYS}),
-            "params": params_digest(params), "num_params": int(jt.size(params))}
+    out = {"kind": "train", "config": config,
+           "data": array_digest({k: data[k] for k in BATCH_KEYS}),
+           "params": params_digest(params), "num_params": int(jt.size(params))}
+    if streams:
+        out["streams"] = [{"data": array_digest({k: st.data[k] for k in BATCH_KEYS}), "batch_size": int(st.batch_size)}
+                          for st in streams]
+    return out
+
+
+def _check_streams(streams) -> list[Stream]:
+    out = []
+    for i, st in enumerate(streams, 1):
+        if not isinstance(st, tuple) or len(st) != 2:
+            raise TypeError(f"streams[{i - 1}] must be a Stream(data, batch_size), got {type(st).__name__}")
+        st = Stream(*st)
+        for k in BATCH_KEYS:
+            if k not in st.data:
+                raise KeyError(f"stream {i} lacks '{k}' (have {sorted(st.data)})")
+        check_int("Stream", f"batch_size of stream {i}", st.batch_size, min=1)
+        n = len(st.data["input_ids"])
+        if st.batch_size > n:
+            raise ValueError(f"stream {i}: batch_size {st.batch_size} is larger than its data ({n} examples)")
+        out.append(st)
+    return out
+
+
+def step_batches(data: Mapping[str, np.ndarray], cfg: TrainConfig, streams: Sequence[Stream], step: int):
+    """The batch(es) of ``step``: ``batch_at(data, cfg.batch_size, step, cfg.seed)``, and with further
+    ``streams`` the tuple of it and ``batch_at(stream_i.data, stream_i.batch_size, step, cfg.seed + i)``
+    for ``i = 1 .. len(streams)`` (each stream its own seeded epoch order)."""
+    main = batch_at(data, cfg.batch_size, step, cfg.seed)
+    if not streams:
+        return main
+    return (main, *(batch_at(st.data, st.batch_size, step, cfg.seed + i) for i, st in enumerate(streams, 1)))
 
 
 def train(
@@ -170,6 +230,7 @@ def train(
     log_every: int = 25,
     callback: Callable[[int, dict], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    streams: Sequence[Stream] = (),
 ) -> tuple[nnx.Module, list[dict]]:
     """Fine-tune ``model`` on encoded QA data (loss on answer tokens only).
 
@@ -187,6 +248,8 @@ def train(
       mesh: split every batch over this mesh's data-parallel axes
         (:func:`jaxunlearn.sharding.shard_batch`); default: the mesh the model's parameters
         are sharded on, if any. The batch size must be a multiple of the data-parallel size.
+      streams: further :class:`Stream` s drawn from every step (:func:`step_batches`); the loss is
+        the sum of the streams' answer losses (:func:`make_train_step`).
 
     Returns:
       ``(trained_model, history)``, history a list of ``{"step", "loss", "grad_norm"}``.
@@ -194,8 +257,9 @@ def train(
     for k in BATCH_KEYS:
         if k not in data:
             raise KeyError(f"training data lacks '{k}' (have {sorted(data)})")
+    streams = _check_streams(streams)
     fn, params = DecoderFn.of(model)
-    record = train_record(params, data, cfg) if checkpoint_dir else None
+    record = train_record(params, data, cfg, streams) if checkpoint_dir else None
     params = jax.tree.map(jnp.copy, params)  # the step donates its state: keep the caller's model alive
     if mesh is None:
         mesh = mesh_of(params)
@@ -209,9 +273,10 @@ def train(
                    dynamic_ncols=True)
         try:
             for s in bar:
-                batch = batch_at(data, cfg.batch_size, s, cfg.seed)
+                batch = step_batches(data, cfg, streams, s)
                 if mesh is not None:
-                    batch = shard_batch(batch, mesh)
+                    batch = (tuple(shard_batch(b, mesh) for b in batch) if isinstance(batch, tuple)
+                             else shard_batch(batch, mesh))
                 state, metrics = step_fn(state, batch)
                 if (s + 1) % log_every == 0 or s + 1 == cfg.steps:
                     m = {k: float(v) for k, v in metrics.items()}

@@ -33,7 +33,7 @@ SLOW_MODULES = {
     "bad_inputs/test_cli.py", "models/test_hf_parity.py", "kernels/test_lowering.py",
     "test_sharding.py", "test_fisher_sharded.py", "test_fisher_fused.py", "test_resume_unlearn.py",
     "test_projection_kernel_integration.py", "eval/test_eval_runner.py", "kernels/test_fisher_kernel.py",
-    "kernels/test_tpu_compile.py", "test_plan_compile.py", "test_plan_cli.py", "test_quant_bnb.py",
+    "kernels/test_tpu_compile.py", "kernels/test_gpu_compile.py", "test_plan_compile.py", "test_plan_cli.py", "test_quant_bnb.py",
     "models/test_remat.py", "eval/test_muse.py",
 }
 SLOW_TESTS = {"test_methods.py::test_perta_fisher_on_a_decoder_runs_the_fused_fisher"}
@@ -75,10 +75,11 @@ def tiny_demo_config():
 def tiny_pair(tmp_path_factory):
     """``SimpleNamespace(cfg, data, trained, dir)``: the prepared benchmark, the trained
     ``{"target": (model, history), "reference": ...}`` and, under ``dir``, the layout
-    ``jaxunlearn demo`` writes (``data/`` and ``models/{target,reference}``)."""
+    ``jaxunlearn demo`` writes (``data/``, ``muse/`` and ``models/{target,reference}``)."""
     import types
 
     from jaxunlearn.data import save_benchmark
+    from jaxunlearn.data.muse import save_muse
     from jaxunlearn.models import save_pretrained
     from jaxunlearn.pipeline import prepare_data, train_pair
 
@@ -87,6 +88,7 @@ def tiny_pair(tmp_path_factory):
     trained = train_pair(cfg, data, progress=False)
     out = tmp_path_factory.mktemp("tiny_pair") / "demo"
     save_benchmark(out / "data", data.dataset, data.tokenizer)
+    save_muse(data.muse, out / "muse")
     for name, (model, _) in trained.items():
         save_pretrained(model, out / "models" / name, tokenizer=data.tokenizer)
     return types.SimpleNamespace(cfg=cfg, data=data, trained=trained, dir=out)

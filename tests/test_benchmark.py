@@ -46,8 +46,24 @@ def test_benchmark_end_to_end_toy(tmp_path, configs_dir, tiny_pair):
             # forget quality is recomputable from the stored per-example truth ratios, per seed
             np.testing.assert_allclose(row["forget_quality"], ks_2samp(tr[m][i], tr["reference"][0]).pvalue)
     assert "int4_recovery" in table["npo"] and np.isfinite(table["npo"]["int4_recovery"])
+    # MUSE's columns, for every model and seed, aggregated like the others
+    for name in ("reference", "target", "npo", "ga_proj"):
+        for row in per_seed[name] + [table[name]]:
+            for key in ("knowmem_forget", "knowmem_retain", "verbmem_forget", "muse_auc"):
+                assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
+            assert np.isfinite(row["privleak_muse"]), name
+    assert table["npo"]["n"] == 2 and "privleak_muse" in table["npo"]["ci95"]
+    assert table["reference"]["privleak_muse"] == 0.0  # against itself
+    # the target memorised the forget passages: it continues them better than the reference, and finds
+    # them likelier than the never-seen holdout passages
+    assert table["target"]["verbmem_forget"] > table["reference"]["verbmem_forget"]
+    assert table["target"]["muse_auc"] > table["reference"]["muse_auc"]
+    assert saved["muse_eval"] == {"knowmem_max_new_tokens": 32, "verbmem_max_new_tokens": 64}
+    data = tiny_pair.data  # the methods unlearned every row about the forget people, passage windows included
+    assert saved["unlearning_rows"]["forget"] > len(data.dataset["forget10"]) + len(data.knowmem["forget"]["input_ids"])
     text = format_results_table(res["table"])
     assert text.splitlines()[0].split()[:4] == ["method", "n", "forget_q", "utility"] and " ± " in text
+    assert text.splitlines()[0].split()[-5:] == ["KnowMem_f", "KnowMem_r", "VerbMem_f", "PrivLeak", "time_s"]
     with pytest.raises(FileExistsError):
         run_benchmark(out, cfg=tiny_pair.cfg, methods=["npo"], configs_dir=configs_dir, progress=False)
     with pytest.raises(ValueError, match="seeds must be an int >= 1"):

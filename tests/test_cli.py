@@ -133,9 +133,10 @@ def test_bench_rows_equal_unlearn_then_eval(demo_dir, tmp_path, capsys):
               "--rouge-examples", "2"]
     out = tmp_path / "bench"
     assert main(["bench", "--model", model, "--reference", ref, "--data", data, *splits, "--methods", "ga",
-                 "task_vector", "--configs", str(configs), "--out", str(out), "--no-progress", "--seeds", "2"]) == 0
+                 "task_vector", "--configs", str(configs), "--out", str(out), "--no-progress", "--seeds", "2",
+                 "--muse", str(demo_dir / "muse"), "--verbmem-tokens", "64"]) == 0
     printed = capsys.readouterr().out
-    assert "task_vector" in printed and "int4_rec" in printed
+    assert "task_vector" in printed and "int4_rec" in printed and "VerbMem_f" in printed
     res = json.loads((out / "results.json").read_text())
     assert list(res["table"]) == ["reference", "target", "ga", "task_vector"]
     assert (out / "forget_vs_utility.png").is_file()
@@ -152,10 +153,31 @@ def test_bench_rows_equal_unlearn_then_eval(demo_dir, tmp_path, capsys):
     np.testing.assert_allclose(row["model_utility"], agg["model_utility"], rtol=1e-5)
     np.testing.assert_allclose(row["forget_quality"], agg["forget_quality"], rtol=1e-5)
     assert row["forget_probability"] < res["table"]["target"]["forget_probability"]
+    # the MUSE columns are muse_eval's of the unlearned model, PrivLeak against the reference's AUC
+    from jaxunlearn.benchmark import MUSE_EVAL
+    from jaxunlearn.data.muse import load_muse
+    from jaxunlearn.eval.muse import muse_eval
+    from jaxunlearn.models import from_pretrained
+
+    muse = load_muse(demo_dir / "muse")
+    unlearned, tok = from_pretrained(unl)
+    ref_muse = muse_eval(from_pretrained(ref)[0], tok, muse, **MUSE_EVAL)
+    got = muse_eval(unlearned, tok, muse, reference=ref_muse, **MUSE_EVAL)
+    for key, src in (("knowmem_forget", "knowmem_forget"), ("verbmem_forget", "verbmem_forget"),
+                     ("privleak_muse", "privleak")):
+        np.testing.assert_allclose(row[key], got[src], rtol=1e-5, atol=1e-9, err_msg=key)
+    assert res["per_seed"]["reference"][0]["privleak_muse"] == 0.0
+    assert res["muse_eval"] == MUSE_EVAL  # --verbmem-tokens 64 is the demo's budget
     # an unknown method is named before any model is loaded; an existing directory is refused
     assert main(["bench", "--model", model, "--data", data, *splits, "--methods", "rmu", "--configs", str(configs),
                  "--out", str(tmp_path / "b2")]) == 2
     assert "unknown method 'rmu'" in capsys.readouterr().err
+    assert main(["bench", "--model", model, "--data", data, *splits, "--methods", "ga", "--configs", str(configs),
+                 "--muse", str(demo_dir / "muse"), "--verbmem-tokens", "0", "--out", str(tmp_path / "b3")]) == 2
+    assert "--verbmem-tokens must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["bench", "--model", model, "--data", data, *splits, "--methods", "ga", "--configs", str(configs),
+                 "--muse", str(tmp_path / "no-muse"), "--out", str(tmp_path / "b4")]) == 2
+    assert "no MUSE corpus directory" in capsys.readouterr().err
     assert main(["bench", "--model", model, "--data", data, *splits, "--methods", "ga", "--configs", str(configs),
                  "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err

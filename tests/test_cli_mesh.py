@@ -21,8 +21,8 @@ from jaxunlearn.checkpoint import latest_step
 from jaxunlearn.cli import main
 from jaxunlearn.data import save_benchmark
 from jaxunlearn.models import Decoder, save_pretrained
-from jaxunlearn.pipeline import DemoConfig, concat_encoded, model_config_for, prepare_data, train_pair
-from jaxunlearn.train import TrainConfig, train
+from jaxunlearn.pipeline import DemoConfig, model_config_for, prepare_data, train_pair, training_sets
+from jaxunlearn.train import Stream, TrainConfig, train
 
 # tests/test_cli.py's TINY with one block and a few training steps: the weights need not memorise
 # anything to compare a sharded run with an unsharded one, and compiles dominate the test time.
@@ -106,11 +106,11 @@ def test_demo_models_are_sharded_under_the_mesh(prepared):
     mesh = sh.make_mesh("fsdp=4,tp=2")
     with jax.set_mesh(mesh):  # what `jaxunlearn demo --mesh` does around the demo
         got = train_pair(cfg, prepared, progress=False)
-    # reference: the target trained on one device (the same init, data and steps)
-    e = prepared.encoded
+    # reference: the target trained on one device (the same init, data -- QA rows and passages -- and steps)
+    qa, passages = training_sets(prepared)["target"]
     ref, _ = train(Decoder(model_config_for(cfg, prepared.tokenizer, prepared.max_length), rngs=nnx.Rngs(cfg.seed)),
-                   concat_encoded(e[prepared.retain_split], e[prepared.forget_split], e["general"]), cfg.train,
-                   progress=False)
+                   qa, cfg.train, progress=False,
+                   streams=[Stream(passages, min(cfg.passage_batch_size, len(passages["input_ids"])))])
     ref = jax.tree.leaves(nnx.state(ref, nnx.Param))
     for name in ("target", "reference"):
         p = nnx.state(got[name][0], nnx.Param)

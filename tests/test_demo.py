@@ -1,9 +1,11 @@
 import dataclasses
 import json
+import math
 
 import pytest
 
 from jaxunlearn.cli import main
+from jaxunlearn.data.muse import load_muse
 from jaxunlearn.demo import run_demo
 from jaxunlearn.models import from_pretrained
 from jaxunlearn.pipeline import DemoConfig
@@ -30,6 +32,10 @@ def test_demo_end_to_end_writes_results_and_models(tmp_path, capsys):
     model, tok = from_pretrained(out / "models" / "target")
     assert model.config.vocab_size == len(tok)
     assert "forget10" in capsys.readouterr().out
+    # the MUSE data the models were trained on are saved beside the benchmark, in MUSE's layout
+    muse = load_muse(out / "muse")
+    assert len(muse.privleak_forget) == 1 and len(muse.raw["retain1"]) + len(muse.raw["retain2"]) == 9
+    assert saved["passage_length"] > saved["max_length"] and saved["config"]["muse"] is True
 
 
 def test_demo_refuses_to_overwrite(tmp_path, capsys):
@@ -78,6 +84,16 @@ def test_demo_seeds_repeat_the_unlearning_and_show_intervals(tmp_path, capsys):
     assert res["benchmark"]["table"]["npo"]["ci95"]["forget_probability"] >= 0
     printed = capsys.readouterr().out
     assert "1 methods x 2 seed(s) [0, 1]" in printed and " ± " in printed and "n = 1 (no interval)" in printed
+    # MUSE's columns for the reference, the target and every seed of the method
+    header = next(line for line in printed.splitlines() if line.startswith("method"))
+    assert header.split()[-5:-1] == ["KnowMem_f", "KnowMem_r", "VerbMem_f", "PrivLeak"] and "MUSE: KnowMem_f" in printed
+    assert "(8 QA pairs + 8 KnowMem pairs + 1 passages" in printed
+    for name in ("reference", "target", "npo"):
+        for row in bench["per_seed"][name]:
+            assert all(0.0 <= row[k] <= 1.0 for k in ("knowmem_forget", "knowmem_retain", "verbmem_forget"))
+            assert math.isfinite(row["privleak_muse"])
+    # the target finds its forget passage likelier than the never-trained holdout one; the reference does not
+    assert bench["table"]["target"]["muse_auc"] > bench["table"]["reference"]["muse_auc"]
 
 
 def test_demo_seeds_default_is_the_documented_one():
@@ -86,3 +102,17 @@ def test_demo_seeds_default_is_the_documented_one():
 
     assert build_parser().parse_args(["demo"]).seeds == DEMO_SEEDS
     assert build_parser().parse_args(["demo", "--seeds", "3", "--train-seeds"]).train_seeds
+    assert build_parser().parse_args(["demo", "--no-muse"]).no_muse and not build_parser().parse_args(["demo"]).no_muse
+
+
+def test_demo_without_muse_has_no_muse_columns(tmp_path, capsys):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "ga.json").write_text(json.dumps(
+        {"kind": "gradient", "batch_size": 4, "unlearn": {"method": "ga", "steps": 2, "learning_rate": 1e-3}}))
+    cfg = dataclasses.replace(TINY, muse=False, train=dataclasses.replace(TINY.train, steps=5))
+    res = run_demo(str(tmp_path / "run"), cfg=cfg, progress=False, methods=["ga"], configs_dir=str(configs),
+                   rouge_examples=1)
+    printed = capsys.readouterr().out
+    assert "KnowMem" not in printed and "(8 QA pairs)" in printed and not (tmp_path / "run" / "muse").exists()
+    assert "knowmem_forget" not in res["benchmark"]["table"]["ga"] and res["benchmark"]["muse_eval"] is None

@@ -108,3 +108,29 @@ def test_plot_draws_interval_bars(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000 and path.endswith("p.png")
     # plain single-run rows (as experiments pass them) still plot
     plot_forget_vs_utility({"a": {"forget_quality": 0.1, "model_utility": 0.5}}, tmp_path / "q.png")
+
+
+def test_muse_columns_go_into_the_row_the_aggregate_and_the_table():
+    from jaxunlearn.benchmark import format_results_table, summarize
+    from jaxunlearn.eval.runner import EvalResult
+
+    res = EvalResult(splits={}, generations={}, roles={},
+                     aggregates={"forget": {"probability": 0.2, "truth_ratio": 0.6}, "model_utility": 0.5})
+    muse = [{"knowmem_forget": kf, "knowmem_retain": 0.9, "verbmem_forget": vf, "privleak": pl,
+             "passage_min_k_auc": 0.7} for kf, vf, pl in ((0.1, 0.5, -20.0), (0.3, 0.7, -40.0))]
+    rows = [{**summarize(res, None, 1.0, m), "seed": s} for s, m in enumerate(muse)]
+    assert rows[0]["knowmem_forget"] == 0.1 and rows[0]["privleak_muse"] == -20.0 and rows[0]["muse_auc"] == 0.7
+    assert "knowmem_forget" not in summarize(res, None, 1.0)  # no MUSE evaluation, no MUSE keys
+    agg = aggregate_rows(rows)
+    np.testing.assert_allclose([agg["knowmem_forget"], agg["verbmem_forget"], agg["privleak_muse"]], [0.2, 0.6, -30.0])
+    # n = 2: half-width t_{0.975, 1} * s / sqrt(2), s = |x1 - x2| / sqrt(2)
+    np.testing.assert_allclose(agg["ci95"]["privleak_muse"], T975[1] * 20.0 / math.sqrt(2) / math.sqrt(2), rtol=5e-4)
+    failed = aggregate_rows([{"seed": 0, "forget_quality": float("nan"), "error": "E: x"}])
+    lines = format_results_table({"npo": agg, "ga": failed}).splitlines()
+    head = lines[0].split()
+    assert head[-5:] == ["KnowMem_f", "KnowMem_r", "VerbMem_f", "PrivLeak", "time_s"]
+    assert "-30.0 ± 127.1" in lines[2] and "0.200 ± 1.271" in lines[2]
+    assert lines[3].split()[head.index("KnowMem_f")] == "-"  # a failed method has no MUSE numbers
+    assert "KnowMem_f" not in format_results_table(_rows())  # rows without MUSE: no MUSE columns
+    with pytest.raises(KeyError, match="passage_min_k_auc"):
+        summarize(res, None, 1.0, {k: v for k, v in muse[0].items() if k != "passage_min_k_auc"})

@@ -122,3 +122,69 @@ def test_training_on_a_mesh_splits_batches_and_matches_one_device():
     np.testing.assert_allclose(got.table.embedding[...], ref.table.embedding[...], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="divisible"):
         tr.train(Bigram(16, nnx.Rngs(0)), data, tr.TrainConfig(steps=1, batch_size=6), progress=False, mesh=mesh)
+
+
+def _data_b(n=12, T=9, seed=1):
+    """A second stream for a 32-token bigram: longer rows (padded) of tokens 16..31 (``_data`` uses 0..15,
+    so fitting one stream teaches nothing of the other), x_{t+1} = 16 + (5 (x_t - 16) + 2) % 16."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(16, 32, size=(n, T)).astype(np.int32)
+    for t in range(1, T):
+        ids[:, t] = 16 + ((ids[:, t - 1] - 16) * 5 + 2) % 16
+    loss_mask = np.zeros((n, T), np.float32)
+    loss_mask[:, 1:7] = 1.0
+    attention_mask = np.zeros((n, T), np.int32)
+    attention_mask[:, :7] = 1
+    return {"input_ids": ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def test_a_step_on_several_streams_descends_the_sum_of_their_losses():
+    import optax
+
+    a, b = _data(n=8), _data_b(n=4)
+    fn, params = DecoderFn.of(Bigram(32, nnx.Rngs(0)))
+    ba = {k: jnp.asarray(v) for k, v in tr.batch_at(a, 8, 0, 0).items()}
+    bb = {k: jnp.asarray(v) for k, v in tr.batch_at(b, 4, 0, 0).items()}
+    # independent reference: the two losses and their gradients taken one at a time, then added
+    la, ga = jax.value_and_grad(lambda p: answer_loss(fn, p, ba))(params)
+    lb, gb = jax.value_and_grad(lambda p: answer_loss(fn, p, bb))(params)
+    want = jax.tree.map(lambda p, x, y: p - 0.5 * (x + y), params, ga, gb)
+    tx = optax.sgd(0.5)
+    state = tr.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params), tx.init(params))
+    state, metrics = tr.make_train_step(fn, tx)(state, (ba, bb))
+    np.testing.assert_allclose(float(metrics["loss"]), float(la + lb), rtol=1e-6)
+    for got, exp in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_step_batches_draw_each_stream_with_its_own_seed():
+    a, b = _data(n=8), _data_b(n=12)
+    cfg = tr.TrainConfig(steps=3, batch_size=4, seed=5)
+    assert isinstance(tr.step_batches(a, cfg, (), 2), dict)  # one stream: the plain batch, as before
+    main, extra = tr.step_batches(a, cfg, [tr.Stream(b, 3)], 2)
+    np.testing.assert_array_equal(main["input_ids"], tr.batch_at(a, 4, 2, 5)["input_ids"])
+    np.testing.assert_array_equal(extra["input_ids"], tr.batch_at(b, 3, 2, 6)["input_ids"])
+
+
+def test_training_with_a_second_stream_fits_both_and_records_it(tmp_path):
+    a, b = _data(), _data_b()
+    cfg = tr.TrainConfig(steps=80, batch_size=8, learning_rate=0.3, warmup_steps=5, weight_decay=0.0)
+    m, _ = tr.train(Bigram(32, nnx.Rngs(0)), a, cfg, progress=False, streams=[tr.Stream(b, 4)])
+    only_a, _ = tr.train(Bigram(32, nnx.Rngs(0)), a, cfg, progress=False)
+
+    def worst_nll(model, d):
+        ids = jnp.asarray(d["input_ids"])
+        return float(jnp.max(sequence_nll(model(ids), ids, jnp.asarray(d["loss_mask"]))))
+
+    assert worst_nll(m, a) < 1.0 and worst_nll(m, b) < 1.0  # both streams fitted
+    assert worst_nll(only_a, b) > 2.5  # stream b is not learnt without it
+    run = str(tmp_path / "run")
+    short = tr.TrainConfig(steps=2, batch_size=8)
+    tr.train(Bigram(32, nnx.Rngs(0)), a, short, progress=False, checkpoint_dir=run, streams=[tr.Stream(b, 4)])
+    with pytest.raises(ValueError, match="'streams"):  # another stream batch size is another run
+        tr.train(Bigram(32, nnx.Rngs(0)), a, short, progress=False, checkpoint_dir=run, streams=[tr.Stream(b, 2)])
+    with pytest.raises(ValueError, match="stream 1: batch_size 13 is larger than its data"):
+        tr.train(Bigram(32, nnx.Rngs(0)), a, short, progress=False, streams=[tr.Stream(b, 13)])
+    with pytest.raises(KeyError, match="stream 1 lacks 'loss_mask'"):
+        tr.train(Bigram(32, nnx.Rngs(0)), a, short, progress=False,
+                 streams=[tr.Stream({k: v for k, v in b.items() if k != "loss_mask"}, 4)])

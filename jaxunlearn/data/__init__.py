@@ -2,7 +2,8 @@
 
 - ``synthetic``: ``generate_benchmark`` (TOFU-shaped splits of invented people's facts);
 - ``tokenizer``: ``train_tokenizer`` (small deterministic BPE), ``benchmark_texts``;
-- ``muse``: MUSE-format corpora (``load_muse`` / ``save_muse``, ``encode_passages``);
+- ``muse``: MUSE-format corpora (``load_muse`` / ``save_muse``, ``encode_passages``,
+  ``encode_passage_windows``);
   ``synthetic_muse``: MUSE-shaped passages and knowledge QA about the synthetic people;
 - ``io``: ``save_benchmark`` / ``load_benchmark`` (atomic, with the tokenizer), ``load_tofu``;
 - ``batching``: ``encode_qa`` / ``encode_prompts`` / ``encode_split`` (masks of the batch
@@ -18,7 +19,8 @@ from jaxunlearn.data.batching import (
     encode_split,
     num_batches,
 )
-from jaxunlearn.data.muse import MUSE_RAW_SPLITS, MUSE_SPLITS, MuseData, encode_passages, load_muse, save_muse
+from jaxunlearn.data.muse import (MUSE_RAW_SPLITS, MUSE_SPLITS, MuseData, encode_passage_windows, encode_passages,
+                                 load_muse, save_muse)
 from jaxunlearn.data.io import TOFU_EVAL_COLUMNS, load_benchmark, load_tofu, save_benchmark
 from jaxunlearn.data.synthetic import (
     ATTRIBUTES,
@@ -38,6 +40,7 @@ __all__ = [
     "load_muse",
     "generate_muse_benchmark",
     "encode_passages",
+    "encode_passage_windows",
     "MuseData",
     "MUSE_SPLITS",
     "MUSE_RAW_SPLITS",

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["MUSE_SPLITS", "MUSE_RAW_SPLITS", "MuseData", "string_features", "load_muse", "save_muse",
-           "encode_passages"]
+           "encode_passages", "encode_passage_windows"]
 
 #: ``MuseData`` field -> (config directory, split name(s) tried in order, columns).
 MUSE_SPLITS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
@@ -263,6 +263,97 @@ def save_muse(data: MuseData, path: str | os.PathLike, *, overwrite: bool = Fals
 # --------------------------------------------------------------------------- encoding
 
 
+def _special_ids(tokenizer, roles: Sequence[str]) -> dict[str, int]:
+    ids = {}
+    for role in roles:
+        tid = getattr(tokenizer, role + "_id", None)
+        if tid is None:
+            raise ValueError(f"tokenizer has no {role} (needed to encode passages)")
+        ids[role] = int(tid)
+    return ids
+
+
+def _passage_tokens(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The text tokens of each passage (no special tokens); an empty or non-string text is an error."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty: nothing to encode")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+    body = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for i, b in enumerate(body):
+        if not b:
+            raise ValueError(f"texts[{i}] has no tokens (empty passage)")
+    return [list(b) for b in body]
+
+
+def _pack(rows: list[list[int]], length: int, pad: int) -> dict[str, np.ndarray]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``loss_mask`` (1 after the first token) / ``lengths``."""
+    n = len(rows)
+    input_ids = np.full((n, length), pad, np.int32)
+    attention_mask = np.zeros((n, length), np.int32)
+    loss_mask = np.zeros((n, length), np.float32)
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r)] = r
+        attention_mask[i, :len(r)] = 1
+        loss_mask[i, 1:len(r)] = 1.0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "lengths": np.asarray([len(r) for r in rows], np.int32)}
+
+
+def encode_passage_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    add_eos: bool = True,
+) -> dict[str, np.ndarray]:
+    """Passages cut into consecutive token windows that fit ``max_length``: ``[BOS] w_j``, every
+    window token scored.
+
+    With ``x_1 .. x_n`` a passage's text tokens (and ``x_{n+1} = EOS`` with ``add_eos``) and
+    ``W = max_length - 1``, window ``j = 0, 1, ...`` holds ``x_{jW+1} .. x_{min((j+1)W, n')}``:
+    ``ceil(n' / W)`` windows per passage, in order, passages in order. This is how MUSE's
+    unlearning runs feed a corpus (its token stream cut into ``max_len`` chunks, no overlap),
+    here per passage and with the BOS first, so that the windows take the padded length of other
+    rows (e.g. QA rows) and join them in one set (:func:`jaxunlearn.pipeline.unlearning_sets`).
+    A window's first token is predicted from the BOS alone, without the passage before it.
+
+    Args:
+      tokenizer: with ``bos`` / ``pad`` (and ``eos``) tokens.
+      texts: N passages.
+      max_length: the windows' padded length T (>= 2).
+      add_eos: end each passage's last window with the EOS.
+
+    Returns:
+      ``input_ids`` int32 (M, T), ``attention_mask`` int32 (M, T), ``loss_mask`` float32 (M, T)
+      (1 on every token after the BOS), ``lengths`` int32 (M,), ``passage`` int32 (M,) (the
+      passage each window comes from).
+
+    >>> from jaxunlearn.data import train_tokenizer
+    >>> tok = train_tokenizer(["Kalo was born in Dunmere."], vocab_size=40, min_frequency=1)
+    >>> enc = encode_passage_windows(tok, ["Kalo was born."], max_length=5)  # 5 tokens + EOS
+    >>> enc["passage"].tolist(), enc["lengths"].tolist()
+    ([0, 0], [5, 3])
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2 (the BOS and a token), got {max_length!r}")
+    ids = _special_ids(tokenizer, ("bos_token", "pad_token") + (("eos_token",) if add_eos else ()))
+    width = int(max_length) - 1
+    rows, owner = [], []
+    for i, body in enumerate(_passage_tokens(tokenizer, texts)):
+        body = body + ([ids["eos_token"]] if add_eos else [])
+        for start in range(0, len(body), width):
+            rows.append([ids["bos_token"], *body[start:start + width]])
+            owner.append(i)
+    out = _pack(rows, int(max_length), ids["pad_token"])
+    out["passage"] = np.asarray(owner, np.int32)
+    return out
+
+
 def encode_passages(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
@@ -297,41 +388,16 @@ def encode_passages(
     >>> enc["input_ids"].shape, enc["loss_mask"][1].tolist()
     ((2, 6), [0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
     """
-    if isinstance(texts, str):
-        raise TypeError("texts must be a sequence of strings, not a single string")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts is empty: nothing to encode")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
-    ids = {}
-    for role in ("bos_token", "pad_token") + (("eos_token",) if add_eos else ()):
-        tid = getattr(tokenizer, role + "_id", None)
-        if tid is None:
-            raise ValueError(f"tokenizer has no {role} (needed to encode passages)")
-        ids[role] = int(tid)
-    body = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = _special_ids(tokenizer, ("bos_token", "pad_token") + (("eos_token",) if add_eos else ()))
     rows = []
-    for i, b in enumerate(body):
-        if not b:
-            raise ValueError(f"texts[{i}] has no tokens (empty passage)")
-        b = list(b[:max_tokens]) if max_tokens is not None else list(b)
+    for b in _passage_tokens(tokenizer, texts):
+        b = b[:max_tokens] if max_tokens is not None else b
         rows.append([ids["bos_token"], *b] + ([ids["eos_token"]] if add_eos else []))
-    lengths = [len(r) for r in rows]
-    length = max(lengths) if max_length is None else int(max_length)
-    n = len(rows)
-    input_ids = np.full((n, length), ids["pad_token"], np.int32)
-    attention_mask = np.zeros((n, length), np.int32)
-    loss_mask = np.zeros((n, length), np.float32)
+    length = max(len(r) for r in rows) if max_length is None else int(max_length)
     for i, r in enumerate(rows):
         if len(r) > length:
             raise ValueError(f"passage {i} needs {len(r)} tokens > max_length={length}; raise max_length "
                              "or cut the passages with max_tokens")
-        input_ids[i, :len(r)] = r
-        attention_mask[i, :len(r)] = 1
-        loss_mask[i, 1:len(r)] = 1.0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "lengths": np.asarray(lengths, np.int32)}
+    return _pack(rows, length, ids["pad_token"])

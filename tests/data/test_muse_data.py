@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxunlearn.data import generate_benchmark, train_tokenizer
-from jaxunlearn.data.muse import MUSE_SPLITS, MuseData, encode_passages, load_muse, save_muse
+from jaxunlearn.data.muse import (MUSE_SPLITS, MuseData, encode_passage_windows, encode_passages, load_muse,
+                                 save_muse)
 from jaxunlearn.data.synthetic_muse import generate_muse_benchmark, person_facts
 
 
@@ -194,6 +195,32 @@ def test_encode_passages_masks_every_text_token():
         encode_passages(tok, ["Kalo", ""])
     with pytest.raises(TypeError, match="single string"):
         encode_passages(tok, "Kalo")
+
+
+@pytest.mark.parametrize("max_length", [2, 4, 7, 40])
+def test_passage_windows_cut_the_passage_tokens_in_order(max_length):
+    texts = ["Kalo was born in Dunmere.", "Bero writes poems.", "Kalo."]
+    tok = train_tokenizer(texts, vocab_size=60, min_frequency=1)
+    win = encode_passage_windows(tok, texts, max_length=max_length)
+    whole = encode_passages(tok, texts, add_eos=True)  # the reference: [BOS] text [EOS], uncut
+    width = max_length - 1
+    assert win["input_ids"].shape[1] == max_length
+    for i in range(len(texts)):
+        body = whole["input_ids"][i, 1:whole["lengths"][i]].tolist()  # text tokens + EOS
+        rows = np.nonzero(win["passage"] == i)[0]
+        assert len(rows) == -(-len(body) // width)  # ceil(n' / W) windows
+        assert (win["input_ids"][rows, 0] == tok.bos_token_id).all()
+        got = [t for r in rows for t in win["input_ids"][r, 1:win["lengths"][r]].tolist()]
+        assert got == body  # consecutive, no overlap, nothing dropped
+        for r in rows:
+            n = win["lengths"][r]
+            assert win["loss_mask"][r].tolist() == [0.0] + [1.0] * (n - 1) + [0.0] * (max_length - n)
+    assert np.all(np.diff(win["passage"]) >= 0)
+    assert tok.eos_token_id not in encode_passage_windows(tok, texts, max_length=5, add_eos=False)["input_ids"]
+    with pytest.raises(ValueError, match="max_length must be an int >= 2"):
+        encode_passage_windows(tok, texts, max_length=1)
+    with pytest.raises(ValueError, match="empty passage"):
+        encode_passage_windows(tok, ["Kalo", ""], max_length=4)
 
 
 # --------------------------------------------------------------------------- embedded data

@@ -1,0 +1,169 @@
+"""The benchmark's results table: one row per evaluated model, its printed form and its plot.
+
+- :func:`summarize`: the row of one evaluation -- TOFU forget quality, model utility, forget
+  probability and truth ratio, Min-k MIA AUC and PrivLeak on the QA rows, the INT4 recovery, the
+  wall time, and with a MUSE evaluation (:func:`jaxunlearn.eval.muse.muse_eval`) MUSE's columns;
+- :func:`failed_row`: the row of a run that failed;
+- :func:`format_results_table`: the printed table of rows aggregated over seeds
+  (:func:`jaxunlearn.stats.aggregate_rows`), every number a mean with its 95% interval;
+- :func:`plot_forget_vs_utility`: forget quality against model utility.
+
+Re-exported by :mod:`jaxunlearn.benchmark`, which fills these rows.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxunlearn.eval.quant_recovery import forget_metrics
+from jaxunlearn.eval.runner import EvalResult
+from jaxunlearn.stats import format_interval, interval_of
+
+__all__ = ["summarize", "failed_row", "format_results_table", "plot_forget_vs_utility", "MUSE_ROW_KEYS"]
+
+#: Row key -> :func:`~jaxunlearn.eval.muse.muse_eval` key of the MUSE columns: KnowMem on the
+#: forget and retain QA, VerbMem on the forget passages (ROUGE-L F1 in [0, 1]), PrivLeak (%) of
+#: the passage Min-k AUC against the reference's, and that AUC (``1 -`` MUSE's orientation).
+MUSE_ROW_KEYS: dict[str, str] = {"knowmem_forget": "knowmem_forget", "knowmem_retain": "knowmem_retain",
+                                 "verbmem_forget": "verbmem_forget", "privleak_muse": "privleak",
+                                 "muse_auc": "passage_min_k_auc"}
+
+
+def summarize(result: EvalResult, recovery: Mapping[str, Any] | None, seconds: float | None,
+              muse: Mapping[str, float] | None = None) -> dict[str, float]:
+    """One table row: the headline numbers of an evaluation (and its INT4 recovery).
+
+    With ``muse`` (a :func:`~jaxunlearn.eval.muse.muse_eval` result) the row also holds the MUSE
+    columns under the keys of :data:`MUSE_ROW_KEYS`.
+
+    Raises:
+      KeyError: ``muse`` lacks one of the ``muse_eval`` keys (named).
+    """
+    agg = result.aggregates
+    fm = forget_metrics(result)
+    row = {
+        "forget_quality": float(agg.get("forget_quality", float("nan"))),
+        "model_utility": float(agg.get("model_utility", float("nan"))),
+        "forget_probability": float(fm["probability"]),
+        "forget_truth_ratio": float(fm["truth_ratio"]),
+        "mia_auc_min_k": float(agg.get("mia_auc", {}).get("min_k", float("nan"))),
+        "privleak_min_k": float(agg.get("privleak", {}).get("min_k", float("nan"))),
+        "seconds": float("nan") if seconds is None else float(seconds),
+    }
+    if recovery is not None and "int4" in recovery:
+        row["int4_recovery"] = float(recovery["int4"]["recovery"]["probability"])
+    else:
+        row["int4_recovery"] = float("nan")
+    if muse is not None:
+        missing = [k for k in MUSE_ROW_KEYS.values() if k not in muse]
+        if missing:
+            raise KeyError(f"the MUSE result lacks {missing} (a muse_eval result has them; got {sorted(muse)})")
+        row.update({key: float(muse[src]) for key, src in MUSE_ROW_KEYS.items()})
+    return row
+
+
+def failed_row(error: BaseException, seconds: float | None) -> dict[str, Any]:
+    """The table row of a method that failed: every number NaN, ``error`` the reason."""
+    row: dict[str, Any] = {key: float("nan") for key, _, _ in _COLUMNS[1:]}
+    row["seconds"] = float("nan") if seconds is None else float(seconds)
+    row["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+    return row
+
+
+_COLUMNS = (("method", "method", "s"), ("forget_quality", "forget_q", ".3g"), ("model_utility", "utility", ".3f"),
+            ("forget_probability", "forget_p", ".3f"), ("mia_auc_min_k", "MIA_AUC", ".3f"),
+            ("int4_recovery", "int4_rec", "+.3f"), ("seconds", "time_s", ".1f"))
+# shown (before time_s) when some row has MUSE numbers
+_MUSE_COLUMNS = (("knowmem_forget", "KnowMem_f", ".3f"), ("knowmem_retain", "KnowMem_r", ".3f"),
+                 ("verbmem_forget", "VerbMem_f", ".3f"), ("privleak_muse", "PrivLeak", "+.1f"))
+
+
+def format_results_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """A fixed-width text table, one row per method (the order of ``rows``).
+
+    Columns: forget quality, model utility, forget probability, Min-k MIA AUC, INT4 recovery,
+    then -- when any row has them -- MUSE's KnowMem (forget, retain), VerbMem (forget) and
+    PrivLeak (%), then the wall time.
+
+    Each number is the mean over seeds with its 95% interval half-width (``"0.40 ± 0.05"``,
+    :func:`jaxunlearn.stats.format_interval`); column ``n`` is the number of seeds aggregated
+    (of the seeds run, when some failed). A row aggregated from one seed (or a plain
+    :func:`summarize` row) shows the number alone, and a note under the table says so.
+    """
+    columns = _COLUMNS[1:]
+    if any("knowmem_forget" in row for row in rows.values()):
+        columns = columns[:-1] + _MUSE_COLUMNS + columns[-1:]
+    head = [_COLUMNS[0][1], "n"] + [short for _, short, _ in columns]
+    table = [head]
+    single = []
+    for name, row in rows.items():
+        n, n_seeds = int(row.get("n", 0 if row.get("error") else 1)), int(row.get("n_seeds", 1))
+        cells = [name, str(n) if n == n_seeds else f"{n}/{n_seeds}"]
+        for key, _, fmt in columns:
+            iv = interval_of(row, key)
+            cells.append(format_interval(iv.mean, iv.half_width, fmt))
+        if n == 1:
+            single.append(name)
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
+    lines.insert(1, "-" * len(lines[0]))
+    notes = []
+    for name, row in rows.items():
+        if row.get("error"):
+            notes.append(f"{name}: FAILED ({row['error']})")
+        for seed, err in (row.get("failed_seeds") or {}).items():
+            if not row.get("error"):
+                notes.append(f"{name}: FAILED on seed {seed} ({err}); aggregated over the other {row.get('n')}")
+    if len(single) == len(table) - 1:
+        notes.append("one seed: no intervals (a ± needs n >= 2)")
+    else:
+        notes.append("x ± h: mean over n seeds ± the 95% Student-t half-width t(0.975, n-1)*s/sqrt(n)"
+                     + (f"; n = 1 (no interval): {', '.join(single)}" if single else ""))
+    return "\n".join(lines + notes)
+
+
+def plot_forget_vs_utility(rows: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> str:
+    """Forget quality (log scale) against model utility, one labelled point per method.
+
+    A point is the mean over seeds; where a row has intervals (:func:`jaxunlearn.stats.aggregate_rows`)
+    bars show them (on the log axis a forget-quality interval reaching zero or below is drawn
+    two decades down from the mean).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    floor = 1e-30
+    for name, row in rows.items():
+        fq, mu = interval_of(row, "forget_quality"), interval_of(row, "model_utility")
+        if not (np.isfinite(fq.mean) and np.isfinite(mu.mean)):
+            continue
+        x = max(fq.mean, floor)
+        marker = "*" if name in ("target", "reference") else "o"
+        xerr = yerr = None
+        if np.isfinite(fq.half_width):
+            low = fq.low if fq.low > 0 else x / 100.0  # log axis: a bound <= 0 is drawn two decades down
+            xerr = [[x - low], [fq.half_width]]
+        if np.isfinite(mu.half_width):
+            yerr = [[mu.half_width], [mu.half_width]]
+        if xerr is not None or yerr is not None:
+            ax.errorbar([x], [mu.mean], xerr=xerr, yerr=yerr, fmt="none", elinewidth=0.8, capsize=2, alpha=0.6)
+        ax.scatter([x], [mu.mean], marker=marker, s=80 if marker == "*" else 36)
+        ax.annotate(name, (x, mu.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("forget quality (KS p-value vs reference, log scale)")
+    ax.set_ylabel("model utility")
+    ax.set_title("jaxunlearn: forget quality vs model utility (mean, 95% interval over seeds)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return os.fspath(path)
