@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from jaxunlearn import tree as jt
 from jaxunlearn.models.functional import DecoderFn, answer_loss
+from jaxunlearn.optim import float32_state
 from jaxunlearn.placement import mesh_of
 from jaxunlearn.runs import ResumableRun, array_digest, params_digest
 from jaxunlearn.sharding import jit_keeping_state_sharding, shard_batch
@@ -109,7 +110,8 @@ class TrainState(NamedTuple):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay, optional global-norm clipping.
+    """AdamW with linear warmup then cosine decay, optional global-norm clipping; the optimizer's
+    state is float32 whatever the parameters' dtype (:func:`jaxunlearn.optim.float32_state`).
 
     Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019.
     """
@@ -124,7 +126,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     parts = []
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask))
+    # moments in float32 also for bfloat16 parameters (the identity for float32 ones)
+    parts.append(float32_state(optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)))
     return optax.chain(*parts)
 
 

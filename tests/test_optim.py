@@ -99,3 +99,25 @@ def test_fisher_of_bfloat16_params_follows_the_float32_fisher():
     for a, b in zip(jax.tree.leaves(f16), jax.tree.leaves(f32)):
         assert a.dtype == jnp.float32  # accumulated in float32
         assert _rel(a, b) < 5e-2
+
+
+def test_training_with_bfloat16_params_follows_the_float32_run():
+    from jaxunlearn.train import TrainConfig, TrainState, make_optimizer, make_train_step
+
+    fn32, p32 = _decoder("float32")
+    fn16, _ = _decoder("bfloat16")
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
+    start = jax.tree.map(lambda x: x.astype(jnp.float32), p16)
+    batch = {k: jnp.asarray(v) for k, v in lm_batch(4, 3, vocab=64, seq=8, prompt=3).items()}
+    tx = make_optimizer(TrainConfig(steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=0))
+    out = {}
+    for name, fn, p in (("f32", fn32, start), ("bf16", fn16, p16)):
+        step = make_train_step(fn, tx)
+        state = TrainState(jnp.zeros((), jnp.int32), p, tx.init(p))
+        for _ in range(3):
+            state, _ = step(state, batch)
+        out[name] = state
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out["bf16"].opt_state)
+               if jnp.issubdtype(x.dtype, jnp.floating))
+    for a, b in zip(jax.tree.leaves(out["bf16"].params), jax.tree.leaves(out["f32"].params)):
+        assert a.dtype == jnp.bfloat16 and _rel(a, b) < 2e-2
