@@ -24,6 +24,11 @@ methods (``unlearn.alpha``); the negation scale is ``scale``, SSD's selection th
 new name.
 - ``gradient`` (:class:`GradientMethod`): an :class:`~jaxunlearn.unlearn.UnlearnConfig` run
   on forget (and retain) batches, optionally under a SalUn mask (``salun_fraction``).
+
+Adapter space: ``task_vector``, ``perta`` and ``gradient`` take ``"adapter": {"rank": 8,
+"alpha": 16, "base": "nf4", ...}`` (:class:`jaxunlearn.adapters.LoraConfig`): the fine-tuning
+or the unlearning then trains a LoRA adapter over the frozen (NF4) target, and the result is the
+adapter merged into the full-precision target (:func:`jaxunlearn.methods.run_method`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from jaxunlearn.adapters import LoraConfig
 from jaxunlearn.unlearn import UnlearnConfig
 from jaxunlearn.validate import check_choice, check_float, check_int
 
@@ -84,10 +90,14 @@ class TaskVectorMethod:
     Attributes:
       finetune: how ``theta_ft`` is obtained from the target.
       scale: negation scale (> 0) in ``theta_0 - scale * tau``.
+      adapter: fine-tune a LoRA adapter instead of every weight (None: full fine-tuning); the
+        task vector is then the adapter's low-rank update ``s a b`` and its negation keeps the
+        adapter, ``b -> -scale b``.
     """
 
     finetune: FinetuneConfig
     scale: float
+    adapter: LoraConfig | None = None
     kind: str = dataclasses.field(default="task_vector", init=False)
 
     def __post_init__(self):
@@ -106,6 +116,9 @@ class PertaMethod:
       grad_kind: the gradient importance's formula (:func:`jaxunlearn.grad_importance`).
       importance_batch_size: rows per importance batch.
       max_importance_examples: a seeded subset of at most this many rows per set (None: all).
+      adapter: fine-tune a LoRA adapter (None: every weight); ``tau`` is then its update
+        ``s a b`` in weight space, rescaled per weight by the importances of the target's
+        weights.
     """
 
     finetune: FinetuneConfig
@@ -115,6 +128,7 @@ class PertaMethod:
     grad_kind: str = "squared_mean"
     importance_batch_size: int = 32
     max_importance_examples: int | None = None
+    adapter: LoraConfig | None = None
     kind: str = dataclasses.field(default="perta", init=False)
 
     def __post_init__(self):
@@ -163,6 +177,10 @@ class GradientMethod:
         magnitude pruning of the decoder blocks' linear kernels to this sparsity, in [0, 1),
         before unlearning, the mask then fixed (:func:`jaxunlearn.sparsity.magnitude_prune_mask`;
         None: no pruning).
+      adapter: unlearn in adapter space (:class:`~jaxunlearn.adapters.LoraConfig`): a LoRA
+        adapter over the frozen target (held as NF4 with ``base="nf4"``) is trained, the
+        reference model is the frozen base, SalUn saliency and masks are over the adapter, and
+        the result is the adapter merged into the full-precision target. None: every weight.
     """
 
     unlearn: UnlearnConfig
@@ -170,6 +188,7 @@ class GradientMethod:
     retain_batch_size: int | None = None
     salun_fraction: float | None = None
     prune_sparsity: float | None = None
+    adapter: LoraConfig | None = None
     kind: str = dataclasses.field(default="gradient", init=False)
 
     def __post_init__(self):
@@ -184,6 +203,9 @@ class GradientMethod:
             f = check_float("GradientMethod", "prune_sparsity", self.prune_sparsity, min=0.0)
             if f >= 1.0:
                 raise ValueError(f"GradientMethod.prune_sparsity must be in [0, 1), got {self.prune_sparsity!r}")
+            if self.adapter is not None:
+                raise ValueError("GradientMethod.prune_sparsity prunes the model's weights and cannot be combined "
+                                 "with adapter (which trains a LoRA adapter over frozen weights)")
 
 
 MethodConfig = Union[TaskVectorMethod, PertaMethod, SSDMethod, GradientMethod]

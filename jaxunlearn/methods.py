@@ -48,6 +48,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxunlearn import tree as jt
+from jaxunlearn.adapters import LoraConfig, adapter_params_fn, freeze_base, init_lora, lora_delta, merge, scale_lora
 
 from jaxunlearn.dampening import ssd
 from jaxunlearn.fisher import fisher_diagonal, grad_importance
@@ -62,7 +63,7 @@ from jaxunlearn.task_vector import apply_task_vector, perta, task_vector
 from jaxunlearn.train import BATCH_KEYS, TrainConfig, TrainState, batch_at, make_optimizer, make_train_step
 from jaxunlearn.unlearn import UnlearnState
 
-__all__ = ["UnlearnContext", "KINDS", "run_method", "run_record", "context_mesh", "importance_loss", "importance_batches", "finetune_on_forget", "importances"]
+__all__ = ["UnlearnContext", "KINDS", "run_method", "run_record", "context_mesh", "importance_loss", "importance_batches", "finetune_on_forget", "importances", "adapter_start"]
 
 KINDS = ("task_vector", "perta", "ssd", "gradient")
 
@@ -132,21 +133,40 @@ def importance_batches(data: Mapping[str, np.ndarray], batch_size: int, max_exam
     return out
 
 
-def finetune_on_forget(ctx: UnlearnContext, cfg: FinetuneConfig | Mapping) -> Any:
-    """theta_ft: the target fine-tuned on the forget set (AdamW, constant schedule after warmup)."""
+def adapter_start(ctx: UnlearnContext, adapter: LoraConfig) -> tuple[Any, Any]:
+    """``(frozen, lora_0)`` of an adapter-space run: the target held as :func:`~jaxunlearn.adapters.freeze_base`
+    says (NF4 kernels with ``base="nf4"``) and a fresh adapter (``b = 0``) drawn from
+    ``jax.random.key(ctx.seed)``, both placed on the run's mesh (replicated)."""
+    mesh = context_mesh(ctx)
+    frozen = replicate_unplaced(freeze_base(ctx.params, adapter), mesh)
+    return frozen, replicate_unplaced(init_lora(ctx.params, adapter, jax.random.key(ctx.seed)), mesh)
+
+
+def finetune_on_forget(ctx: UnlearnContext, cfg: FinetuneConfig | Mapping, adapter: LoraConfig | None = None) -> Any:
+    """theta_ft: the target fine-tuned on the forget set (AdamW, constant schedule after warmup).
+
+    With ``adapter`` only a LoRA adapter over the frozen target is trained
+    (:func:`adapter_start`), and the fine-tuned *adapter* ``{path: LoraPair}`` is returned.
+    """
     if not isinstance(cfg, FinetuneConfig):
         cfg = FinetuneConfig(**cfg)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                        warmup_steps=cfg.warmup_steps, end_lr_ratio=1.0, weight_decay=0.0, seed=ctx.seed)
     tx = make_optimizer(tcfg)
-    step = make_train_step(ctx.apply_fn, tx)
     mesh = context_mesh(ctx)
     bs = min(tcfg.batch_size, len(ctx.forget["input_ids"]))
     check_batch_size(bs, mesh, "fine-tuning batch size")
-    params = replicate_unplaced(jax.tree.map(jnp.copy, ctx.params), mesh)
+    frozen = None
+    if adapter is None:
+        step = make_train_step(ctx.apply_fn, tx)
+        params = replicate_unplaced(jax.tree.map(jnp.copy, ctx.params), mesh)
+    else:
+        step = make_train_step(ctx.apply_fn, tx, params_fn=adapter_params_fn(adapter))
+        frozen, params = adapter_start(ctx, adapter)
     state = replicate_unplaced(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), mesh)
     for s in range(tcfg.steps):
-        state, _ = step(state, place_batch(batch_at(ctx.forget, bs, s, ctx.seed), mesh))
+        batch = place_batch(batch_at(ctx.forget, bs, s, ctx.seed), mesh)
+        state, _ = step(state, batch) if adapter is None else step(state, batch, frozen)
     return state.params
 
 
@@ -213,6 +233,7 @@ def run_record(ctx: UnlearnContext, cfg: MethodConfig | Mapping) -> dict[str, An
 def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: str | None = None,
                   checkpoint_every: int = 0, callback: Callable[[int, dict], None] | None = None) -> Any:
     ucfg = cfg.unlearn
+    adapter = cfg.adapter
     mesh = context_mesh(ctx)
     bf = min(cfg.batch_size, len(ctx.forget["input_ids"]))
     br = cfg.retain_batch_size or bf
@@ -221,11 +242,16 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
         check_batch_size(br, mesh, "retain batch size")
     record = run_record(ctx, cfg) if checkpoint_dir is not None else None
     masks = []
+    start, frozen, params_fn = ctx.params, None, None
+    if adapter is not None:  # train t = a LoRA adapter; the model is merge(frozen, t); the reference is t_0
+        frozen, start = adapter_start(ctx, adapter)
+        params_fn = adapter_params_fn(adapter)
     if cfg.salun_fraction:
         loss = importance_loss(ctx)
-        sal = grad_importance(loss, ctx.params, importance_batches(ctx.forget, 32, seed=ctx.seed), kind="abs_sum")
+        if adapter is not None:  # saliency of the adapter's entries, at the fresh adapter
+            loss = functools.partial(_loss_through, loss, params_fn, frozen)
+        sal = grad_importance(loss, start, importance_batches(ctx.forget, 32, seed=ctx.seed), kind="abs_sum")
         masks.append(salun_mask(sal, fraction=cfg.salun_fraction))
-    start = ctx.params
     if cfg.prune_sparsity is not None:  # prune first, then unlearn: the pruned model is also the reference
         keep = magnitude_prune_mask(ctx.params, cfg.prune_sparsity)
         start = jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), ctx.params, keep)
@@ -235,7 +261,7 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
         mask = replicate_unplaced(jax.tree.map(lambda *ms: functools.reduce(jnp.logical_and, ms).astype(jnp.float32),
                                                *masks), mesh)
     # the mask enters once: init and step share the optimizer; on a mesh the projection runs per shard
-    unlearner = ucfg.build(ctx.apply_fn, mask=mask, mesh=mesh, param_specs=placed_specs(ctx.params))
+    unlearner = ucfg.build(ctx.apply_fn, mask=mask, mesh=mesh, param_specs=placed_specs(start), params_fn=params_fn)
     fresh: UnlearnState = replicate_unplaced(unlearner.init(start), mesh)
     with ResumableRun(checkpoint_dir, record, fresh, checkpoint_every=checkpoint_every) as run:
         state = run.state
@@ -243,12 +269,24 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
             fb = place_batch(batch_at(ctx.forget, bf, s, ctx.seed), mesh, "forget batch size")
             rb = (place_batch(batch_at(ctx.retain, br, s, ctx.seed + 1), mesh, "retain batch size")
                   if unlearner.uses_retain else None)
-            state, metrics = unlearner.step(state, fb, rb, start)
+            state, metrics = unlearner.step(state, fb, rb, start, frozen=frozen)
             run.after_step(s + 1, state)
             if callback is not None:
                 callback(s + 1, {k: float(v) for k, v in metrics.items()})
         run.finish(state)
+    if adapter is not None:  # deployed: the adapter merged into the full-precision target
+        return merge(ctx.params, state.params, adapter)
     return state.params
+
+
+def _loss_through(loss: Callable, params_fn: Callable, frozen: Any, t: Any, example: Any) -> jax.Array:
+    return loss(params_fn(frozen, t), example)
+
+
+def _dense_update(params: Any, delta: Mapping[str, jax.Array]) -> Any:
+    """A params-shaped tree: ``delta[path]`` at the adapted kernels, zeros elsewhere."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: delta[jt.path_str(p)].astype(x.dtype) if jt.path_str(p) in delta else jnp.zeros_like(x), params)
 
 
 def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_dir: str | os.PathLike | None = None,
@@ -291,10 +329,17 @@ def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_d
     if mesh is not None:
         ctx = dataclasses.replace(ctx, params=replicate_unplaced(ctx.params, mesh))
     if isinstance(cfg, TaskVectorMethod):
+        if cfg.adapter is not None:  # negate the adapter's update: b -> -scale b
+            lora = finetune_on_forget(ctx, cfg.finetune, cfg.adapter)
+            return merge(ctx.params, scale_lora(lora, -cfg.scale), cfg.adapter)
         tau = task_vector(finetune_on_forget(ctx, cfg.finetune), ctx.params)
         return apply_task_vector(ctx.params, tau, -cfg.scale)
     if isinstance(cfg, PertaMethod):
-        tau = task_vector(finetune_on_forget(ctx, cfg.finetune), ctx.params)
+        if cfg.adapter is not None:  # tau = the adapter's update s a b in weight space (0 elsewhere)
+            tau = _dense_update(ctx.params, lora_delta(finetune_on_forget(ctx, cfg.finetune, cfg.adapter),
+                                                       cfg.adapter))
+        else:
+            tau = task_vector(finetune_on_forget(ctx, cfg.finetune), ctx.params)
         i_f, i_r = importances(ctx, cfg, "retain")
         return perta(ctx.params, tau, i_f, i_r, strength=cfg.strength, retain_scale=cfg.retain_scale)
     if isinstance(cfg, SSDMethod):

@@ -448,7 +448,7 @@ def _finalize(acc: PyTree, total: jax.Array, *, op: str):
             out = jax.tree.map(jnp.square, out)
         elif op == "mean_abs":
             out = jax.tree.map(jnp.abs, out)
-    return out, jax.tree.map(lambda x: (jnp.any(jnp.isnan(x)), jnp.any(jnp.isinf(x))), out)
+    return out, (jax.tree.map(lambda x: jnp.any(jnp.isnan(x)), out), jax.tree.map(lambda x: jnp.any(jnp.isinf(x)), out))
 
 
 def finish(acc: PyTree, total: jax.Array, name: str, check_finite: bool = True, op: str = "mean") -> PyTree:
@@ -468,8 +468,9 @@ def finish(acc: PyTree, total: jax.Array, name: str, check_finite: bool = True, 
     if not float(total_h) > 0:
         raise ValueError(f"{name}: the total example weight is {float(total_h)}; need at least one example")
     if check_finite:
-        flat, _ = jax.tree_util.tree_flatten_with_path(flags_h, is_leaf=lambda x: isinstance(x, tuple))
-        for path, (has_nan, has_inf) in flat:
+        # two trees of flags (NaN, Inf): a tuple inside the params (a NamedTuple) is not mistaken for a flag pair
+        flat, _ = jax.tree_util.tree_flatten_with_path(flags_h[0])
+        for (path, has_nan), has_inf in zip(flat, jax.tree.leaves(flags_h[1])):
             if has_nan or has_inf:
                 raise FloatingPointError(f"{name} has {'NaN' if has_nan else 'Inf'} values at '{jt.path_str(path)}'")
     return out

@@ -131,9 +131,14 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
+                    params_fn: Callable | None = None) -> Callable:
     """The jitted step ``(state, batch) -> (state, {"loss", "grad_norm"})``; ``state`` is donated
     and keeps its shardings (:func:`jaxunlearn.sharding.jit_keeping_state_sharding`).
+
+    With ``params_fn`` (e.g. :func:`jaxunlearn.adapters.adapter_params_fn`) the state holds a
+    reparametrisation ``t`` of the parameters, the step is ``(state, batch, frozen)`` and the
+    loss is taken at ``params_fn(frozen, t)`` (``frozen`` is an argument, not donated).
 
     The loss is :func:`jaxunlearn.models.answer_loss` (mean NLL per answer token) of
     ``apply_fn(params, input_ids, attention_mask) -> logits``: a
@@ -142,13 +147,14 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Cal
     then ``loss = sum_s answer_loss(b_s)``, each stream's mean NLL per scored token weighted 1
     whatever its size (a stream of long passages does not drown a stream of short answers)."""
 
-    def loss_fn(params, batch):
+    def loss_fn(t, batch, frozen):
+        params = t if params_fn is None else params_fn(frozen, t)
         if isinstance(batch, tuple):
             return sum(answer_loss(apply_fn, params, b) for b in batch)
         return answer_loss(apply_fn, params, batch)
 
-    def step(state: TrainState, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    def step(state: TrainState, batch, frozen=None):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}

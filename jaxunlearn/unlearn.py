@@ -201,7 +201,8 @@ class UnlearnConfig:
         return plain_estimator()
 
     def build(self, apply_fn: Callable, *, mask: Any = None, forget_loss: Callable | None = None,
-              jit: bool = True, mesh: Mesh | None = None, param_specs: Any = None) -> Unlearner:
+              jit: bool = True, mesh: Mesh | None = None, param_specs: Any = None,
+              params_fn: Callable | None = None) -> Unlearner:
         """The :class:`Unlearner` of this config.
 
         Args:
@@ -212,6 +213,9 @@ class UnlearnConfig:
             reference is computed for it).
           jit: see :func:`unlearner`.
           mesh, param_specs: see :meth:`transform` (a sharded run's projection per shard).
+          params_fn: unlearn in adapter space (``params_fn(frozen, t) -> params``, e.g.
+            :func:`jaxunlearn.adapters.adapter_params_fn`; see :func:`unlearner`): ``mask`` and
+            ``param_specs`` then describe ``t``.
 
         Returns:
           ``unlearner(forget_loss_fn(apply_fn, method), transform(mask), retain_loss=...,
@@ -228,7 +232,7 @@ class UnlearnConfig:
             alpha=None if self.project else self.alpha, retain_k=self.retain_k if self.project else None,
             apply_fn=apply_fn, forget_ref_logp=not custom and self.method == "npo",
             forget_ref_logits=not custom and self.method == "undial",
-            retain_ref_logits=self.uses_retain and self.retain_loss == "kl", jit=jit)
+            retain_ref_logits=self.uses_retain and self.retain_loss == "kl", params_fn=params_fn, jit=jit)
 
 
 def _validate_unlearn_config(cfg: UnlearnConfig) -> None:

@@ -24,6 +24,16 @@ micro-batches (rows ``j::k``) whose ``k`` gradients reach the transform as
 ``retain_grads=``; :func:`jaxunlearn.project_orthogonal` projects the forget gradient away
 from their span and adds ``alpha * mean_j r_j``.
 
+Adapter space (``params_fn``): the step may train a reparametrisation ``t`` of the model's
+parameters, ``theta = params_fn(frozen, t)``, e.g. a LoRA adapter over a frozen (NF4) base
+(:func:`jaxunlearn.adapters.adapter_params_fn`). The state then holds ``t``, the frozen part is
+an argument of every step (never donated, never checkpointed with the state), the losses see
+``theta``, and every other part is unchanged: the estimator acts on ``theta`` (so SAM's ascent
+and SAF's fake quantisation act on the merged weights the model deploys) and its gradient is
+pulled back to ``t`` by the chain rule, ``g_t = (d theta / d t)^T g_theta``; the retain
+gradients are ``grad_t L_r(params_fn(frozen, t))``; the transform (projection, clipping,
+masks, the optimizer) acts on ``t``.
+
 The step is pure and runs in one ``jax.jit`` with the state donated and its shardings kept
 (:func:`jaxunlearn.sharding.jit_keeping_state_sharding`); the reference model's outputs
 (NPO's ``ref_logp``, the KL's ``ref_logits``) are computed inside it from ``ref_params``.
@@ -183,13 +193,15 @@ class Unlearner(NamedTuple):
 
     Attributes:
       init: ``init(params) -> UnlearnState`` (step 0, a copy of ``params``, the optimizer state).
-      step: ``step(state, forget_batch, retain_batch=None, ref_params=None) -> (state, metrics)``;
-        ``metrics`` holds the scalars ``forget_loss``, ``retain_loss`` (0 without a retain
-        loss) and ``update_norm``. ``state`` is donated.
+      step: ``step(state, forget_batch, retain_batch=None, ref_params=None, *, frozen=None)
+        -> (state, metrics)``; ``metrics`` holds the scalars ``forget_loss``, ``retain_loss``
+        (0 without a retain loss) and ``update_norm``. ``state`` is donated. ``frozen``: the
+        frozen part of an adapter-space unlearner (``params_fn``).
       uses_retain: whether ``step`` reads ``retain_batch``.
       needs_reference: whether ``step`` reads ``ref_params``.
       tx: the optax transform ``init`` and ``step`` share (e.g. to create its state sharded,
         :func:`jaxunlearn.sharding.init_opt_state`).
+      params_fn: ``params_fn(frozen, t) -> params`` of an adapter-space unlearner, else None.
     """
 
     init: Callable[[Any], UnlearnState]
@@ -197,6 +209,7 @@ class Unlearner(NamedTuple):
     uses_retain: bool
     needs_reference: bool
     tx: optax.GradientTransformation
+    params_fn: Callable | None = None
 
 
 def _check_batch(batch, name):
@@ -214,15 +227,15 @@ def _buffer_ids(x) -> set:
         return set()
 
 
-def _check_not_aliased(state, ref_params) -> None:
-    """The state is donated: a reference leaf sharing its buffer would be read after donation."""
+def _check_not_aliased(state, other, name: str = "ref_params") -> None:
+    """The state is donated: a leaf of ``other`` sharing its buffer would be read after donation."""
     donated = set()
     for x in jax.tree.leaves(state):
         donated |= _buffer_ids(x)
-    for path, x in jt.leaves_with_paths(ref_params):
+    for path, x in jt.leaves_with_paths(other):
         if _buffer_ids(x) & donated:
             raise ValueError(
-                f"ref_params leaf '{path}' shares its buffer with the unlearning state, which the step "
+                f"{name} leaf '{path}' shares its buffer with the unlearning state, which the step "
                 "donates; pass a copy (Unlearner.init copies the params it is given)")
 
 
@@ -246,6 +259,7 @@ def unlearner(
     forget_ref_logp: bool = False,
     retain_ref_logits: bool = False,
     forget_ref_logits: bool = False,
+    params_fn: Callable[[Any, Any], Any] | None = None,
     jit: bool = True,
 ) -> Unlearner:
     """Compose an :class:`Unlearner` from a forget loss, a retain loss, an estimator and a transform.
@@ -259,7 +273,10 @@ def unlearner(
       retain_grads=R)``: the transform weights the retain term (e.g.
       ``project_orthogonal(retain_scale=alpha)`` returns ``gamma g_perp + alpha mean_j r_j``);
 
-    and ``theta <- theta + u`` (``optax.apply_updates``). Before the losses are called, the
+    and ``theta <- theta + u`` (``optax.apply_updates``). With ``params_fn`` the state holds
+    ``t`` and the model's parameters are ``theta = params_fn(frozen, t)``: ``g_f`` is
+    ``(d theta / d t)^T`` times the estimator's gradient at ``theta``, the retain gradients
+    are taken with respect to ``t``, and ``t <- t + u`` (see the module docstring). Before the losses are called, the
     frozen reference model ``apply_fn(ref_params, ...)`` supplies ``forget_batch["ref_logp"]``
     (its per-example summed answer log-likelihood, with ``forget_ref_logp``),
     ``forget_batch["ref_logits"]`` (with ``forget_ref_logits``, UNDIAL) and
@@ -284,6 +301,10 @@ def unlearner(
       forget_ref_logp: add ``ref_logp`` to the forget batch (NPO).
       retain_ref_logits: add ``ref_logits`` to the retain batch (the KL retain loss).
       forget_ref_logits: add ``ref_logits`` to the forget batch (UNDIAL).
+      params_fn: ``params_fn(frozen, t) -> params``: unlearn in the space of ``t`` (e.g.
+        :func:`jaxunlearn.adapters.adapter_params_fn`), ``frozen`` given to every ``step``;
+        ``ref_params`` are then in ``t``'s space too (the reference model is
+        ``params_fn(frozen, ref_params)``, e.g. the initial adapter). None: ``t = params``.
       jit: compile ``step`` (donating the state, keeping its shardings); False gives the
         same checked step unjitted, to call inside one's own ``jax.jit`` or ``lax.scan``.
 
@@ -295,7 +316,7 @@ def unlearner(
         or ``retain_ref_logits`` without ``retain_loss``, a reference without ``apply_fn``.
       The returned ``step`` raises ``KeyError`` (a batch key missing) and ``ValueError``
         (empty batch, missing retain batch or ``ref_params``, indivisible retain batch, aliased
-        ``ref_params``).
+        ``ref_params`` or ``frozen``, ``frozen`` missing with ``params_fn`` or given without).
 
     References:
       Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020 (the projection);
@@ -335,6 +356,8 @@ def unlearner(
     retain_ref_logits = V.check_bool(o, "retain_ref_logits", retain_ref_logits)
     forget_ref_logits = V.check_bool(o, "forget_ref_logits", forget_ref_logits)
     jit = V.check_bool(o, "jit", jit)
+    if params_fn is not None and not callable(params_fn):
+        raise TypeError(f"{o}.params_fn must be callable or None, got {params_fn!r}")
     if retain_ref_logits and retain_loss is None:
         raise ValueError(f"{o}: retain_ref_logits=True needs a retain_loss")
     needs_ref = forget_ref_logp or retain_ref_logits or forget_ref_logits
@@ -343,8 +366,14 @@ def unlearner(
                          f"got {apply_fn!r}")
     uses_retain = retain_loss is not None
 
-    def step(state: UnlearnState, fb, rb, ref_params):
+    def step(state: UnlearnState, fb, rb, ref_params, frozen):
         params = state.params
+
+        def full(t):  # the model's parameters of the trained pytree t
+            return t if params_fn is None else params_fn(frozen, t)
+
+        if needs_ref:
+            ref_params = full(ref_params)
         if forget_ref_logp:
             _, ref_nll = _nll(apply_fn, ref_params, fb)
             fb = {**fb, "ref_logp": jax.lax.stop_gradient(-ref_nll)}
@@ -354,21 +383,27 @@ def unlearner(
         if retain_ref_logits:
             ref_logits = apply_fn(ref_params, rb["input_ids"], rb["attention_mask"])
             rb = {**rb, "ref_logits": jax.lax.stop_gradient(ref_logits)}
-        lf, gf = estimator(forget_loss, params, fb)
+        if params_fn is None:
+            lf, gf = estimator(forget_loss, params, fb)
+        else:  # the estimator at the model's parameters, its gradient pulled back to t
+            theta, pull_back = jax.vjp(full, params)
+            lf, g_theta = estimator(forget_loss, theta, fb)
+            (gf,) = pull_back(g_theta)
         gf = jt.scale(gf, gamma)
         lr = jnp.zeros((), jnp.float32)
+        r_loss = None if retain_loss is None else (lambda t, b: retain_loss(full(t), b))
         if retain_k is not None:
             k = retain_k
             # micro-batch j = rows j, j + k, j + 2k, ...: strided, so with the batch sharded over the
             # data axes every micro-batch keeps rows on every shard (a contiguous split would not).
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), rb)
-            lrs, R = jax.vmap(jax.value_and_grad(retain_loss), in_axes=(None, 0))(params, micro)
+            lrs, R = jax.vmap(jax.value_and_grad(r_loss), in_axes=(None, 0))(params, micro)
             lr = jnp.mean(lrs)
             updates, opt_state = tx.update(gf, state.opt_state, params, retain_grads=R)
         else:
             g = gf
             if uses_retain:
-                lr, gr = jax.value_and_grad(retain_loss)(params, rb)
+                lr, gr = jax.value_and_grad(r_loss)(params, rb)
                 g = jt.axpy(alpha, gr, gf)
             updates, opt_state = tx.update(g, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -377,8 +412,15 @@ def unlearner(
 
     compiled = jit_keeping_state_sharding(step) if jit else step
 
-    def checked_step(state: UnlearnState, forget_batch, retain_batch=None, ref_params=None):
+    def checked_step(state: UnlearnState, forget_batch, retain_batch=None, ref_params=None, *, frozen=None):
         _check_batch(forget_batch, "forget")
+        if params_fn is not None and frozen is None:
+            raise ValueError("this unlearner trains a reparametrisation (params_fn) and needs frozen=, "
+                             "the frozen part of the model (e.g. the adapter's base)")
+        if params_fn is None and frozen is not None:
+            raise ValueError("frozen= is only for an unlearner built with params_fn (adapter space)")
+        if frozen is not None:
+            _check_not_aliased(state, frozen, "frozen")
         if uses_retain:
             if retain_batch is None:
                 raise ValueError("this unlearner has a retain loss and needs a retain batch")
@@ -395,6 +437,6 @@ def unlearner(
             _check_not_aliased(state, ref_params)
         fb = {k: forget_batch[k] for k in _BATCH_KEYS}
         rb = {k: retain_batch[k] for k in _BATCH_KEYS} if uses_retain else {}
-        return compiled(state, fb, rb, ref_params if needs_ref else None)
+        return compiled(state, fb, rb, ref_params if needs_ref else None, frozen)
 
-    return Unlearner(lambda params: _init_state(tx, params), checked_step, uses_retain, needs_ref, tx)
+    return Unlearner(lambda params: _init_state(tx, params), checked_step, uses_retain, needs_ref, tx, params_fn)

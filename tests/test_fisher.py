@@ -316,3 +316,18 @@ def test_sharded_batch_matches_closed_form():
     cw, cb, _ = closed_form_grads(params, batch["x"], batch["y"])
     np.testing.assert_allclose(f["dense"]["w"], np.mean(cw**2, 0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(f["dense"]["b"], np.mean(cb**2, 0), rtol=1e-5, atol=1e-7)
+
+
+def test_finite_check_on_params_holding_namedtuples():
+    """A NamedTuple inside the params (a LoRA pair) is a subtree, not a (NaN, Inf) flag pair."""
+    from jaxunlearn.adapters import LoraPair
+
+    params = {"k": LoraPair(jnp.ones((2,)), jnp.ones((3,)))}
+    loss = lambda p, ex: jnp.sum(p["k"].a) * ex["x"] + jnp.sum(p["k"].b ** 2)  # noqa: E731
+    batches = [{"x": jnp.array([1.0, 2.0])}]
+    out = fi.grad_importance(loss, params, batches, kind="abs_sum")
+    np.testing.assert_allclose(np.asarray(out["k"].a), 3.0)
+    np.testing.assert_allclose(np.asarray(out["k"].b), 4.0)
+    bad = {"k": LoraPair(jnp.ones((2,)), jnp.array([1.0, jnp.nan, 1.0]))}
+    with pytest.raises(FloatingPointError, match=r"NaN values at 'k/1'|NaN values at 'k/b'"):
+        fi.grad_importance(loss, bad, batches, kind="abs_sum")

@@ -10,6 +10,8 @@
 - ``runner``: fixed-shape jitted passes, :func:`evaluate_model`;
 - ``muse``: MUSE's KnowMem, VerbMem and PrivLeak (:func:`muse_eval`);
 - ``quant_recovery``: the forget metrics again after int8 / int4 / nf4 fake quantisation;
+- ``durability``: FA / RA at each deployment precision (bf16, int8, int4, ...), the INT4
+  recovery ratio, the (epsilon, P) durability certificate and its table;
 - ``relearn``: the relearning attack (fine-tune on part of the forget set, measure the rest).
 
 >>> from jaxunlearn.eval import evaluate_model, forget_quality
@@ -20,6 +22,17 @@
 >>> # res.aggregates["forget_quality"], res.aggregates["model_utility"]
 """
 
+from jaxunlearn.eval.durability import (
+    DEFAULT_EPSILON,
+    DEFAULT_PRECISIONS,
+    PRECISIONS,
+    certificate,
+    deploy,
+    durability_summary,
+    evaluate_precisions,
+    format_durability_table,
+    recovery_ratio,
+)
 from jaxunlearn.eval.metrics import (
     answer_probability,
     answer_stats,
@@ -87,6 +100,15 @@ from jaxunlearn.eval.tofu import (
 )
 
 __all__ = [
+    "DEFAULT_EPSILON",
+    "DEFAULT_PRECISIONS",
+    "PRECISIONS",
+    "certificate",
+    "deploy",
+    "durability_summary",
+    "evaluate_precisions",
+    "format_durability_table",
+    "recovery_ratio",
     "RelearnConfig",
     "recovered_fraction",
     "relearn",
