@@ -58,7 +58,8 @@ from jaxunlearn.eval.muse import muse_eval
 from jaxunlearn.eval.quant_recovery import quantization_recovery
 from jaxunlearn.eval.runner import encode_eval_splits, evaluate_model, to_jsonable
 from jaxunlearn.eval.tofu import forget_quality
-from jaxunlearn.method_configs import MethodConfig, load_method_config, method_config_to_dict
+from jaxunlearn.adapters import LoraConfig
+from jaxunlearn.method_configs import MethodConfig, load_method_config, method_config_to_dict, with_adapter
 from jaxunlearn.methods import UnlearnContext, run_method
 from jaxunlearn.models import DecoderFn
 from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
@@ -108,9 +109,12 @@ def default_configs_dir() -> Path:
     return here if here.is_dir() else Path("experiments/configs")
 
 
-def load_method_configs(methods: Sequence[str],
-                        configs_dir: str | os.PathLike | None = None) -> dict[str, MethodConfig]:
+def load_method_configs(methods: Sequence[str], configs_dir: str | os.PathLike | None = None,
+                        adapter: LoraConfig | None = None) -> dict[str, MethodConfig]:
     """Read and validate ``<configs_dir>/<method>.json`` for each method (before any model is loaded).
+
+    With ``adapter`` every config runs in adapter space
+    (:func:`jaxunlearn.method_configs.with_adapter`; a method without an adapter form is an error).
 
     Returns:
       ``{method: typed config}`` (:func:`jaxunlearn.method_configs.load_method_config`).
@@ -131,7 +135,7 @@ def load_method_configs(methods: Sequence[str],
         f = d / f"{m}.json"
         if not f.is_file():
             raise ValueError(f"unknown method {m!r}: no config {f} (available: {', '.join(available)})")
-        out[m] = load_method_config(f)
+        out[m] = with_adapter(load_method_config(f), adapter, f"method {m!r}")
     return out
 
 

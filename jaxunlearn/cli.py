@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlearning methods to benchmark (config names in --configs; default: all; none: skip)")
     d.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
     d.add_argument("--no-muse", action="store_true", help="QA rows only: no MUSE passages, KnowMem QA or columns")
+    _add_adapter(d)
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_mesh(d)
 
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True, help="output checkpoint directory")
     u.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     u.add_argument("--seed", type=int, default=0)
+    _add_adapter(u)
     _add_resume(u, "gradient methods: keep the run state here (orbax) and resume from it when it holds a "
                    "checkpoint of the same run")
     _add_mesh(u)
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VerbMem generation budget with --muse (default 128, MUSE's; the demo uses 64)")
     b.add_argument("--seed", type=int, default=0, help="the first unlearning seed (default 0)")
     _add_seeds(b, DEFAULT_SEEDS)
+    _add_adapter(b)
     b.add_argument("--out", required=True, help="results directory")
     b.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
     _add_mesh(b)
@@ -193,6 +196,20 @@ def _add_seeds(p: argparse.ArgumentParser, default: int, why: str = "") -> None:
                    help=f"run each method with N seeds (--seed, --seed + 1, ...) and report means with 95%% "
                         f"t-intervals over them; the seeds change the batch order and importance subsets "
                         f"(default {default}{why}; 1: one run, no intervals)")
+
+
+def _add_adapter(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="SPEC",
+                   help="unlearn in adapter space: train a LoRA adapter over the frozen target and merge it "
+                        "into the result. SPEC: key=value pairs of jaxunlearn.adapters.LoraConfig, e.g. "
+                        "'rank=8,alpha=16,base=nf4' (base=nf4: the frozen target held as NF4, QLoRA), or 'nf4' "
+                        "or 'default'. Methods of kind task_vector, perta and gradient (not ssd)")
+
+
+def _adapter(args):
+    from jaxunlearn.method_configs import parse_adapter_spec
+
+    return None if args.adapter is None else parse_adapter_spec(args.adapter)
 
 
 def _add_resume(p: argparse.ArgumentParser, resume_help: str) -> None:
@@ -337,15 +354,16 @@ def _unlearn(args, mesh) -> int:
 
     from jaxunlearn.benchmark import load_method_configs
     from jaxunlearn.multihost import gather_to_host
-    from jaxunlearn.method_configs import load_method_config
+    from jaxunlearn.method_configs import load_method_config, with_adapter
     from jaxunlearn.methods import UnlearnContext, run_method
     from jaxunlearn.models import DecoderFn, save_pretrained
 
     _check_checkpoint_out(args)
+    adapter = _adapter(args)
     if args.config:
-        cfg = load_method_config(args.config)
+        cfg = with_adapter(load_method_config(args.config), adapter, f"--config {args.config}")
     else:
-        cfg = load_method_configs([args.method], args.configs)[args.method]
+        cfg = load_method_configs([args.method], args.configs, adapter)[args.method]
     if args.resume_dir and cfg.kind != "gradient":
         raise ValueError(f"--resume-dir needs a step-wise method (kind 'gradient'); {args.method!r} is kind "
                          f"{cfg.kind!r}")
@@ -382,7 +400,7 @@ def _bench(args, mesh) -> int:
         raise ValueError(f"--rouge-examples must be >= 0, got {args.rouge_examples}")
     seeds = _seeds(args)
     methods = list(DEFAULT_METHODS if args.methods is None else args.methods)
-    configs = load_method_configs(methods, args.configs)  # a bad name or config fails before any loading
+    configs = load_method_configs(methods, args.configs, _adapter(args))  # a bad name/config fails before loading
     if args.verbmem_tokens < 1:
         raise ValueError(f"--verbmem-tokens must be >= 1, got {args.verbmem_tokens}")
     muse = load_muse(args.muse, raw=False) if args.muse else None
@@ -524,7 +542,7 @@ def _demo(args, mesh) -> int:
     try:
         results = run_demo(out, cfg=cfg, overwrite=args.overwrite or scratch is not None,
                            progress=not args.no_progress, methods=args.methods, configs_dir=args.configs,
-                           seeds=args.seeds, train_seeds=args.train_seeds)
+                           seeds=args.seeds, train_seeds=args.train_seeds, adapter=_adapter(args))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

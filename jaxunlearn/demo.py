@@ -34,6 +34,7 @@ import datasets
 
 from typing import Sequence
 
+from jaxunlearn.adapters import LoraConfig
 from jaxunlearn.benchmark import (
     DEFAULT_METHODS,
     benchmark_methods,
@@ -83,7 +84,8 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], splits) -> str
 
 def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, overwrite: bool = False,
              progress: bool = True, methods: Sequence[str] | None = None, configs_dir: str | None = None,
-             rouge_examples: int = 32, seeds: int = DEMO_SEEDS, train_seeds: bool = False) -> dict:
+             rouge_examples: int = 32, seeds: int = DEMO_SEEDS, train_seeds: bool = False,
+             adapter: LoraConfig | None = None) -> dict:
     """Run the demo; returns the results dict also written to ``out_dir/results.json``.
 
     Args:
@@ -102,11 +104,13 @@ def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, ov
       train_seeds: also train the target and reference once per seed
         (:func:`jaxunlearn.benchmark.seeded_config`); the split table and the saved models
         are those of the first seed.
+      adapter: run every method in adapter space (a LoRA adapter over the frozen target;
+        :func:`jaxunlearn.method_configs.with_adapter`).
     """
     cfg = cfg or DemoConfig()
     methods = list(DEFAULT_METHODS if methods is None else methods)
     seed_values = seed_list(cfg.seed, seeds)  # a bad count fails before any work
-    configs = load_method_configs(methods, configs_dir)  # unknown names fail before any work
+    configs = load_method_configs(methods, configs_dir, adapter)  # unknown names fail before any work
     check_output_dir(out_dir, overwrite=overwrite)
     with staged_dir(out_dir, overwrite=overwrite, command="demo") as tmp:
         results = _run(tmp, cfg, configs, progress, rouge_examples, seed_values, train_seeds)

@@ -46,7 +46,8 @@ from jaxunlearn.unlearn import UnlearnConfig
 from jaxunlearn.validate import check_choice, check_float, check_int
 
 __all__ = ["FinetuneConfig", "TaskVectorMethod", "PertaMethod", "SSDMethod", "GradientMethod", "MethodConfig",
-           "METHOD_KINDS", "parse_method_config", "load_method_config", "method_config_to_dict"]
+           "METHOD_KINDS", "parse_method_config", "load_method_config", "method_config_to_dict", "parse_adapter_spec",
+           "with_adapter"]
 
 IMPORTANCES = ("fisher", "grad")
 GRAD_KINDS = ("squared_mean", "abs_mean", "abs_sum", "mean_abs")
@@ -311,3 +312,68 @@ def method_config_to_dict(cfg: MethodConfig | Mapping[str, Any]) -> dict[str, An
     """The JSON form of a method config, every field present (defaults filled in)."""
     cfg = parse_method_config(cfg)
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def parse_adapter_spec(spec: str) -> LoraConfig:
+    """A :class:`~jaxunlearn.adapters.LoraConfig` from a command-line spec ``"key=value,key=value"``.
+
+    Keys are the config's fields (``rank``, ``alpha``, ``base``, ``base_block_size``, ``init``,
+    ``targets``; ``targets`` last if its pattern holds a comma: everything after ``targets=`` is
+    the pattern); values are converted to the field's type. ``""`` or ``"default"`` is the default
+    config; ``"nf4"`` is shorthand for ``base=nf4``.
+
+    >>> c = parse_adapter_spec("rank=4,alpha=8,base=nf4")
+    >>> c.rank, c.alpha, c.base, c.scale
+    (4, 8.0, 'nf4', 2.0)
+
+    Raises:
+      ValueError: an unknown key (with the known ones), a malformed item, or a bad value (the
+        field named, as :class:`~jaxunlearn.adapters.LoraConfig` raises).
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"an adapter spec must be a string, got {spec!r}")
+    spec = spec.strip()
+    if spec in ("", "default"):
+        return LoraConfig()
+    if spec == "nf4":
+        return LoraConfig(base="nf4")
+    fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
+    kwargs: dict[str, Any] = {}
+    rest = spec
+    if "targets=" in rest:  # the pattern may contain commas: it runs to the end
+        rest, _, pattern = rest.partition("targets=")
+        kwargs["targets"] = pattern
+        rest = rest.rstrip(",")
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"adapter spec item {item!r} is not key=value (spec {spec!r})")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise ValueError(f"adapter spec: unknown key {key!r} (known: {', '.join(fields)})"
+                             + (f"; did you mean '{close[0]}'?" if close else ""))
+        kind = {"rank": int, "base_block_size": int, "alpha": float}.get(key, str)
+        try:
+            kwargs[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"adapter spec: {key}={value!r} is not a{'n int' if kind is int else ' number'}") \
+                from None
+    return LoraConfig(**kwargs)
+
+
+def with_adapter(cfg: MethodConfig, adapter: LoraConfig | None, name: str = "method") -> MethodConfig:
+    """``cfg`` run in adapter space (its ``adapter`` field set; None returns ``cfg`` unchanged).
+
+    Raises:
+      ValueError: a kind without an adapter form (SSD dampens the target's own weights), naming
+        the method; an adapter on a config that prunes its weights.
+    """
+    if adapter is None:
+        return cfg
+    if not hasattr(cfg, "adapter"):
+        raise ValueError(f"{name} (kind {cfg.kind!r}) has no adapter form: it edits the target's own weights "
+                         "(adapters: kinds task_vector, perta, gradient)")
+    try:
+        return dataclasses.replace(cfg, adapter=adapter)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None

@@ -37,7 +37,14 @@ SLOW_MODULES = {
     "models/test_remat.py", "eval/test_muse.py", "test_optim.py", "test_sparsity.py", "test_train.py",
     "models/test_functional.py", "eval/test_relearn.py", "bad_inputs/test_numeric.py",
 }
-SLOW_TESTS = {"test_methods.py::test_perta_fisher_on_a_decoder_runs_the_fused_fisher"}
+SLOW_TESTS = {"test_methods.py::test_perta_fisher_on_a_decoder_runs_the_fused_fisher",
+              # adapter-space runs end to end (the step, merge and NF4 base stay in the fast tier)
+              "test_adapters.py::test_adapter_run_resumes_to_identical_params",
+              "test_adapters.py::test_gradient_run_in_adapter_space_changes_only_adapted_kernels_by_rank_r",
+              "test_adapters.py::test_perta_in_adapter_space_runs_and_touches_adapted_kernels_only",
+              "test_adapters.py::test_salun_mask_over_the_adapter",
+              "eval/test_durability.py::test_one_compilation_across_precisions_with_generation",
+              "eval/test_durability.py::test_evaluate_precisions_bad_input"}
 
 
 def pytest_collection_modifyitems(config, items):

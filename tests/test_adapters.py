@@ -331,3 +331,25 @@ def test_adapter_run_resumes_to_identical_params(tmp_path):
     resumed = run_method(ctx, cfg, checkpoint_dir=tmp_path / "run")
     for (p, x), (_, y) in zip(leaves_with_paths(resumed), leaves_with_paths(full)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=p)
+
+
+def test_adapter_spec_parsing():
+    from jaxunlearn.method_configs import parse_adapter_spec, with_adapter
+
+    assert parse_adapter_spec("default") == LoraConfig()
+    assert parse_adapter_spec("nf4") == LoraConfig(base="nf4")
+    assert parse_adapter_spec("rank=4, alpha=8,init=gaussian") == LoraConfig(rank=4, alpha=8.0, init="gaussian")
+    assert parse_adapter_spec("rank=2,targets=attn/(q|v)_proj,kernel") == LoraConfig(rank=2,
+                                                                                      targets="attn/(q|v)_proj,kernel")
+    with pytest.raises(ValueError, match="unknown key 'rnk'.*did you mean 'rank'"):
+        parse_adapter_spec("rnk=4")
+    with pytest.raises(ValueError, match="rank='x' is not an int"):
+        parse_adapter_spec("rank=x")
+    with pytest.raises(ValueError, match="LoraConfig.base"):
+        parse_adapter_spec("base=int4")
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_adapter_spec("rank")
+    ssd = parse_method_config({"kind": "ssd"})
+    with pytest.raises(ValueError, match="method 'ssd' .*has no adapter form"):
+        with_adapter(ssd, LoraConfig(), "method 'ssd'")
+    assert with_adapter(ssd, None) is ssd

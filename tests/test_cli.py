@@ -181,3 +181,36 @@ def test_bench_rows_equal_unlearn_then_eval(demo_dir, tmp_path, capsys):
     assert main(["bench", "--model", model, "--data", data, *splits, "--methods", "ga", "--configs", str(configs),
                  "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_unlearn_in_adapter_space_changes_only_adapted_kernels_by_rank_r(demo_dir, tmp_path, capsys):
+    from jaxunlearn.adapters import lora_paths, LoraConfig
+    from jaxunlearn.models import DecoderFn, from_pretrained
+    from jaxunlearn.tree import leaves_with_paths
+
+    cfg = tmp_path / "npo.json"
+    cfg.write_text(json.dumps({"kind": "gradient", "batch_size": 8,
+                               "unlearn": {"method": "npo", "steps": 3, "learning_rate": 1e-2}}))
+    out = tmp_path / "unlearned"
+    target = demo_dir / "models" / "target"
+    args = ["unlearn", "--model", str(target), "--data", str(demo_dir / "data"), "--forget", "forget10",
+            "--retain", "retain90", "--method", "npo", "--config", str(cfg), "--out", str(out)]
+    assert main([*args, "--adapter", "rank=2,base=nf4,targets=mlp/(up|down)_proj/kernel$"]) == 0
+    before = DecoderFn.of(from_pretrained(target, load_tokenizer=False)[0])[1]
+    after = DecoderFn.of(from_pretrained(out, load_tokenizer=False)[0])[1]
+    adapted = set(lora_paths(before, LoraConfig(targets="mlp/(up|down)_proj/kernel$")))
+    assert adapted and all("mlp" in p for p in adapted)
+    for (p, x), (_, y) in zip(leaves_with_paths(after), leaves_with_paths(before)):
+        d = np.asarray(x, np.float64) - np.asarray(y, np.float64)
+        if p in adapted:
+            s = np.linalg.svd(d, compute_uv=False)
+            assert s[0] > 0 and np.sum(s > 1e-3 * s[0]) <= 2, p
+        else:
+            assert not np.any(d), p
+    # a bad spec and a method without an adapter form are named before any work
+    assert main([*args[:-1], str(tmp_path / "o2"), "--adapter", "rnk=2"]) == 2
+    assert "unknown key 'rnk'" in capsys.readouterr().err
+    assert main(["unlearn", "--model", str(target), "--data", str(demo_dir / "data"), "--forget", "forget10",
+                 "--retain", "retain90", "--method", "ssd", "--out", str(tmp_path / "o3"), "--adapter", "nf4"]) == 2
+    assert "has no adapter form" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
