@@ -233,12 +233,12 @@ def benchmark_methods(
     bar.update(1)
     tok = data.tokenizer
     fs, rs = data.forget_split, data.retain_split
-    roles = {fs: "forget", rs: "retain", "general": "general", "holdout": "holdout"}
+    roles = data.eval_roles
     enc = encode_eval_splits(tok, {s: data.dataset[s] for s in roles}, roles=roles)
     # the synthetic answers are at most 17 tokens: generate twice the longest answer (None), not
     # the reference's 200 (same greedy text up to the answer, 6x less generation time)
-    ev = dict(forget=fs, retain=rs, general="general", holdout="holdout", rouge_examples=rouge_examples,
-              max_new_tokens=None)
+    ev = dict(forget=fs, retain=rs, general=list(data.general_splits) or None, holdout=data.holdout_split,
+              rouge_examples=rouge_examples, max_new_tokens=None)
     forget, retain = unlearning_sets(data)
     head = {"demo_config": to_jsonable(cfg), "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
             "forget_split": fs, "retain_split": rs, "train_seeds": bool(train_seeds),
@@ -300,7 +300,9 @@ def _results(seeds, per_seed, ratios, details) -> dict[str, Any]:
             "forget_truth_ratios": ratios,
             "details": to_jsonable(details),
             "failed": {name: {str(r["seed"]): r["error"] for r in rows if r.get("error")}
-                       for name, rows in per_seed.items() if any(r.get("error") for r in rows)}}
+                       for name, rows in per_seed.items() if any(r.get("error") for r in rows)},
+            "not_available": {k: v for rows in per_seed.values() for r in rows
+                              for k, v in (r.get("not_available") or {}).items()}}
 
 
 def compare_methods(
@@ -385,10 +387,11 @@ def compare_methods(
             auc = ref_muse["passage_min_k_auc"]
             ref_muse["privleak"] = privleak(auc, auc)  # 0 against itself
         row = summarize(ref_res, None, None, ref_muse)
-        ref_tr = ref_res.splits[fs]["truth_ratio"]
-        row["forget_quality"] = float(forget_quality(ref_tr, ref_tr))  # 1 against itself
+        ref_tr = ref_res.splits[fs].get("truth_ratio")  # None: the forget split has no truth-ratio columns
+        if ref_tr is not None:
+            row["forget_quality"] = float(forget_quality(ref_tr, ref_tr))  # 1 against itself
         rows["reference"] = [{**row, "seed": None}]
-        truth_ratios["reference"] = [ref_tr.tolist()]
+        truth_ratios["reference"] = [None if ref_tr is None else ref_tr.tolist()]
         details["reference"] = [{"seed": None, "aggregates": to_jsonable(ref_res.aggregates), "muse": ref_muse}]
 
     def evaluate(name, seed, params, seconds):
@@ -398,7 +401,8 @@ def compare_methods(
             rec = quantization_recovery(target, tokenizer, encoded, forget=fs, holdout=holdout, schemes=quant_schemes,
                                         params=params, reference=ref_res, baseline=res, rouge_examples=0)
         m = None if muse is None else muse_eval(target, tokenizer, muse, params=params, reference=ref_muse, **mk)
-        row, tr = {**summarize(res, rec, seconds, m), "seed": seed}, res.splits[fs]["truth_ratio"].tolist()
+        tr = res.splits[fs].get("truth_ratio")
+        row, tr = {**summarize(res, rec, seconds, m), "seed": seed}, None if tr is None else tr.tolist()
         detail = {"seed": seed, "aggregates": to_jsonable(res.aggregates), "quant": rec, "muse": m}
         rows.setdefault(name, []).append(row)  # all three lists or none: they stay aligned
         truth_ratios.setdefault(name, []).append(tr)

@@ -1,7 +1,9 @@
 """The ``jaxunlearn`` command line.
 
     jaxunlearn demo    [--out results/demo] [--overwrite] [--steps N] [--forget-split forget10] [--methods ...]
-                       [--seeds N] [--train-seeds] [--no-muse]
+                       [--seeds N] [--train-seeds] [--no-muse] [--quick]
+    jaxunlearn demo    --data DIR [--size tiny|small|base] [--forget S --retain S --holdout S --general S ...]
+    jaxunlearn init    --data DIR [--size tiny|small|base] --out BASE     (a fresh base model for your data)
     jaxunlearn train   --model DIR --data PATH --splits SPLIT [SPLIT ...] --out DIR [--steps N]
                        [--learning-rate LR] [--batch-size B] [--resume-dir DIR [--checkpoint-every N]]
     jaxunlearn unlearn --model DIR --data PATH --forget SPLIT --retain SPLIT --method NAME --out DIR
@@ -41,6 +43,7 @@ import tempfile
 import time
 
 from jaxunlearn.outputs import check_disjoint, check_output_dir, check_output_file, staged_dir
+from jaxunlearn.own_data import add_init_parser, add_own_data_arguments, init_command
 from jaxunlearn.plan_cli import add_plan_parser, run_plan
 from jaxunlearn.quant import SCHEMES as QUANT_SCHEMES
 from jaxunlearn.tree import check_finite
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlearning methods to benchmark (config names in --configs; default: all; none: skip)")
     d.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
     d.add_argument("--no-muse", action="store_true", help="QA rows only: no MUSE passages, KnowMem QA or columns")
+    add_own_data_arguments(d)  # --data, --size, split names, --quick
     _add_adapter(d)
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_mesh(d)
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_data(b)
     b.add_argument("--reference", default=None, help="reference checkpoint (never trained on the forget split)")
     b.add_argument("--forget", required=True, help="forget split: trained on by the methods and evaluated "
-                   "(needs paraphrased/perturbed answers)")
+                   "(forget quality needs paraphrased/perturbed answers, else n/a)")
     b.add_argument("--retain", required=True, help="retain split: the methods' retain data and evaluated")
     b.add_argument("--general", nargs="*", default=[], help="further retain-side sets for model utility")
     b.add_argument("--holdout", default=None, help="never-trained split for membership inference")
@@ -176,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         "also forget quality and privleak; with --quant the forget metrics after fake quantisation.",
     )
     _add_model_data(e)
-    e.add_argument("--forget", required=True, help="forget split (needs paraphrased/perturbed answers)")
+    e.add_argument("--forget", required=True, help="forget split (question/answer; its truth ratio and forget "
+                   "quality need paraphrased_answer/perturbed_answer, else n/a)")
     e.add_argument("--retain", nargs="*", default=[], help="retain split(s) for model utility")
     e.add_argument("--general", nargs="*", default=[], help="further retain-side sets (option-normalised)")
     e.add_argument("--holdout", default=None, help="never-trained split for membership inference")
@@ -187,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output JSON file")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_mesh(e)
+
+    add_init_parser(sub, _add_mesh)
     add_plan_parser(sub)
     return p
 
@@ -449,7 +456,7 @@ def _bench(args, mesh) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     if not _is_main():
         return 0
-    print(format_results_table(results["table"]))
+    print(format_results_table(results["table"], results.get("not_available")))
     print(f"wrote {os.path.join(args.out, 'results.json')}")
     if results["failed"]:
         print(f"jaxunlearn bench: {len(results['failed'])} method(s) failed: {_failures(results['failed'])} "
@@ -514,6 +521,8 @@ def _eval(args, mesh) -> int:
           + (f"forget quality {agg['forget_quality']:.3g}; " if "forget_quality" in agg else "")
           + (f"model utility {agg['model_utility']:.4f}; " if "model_utility" in agg else "")
           + f"wrote {args.out}")
+    for metric, why in res.not_available.items():
+        print(f"  n/a: {metric} {why}")
     return 0
 
 
@@ -521,9 +530,11 @@ def _demo(args, mesh) -> int:
     from jaxunlearn.demo import run_demo
     from jaxunlearn.pipeline import DemoConfig
 
+    from jaxunlearn.own_data import demo_flags, run_own_demo_args
+
     _seeds(args)
     cfg = DemoConfig()
-    changes = {}
+    changes = demo_flags(args, cfg)  # checks --data against the synthetic flags; --quick
     if args.people is not None:
         changes["num_people"] = args.people
     if args.forget_split is not None:
@@ -540,9 +551,10 @@ def _demo(args, mesh) -> int:
     if not _is_main():
         out = scratch = tempfile.mkdtemp(prefix="jaxunlearn-demo-")
     try:
-        results = run_demo(out, cfg=cfg, overwrite=args.overwrite or scratch is not None,
-                           progress=not args.no_progress, methods=args.methods, configs_dir=args.configs,
-                           seeds=args.seeds, train_seeds=args.train_seeds, adapter=_adapter(args))
+        run = run_demo if args.data is None else run_own_demo_args(args)
+        results = run(out, cfg=cfg, overwrite=args.overwrite or scratch is not None,
+                      progress=not args.no_progress, methods=args.methods, configs_dir=args.configs,
+                      seeds=args.seeds, train_seeds=args.train_seeds, adapter=_adapter(args))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -573,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         # under jax.set_mesh, arrays the commands create land on the mesh, the demo's models are sharded
         # on it (pipeline.train_pair) and the unlearning methods split their batches over it
         with _mesh_context(mesh):
-            commands = {"demo": _demo, "train": _train, "unlearn": _unlearn, "bench": _bench, "eval": _eval}
+            commands = {"demo": _demo, "train": _train, "unlearn": _unlearn, "bench": _bench, "eval": _eval,
+                        "init": lambda a, _: init_command(a, _is_main())}
             return commands[args.command](args, mesh)
     except (OSError, ValueError, KeyError, TypeError, FloatingPointError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

@@ -48,7 +48,7 @@ from jaxunlearn.data.muse import save_muse
 from jaxunlearn.models import count_params, save_pretrained
 from jaxunlearn.method_configs import method_config_to_dict
 from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
-from jaxunlearn.pipeline import DemoConfig, evaluate_splits, prepare_data, train_pair
+from jaxunlearn.pipeline import DemoConfig, PreparedData, evaluate_splits, prepare_data, train_pair
 
 __all__ = ["run_demo", "format_table", "DEMO_SEEDS"]
 
@@ -85,7 +85,8 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], splits) -> str
 def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, overwrite: bool = False,
              progress: bool = True, methods: Sequence[str] | None = None, configs_dir: str | None = None,
              rouge_examples: int = 32, seeds: int = DEMO_SEEDS, train_seeds: bool = False,
-             adapter: LoraConfig | None = None) -> dict:
+             adapter: LoraConfig | None = None, data: PreparedData | None = None,
+             source: dict | None = None) -> dict:
     """Run the demo; returns the results dict also written to ``out_dir/results.json``.
 
     Args:
@@ -106,23 +107,39 @@ def run_demo(out_dir: str = "results/demo", *, cfg: DemoConfig | None = None, ov
         are those of the first seed.
       adapter: run every method in adapter space (a LoRA adapter over the frozen target;
         :func:`jaxunlearn.method_configs.with_adapter`).
+      data: prepared data of one's own (:func:`jaxunlearn.own_data.prepare_own_data`) instead of
+        the synthetic benchmark generated from ``cfg`` (then ``cfg`` gives the model sizes and
+        training only, ``cfg.muse`` must be False).
+      source: recorded as ``results["source"]`` (where ``data`` came from, its split roles).
+
+    Returns:
+      The results dict.
+
+    Raises:
+      FileExistsError: ``out_dir`` exists (without ``overwrite``) or was not written by
+        jaxunlearn. ValueError: an unknown method, a bad seed count, ``data`` with ``cfg.muse``.
     """
+    if data is not None and (cfg is None or cfg.muse):
+        raise ValueError("run_demo(data=...) needs a cfg with muse=False (the MUSE passages are synthetic)")
     cfg = cfg or DemoConfig()
     methods = list(DEFAULT_METHODS if methods is None else methods)
     seed_values = seed_list(cfg.seed, seeds)  # a bad count fails before any work
     configs = load_method_configs(methods, configs_dir, adapter)  # unknown names fail before any work
     check_output_dir(out_dir, overwrite=overwrite)
     with staged_dir(out_dir, overwrite=overwrite, command="demo") as tmp:
-        results = _run(tmp, cfg, configs, progress, rouge_examples, seed_values, train_seeds)
+        results = _run(tmp, cfg, configs, progress, rouge_examples, seed_values, train_seeds, data)
+        if source is not None:
+            results["source"] = source
+            write_json_atomic(os.path.join(tmp, "results.json"), results)
     print(f"wrote {os.path.join(out_dir, 'results.json')}")
     return results
 
 
 def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int, seeds: list[int],
-         train_seeds: bool) -> dict:
+         train_seeds: bool, data: PreparedData | None = None) -> dict:
     t0 = time.perf_counter()
-    data = prepare_data(cfg)
-    splits = (data.forget_split, data.retain_split, "general", "holdout")
+    data = prepare_data(cfg) if data is None else data
+    splits = tuple(data.eval_roles)
     t_data = time.perf_counter() - t0
     trained = train_pair(cfg, data, progress=progress)
     t_train = time.perf_counter() - t0 - t_data
@@ -171,7 +188,7 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int,
         print(f"\nunlearning {data.forget_split} ({what}), "
               f"{len(configs)} methods x {len(seeds)} seed(s) {seeds} (seeds vary the {varied}), "
               f"{bench['seconds_total']:.0f} s\n")
-        print(format_results_table(bench["table"]))
+        print(format_results_table(bench["table"], bench.get("not_available")))
         print("\nforget_q = KS p-value of forget truth ratios vs the reference (1 = indistinguishable); "
               "utility = TOFU model utility;\nforget_p = forget answer probability; MIA_AUC = Min-k (k=0.4) "
               "ROC-AUC forget vs holdout (0.5 = no leak);\nint4_rec = forget_p after INT4 fake quantisation "

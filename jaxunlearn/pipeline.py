@@ -110,6 +110,11 @@ class PreparedData:
     to ``max_length`` like the QA rows), ``passages`` the encoded training passages
     ``{"forget", "retain"}`` (``[BOS] text [EOS]``, every text token scored, padded to
     ``passage_length``; ``retain`` = MUSE's ``retain1`` + ``retain2``).
+
+    ``general_splits``: the retain-side sets both models train on and model utility scores
+    (the synthetic benchmark's ``general``; any number, none included); ``holdout_split``: the
+    never-trained split of the membership-inference attacks, or None (data of one's own:
+    :mod:`jaxunlearn.own_data`).
     """
 
     dataset: datasets.DatasetDict
@@ -122,6 +127,17 @@ class PreparedData:
     knowmem: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     passages: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     passage_length: int = 0
+    general_splits: tuple[str, ...] = ("general",)
+    holdout_split: str | None = "holdout"
+
+    @property
+    def eval_roles(self) -> dict[str, str]:
+        """``{split: role}`` of the evaluated splits: forget, retain, the general sets, the holdout."""
+        roles = {self.forget_split: "forget", self.retain_split: "retain",
+                 **{g: "general" for g in self.general_splits}}
+        if self.holdout_split is not None:
+            roles[self.holdout_split] = "holdout"
+        return roles
 
 
 def _retain_of(forget_split: str) -> str:
@@ -211,18 +227,20 @@ def prepare_data(cfg: DemoConfig) -> PreparedData:
 def training_sets(data: PreparedData) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
     """``{"target": (qa_rows, passages), "reference": (qa_rows, passages)}``: what each model trains on.
 
-    ``qa_rows``: retain + forget + general QA (the target), retain + general (the reference),
+    ``qa_rows``: retain + forget + general QA (the target), retain + general (the reference;
+    ``general`` = ``data.general_splits``, possibly none),
     each with its people's KnowMem pairs when there are MUSE data; ``passages``: the forget and
     retain passages (target) or the retain ones (reference), ``None`` without MUSE data.
     """
     e, fs, rs = data.encoded, data.forget_split, data.retain_split
+    general = [e[g] for g in data.general_splits]
     if data.muse is None:
-        return {"target": (concat_encoded(e[rs], e[fs], e["general"]), None),
-                "reference": (concat_encoded(e[rs], e["general"]), None)}
+        return {"target": (concat_encoded(e[rs], e[fs], *general), None),
+                "reference": (concat_encoded(e[rs], *general), None)}
     k, p = data.knowmem, data.passages
-    return {"target": (concat_encoded(e[rs], e[fs], e["general"], k["retain"], k["forget"]),
+    return {"target": (concat_encoded(e[rs], e[fs], *general, k["retain"], k["forget"]),
                        concat_encoded(p["forget"], p["retain"])),
-            "reference": (concat_encoded(e[rs], e["general"], k["retain"]), p["retain"])}
+            "reference": (concat_encoded(e[rs], *general, k["retain"]), p["retain"])}
 
 
 def unlearning_sets(data: PreparedData) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

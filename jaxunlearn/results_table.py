@@ -22,7 +22,8 @@ from jaxunlearn.eval.quant_recovery import forget_metrics
 from jaxunlearn.eval.runner import EvalResult
 from jaxunlearn.stats import format_interval, interval_of
 
-__all__ = ["summarize", "failed_row", "format_results_table", "plot_forget_vs_utility", "MUSE_ROW_KEYS"]
+__all__ = ["summarize", "failed_row", "format_results_table", "plot_forget_vs_utility", "MUSE_ROW_KEYS",
+           "row_not_available"]
 
 #: Row key -> :func:`~jaxunlearn.eval.muse.muse_eval` key of the MUSE columns: KnowMem on the
 #: forget and retain QA, VerbMem on the forget passages (ROUGE-L F1 in [0, 1]), PrivLeak (%) of
@@ -32,23 +33,47 @@ MUSE_ROW_KEYS: dict[str, str] = {"knowmem_forget": "knowmem_forget", "knowmem_re
                                  "muse_auc": "passage_min_k_auc"}
 
 
+def row_not_available(result: EvalResult) -> dict[str, str]:
+    """The row columns an evaluation could not give for lack of data columns.
+
+    Args:
+      result: an :class:`~jaxunlearn.eval.runner.EvalResult`.
+
+    Returns:
+      ``{row column: "needs column(s) ..."}`` for ``forget_quality``, ``model_utility`` and
+      ``forget_truth_ratio`` (from ``result.not_available``); empty with the full TOFU columns.
+    """
+    na = dict(result.not_available)
+    out = {key: na[key] for key in ("forget_quality", "model_utility") if key in na}
+    forget = next((name for name, role in result.roles.items() if role == "forget"), None)
+    if forget is not None and f"{forget}/truth_ratio" in na:
+        out["forget_truth_ratio"] = f"{na[f'{forget}/truth_ratio']} in split {forget!r}"
+    return out
+
+
 def summarize(result: EvalResult, recovery: Mapping[str, Any] | None, seconds: float | None,
-              muse: Mapping[str, float] | None = None) -> dict[str, float]:
+              muse: Mapping[str, float] | None = None) -> dict[str, Any]:
     """One table row: the headline numbers of an evaluation (and its INT4 recovery).
 
     With ``muse`` (a :func:`~jaxunlearn.eval.muse.muse_eval` result) the row also holds the MUSE
-    columns under the keys of :data:`MUSE_ROW_KEYS`.
+    columns under the keys of :data:`MUSE_ROW_KEYS`. ``retain_probability`` is the mean answer
+    probability of the first retain split (the plot's utility axis when model utility is not
+    available). A number the data's columns cannot give is NaN and named, with the column it
+    needs, under ``"not_available"`` (:func:`row_not_available`; only when there is one).
 
     Raises:
       KeyError: ``muse`` lacks one of the ``muse_eval`` keys (named).
     """
     agg = result.aggregates
     fm = forget_metrics(result)
+    retain = next((name for name, role in result.roles.items() if role == "retain"), None)
     row = {
         "forget_quality": float(agg.get("forget_quality", float("nan"))),
         "model_utility": float(agg.get("model_utility", float("nan"))),
         "forget_probability": float(fm["probability"]),
-        "forget_truth_ratio": float(fm["truth_ratio"]),
+        "forget_truth_ratio": float(fm.get("truth_ratio", float("nan"))),
+        "retain_probability": (float(np.mean(result.splits[retain]["probability"])) if retain is not None
+                               else float("nan")),
         "mia_auc_min_k": float(agg.get("mia_auc", {}).get("min_k", float("nan"))),
         "privleak_min_k": float(agg.get("privleak", {}).get("min_k", float("nan"))),
         "seconds": float("nan") if seconds is None else float(seconds),
@@ -62,6 +87,9 @@ def summarize(result: EvalResult, recovery: Mapping[str, Any] | None, seconds: f
         if missing:
             raise KeyError(f"the MUSE result lacks {missing} (a muse_eval result has them; got {sorted(muse)})")
         row.update({key: float(muse[src]) for key, src in MUSE_ROW_KEYS.items()})
+    na = row_not_available(result)
+    if na:
+        row["not_available"] = na
     return row
 
 
@@ -81,7 +109,8 @@ _MUSE_COLUMNS = (("knowmem_forget", "KnowMem_f", ".3f"), ("knowmem_retain", "Kno
                  ("verbmem_forget", "VerbMem_f", ".3f"), ("privleak_muse", "PrivLeak", "+.1f"))
 
 
-def format_results_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+def format_results_table(rows: Mapping[str, Mapping[str, Any]],
+                         not_available: Mapping[str, str] | None = None) -> str:
     """A fixed-width text table, one row per method (the order of ``rows``).
 
     Columns: forget quality, model utility, forget probability, Min-k MIA AUC, INT4 recovery,
@@ -92,7 +121,16 @@ def format_results_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     :func:`jaxunlearn.stats.format_interval`); column ``n`` is the number of seeds aggregated
     (of the seeds run, when some failed). A row aggregated from one seed (or a plain
     :func:`summarize` row) shows the number alone, and a note under the table says so.
+
+    Args:
+      rows: ``{name: aggregated row}``.
+      not_available: ``{row column: reason}`` (the benchmark's ``"not_available"``): those
+        columns show ``n/a`` and a note names the data column each needs.
+
+    Returns:
+      The table text with its notes.
     """
+    na = dict(not_available or {})
     columns = _COLUMNS[1:]
     if any("knowmem_forget" in row for row in rows.values()):
         columns = columns[:-1] + _MUSE_COLUMNS + columns[-1:]
@@ -104,14 +142,14 @@ def format_results_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
         cells = [name, str(n) if n == n_seeds else f"{n}/{n_seeds}"]
         for key, _, fmt in columns:
             iv = interval_of(row, key)
-            cells.append(format_interval(iv.mean, iv.half_width, fmt))
+            cells.append("n/a" if key in na and not row.get("error") else format_interval(iv.mean, iv.half_width, fmt))
         if n == 1:
             single.append(name)
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in table]
     lines.insert(1, "-" * len(lines[0]))
-    notes = []
+    notes = [f"n/a: {short} {na[key]}" for key, short, _ in columns if key in na]
     for name, row in rows.items():
         if row.get("error"):
             notes.append(f"{name}: FAILED ({row['error']})")
@@ -131,24 +169,39 @@ def plot_forget_vs_utility(rows: Mapping[str, Mapping[str, Any]], path: str | os
 
     A point is the mean over seeds; where a row has intervals (:func:`jaxunlearn.stats.aggregate_rows`)
     bars show them (on the log axis a forget-quality interval reaching zero or below is drawn
-    two decades down from the mean).
+    two decades down from the mean). Where no row has a forget quality (data without the
+    truth-ratio columns) the x axis is the forget answer probability (linear), and where none has
+    a model utility the y axis is the retain answer probability (``retain_probability``).
+
+    Args:
+      rows: ``{name: row}`` (aggregated or plain :func:`summarize` rows).
+      path: the PNG to write (atomically).
+
+    Returns:
+      ``path`` as a string.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def some(key):
+        return any(np.isfinite(interval_of(row, key).mean) for row in rows.values())
+
+    x_key = "forget_quality" if some("forget_quality") else "forget_probability"
+    y_key = "model_utility" if some("model_utility") else "retain_probability"
+    log_x = x_key == "forget_quality"
     fig, ax = plt.subplots(figsize=(7, 5))
-    floor = 1e-30
+    floor = 1e-30 if log_x else -np.inf
     for name, row in rows.items():
-        fq, mu = interval_of(row, "forget_quality"), interval_of(row, "model_utility")
+        fq, mu = interval_of(row, x_key), interval_of(row, y_key)
         if not (np.isfinite(fq.mean) and np.isfinite(mu.mean)):
             continue
         x = max(fq.mean, floor)
         marker = "*" if name in ("target", "reference") else "o"
         xerr = yerr = None
         if np.isfinite(fq.half_width):
-            low = fq.low if fq.low > 0 else x / 100.0  # log axis: a bound <= 0 is drawn two decades down
+            low = fq.low if fq.low > 0 or not log_x else x / 100.0  # log axis: a bound <= 0 two decades down
             xerr = [[x - low], [fq.half_width]]
         if np.isfinite(mu.half_width):
             yerr = [[mu.half_width], [mu.half_width]]
@@ -156,10 +209,14 @@ def plot_forget_vs_utility(rows: Mapping[str, Mapping[str, Any]], path: str | os
             ax.errorbar([x], [mu.mean], xerr=xerr, yerr=yerr, fmt="none", elinewidth=0.8, capsize=2, alpha=0.6)
         ax.scatter([x], [mu.mean], marker=marker, s=80 if marker == "*" else 36)
         ax.annotate(name, (x, mu.mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("forget quality (KS p-value vs reference, log scale)")
-    ax.set_ylabel("model utility")
-    ax.set_title("jaxunlearn: forget quality vs model utility (mean, 95% interval over seeds)")
+    if log_x:
+        ax.set_xscale("log")
+        ax.set_xlabel("forget quality (KS p-value vs reference, log scale)")
+    else:
+        ax.set_xlabel("forget answer probability (lower = more forgotten; forget quality n/a)")
+    ax.set_ylabel("model utility" if y_key == "model_utility" else "retain answer probability (model utility n/a)")
+    ax.set_title(f"jaxunlearn: {'forget quality' if log_x else 'forget probability'} vs "
+                 f"{'model utility' if y_key == 'model_utility' else 'retain probability'} (mean, 95% interval over seeds)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     tmp = f"{path}.tmp.png"

@@ -44,7 +44,10 @@ SLOW_TESTS = {"test_methods.py::test_perta_fisher_on_a_decoder_runs_the_fused_fi
               "test_adapters.py::test_perta_in_adapter_space_runs_and_touches_adapted_kernels_only",
               "test_adapters.py::test_salun_mask_over_the_adapter",
               "eval/test_durability.py::test_one_compilation_across_precisions_with_generation",
-              "eval/test_durability.py::test_evaluate_precisions_bad_input"}
+              "eval/test_durability.py::test_evaluate_precisions_bad_input",
+              # own QA data end to end: init + train, demo --data --quick (the split choice stays fast)
+              "test_own_data.py::test_init_writes_a_base_model_that_train_loads",
+              "test_own_data.py::test_demo_on_own_data_end_to_end"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,7 +17,7 @@ from jaxunlearn.data import ChatFormat
 from jaxunlearn.eval.metrics import answer_stats, exact_memorization, extraction_strength
 from jaxunlearn.eval.mia import mia_aucs, mia_scores, privleak, zlib_score
 from jaxunlearn.eval.rouge import rouge_l_f1, rouge_l_recall
-from jaxunlearn.eval.splits import ROLE_COLUMNS, EvalSplit, encode_eval_splits
+from jaxunlearn.eval.splits import ROLE_COLUMNS, EvalSplit, encode_eval_splits, split_not_available, truth_ratio_columns
 from jaxunlearn.eval.tofu import (
     forget_quality,
     forget_summary,
@@ -235,12 +235,17 @@ class EvalResult:
         "model_utility": float, "mia_auc": {attack: auc}, "forget_quality": float,
         "privleak": {attack: %}}`` (each present when its inputs are).
       roles: ``{split: role}``.
+      not_available: ``{metric: "needs column(s) ..."}``: what the splits' columns could not
+        give: ``"<split>/<metric>"`` per split (:func:`~jaxunlearn.eval.splits.split_not_available`)
+        and the aggregates ``forget_quality`` and ``model_utility`` (split named); empty with the
+        full TOFU columns.
     """
 
     splits: Mapping[str, Mapping[str, np.ndarray]]
     generations: Mapping[str, list[str]]
     aggregates: Mapping[str, Any]
     roles: Mapping[str, str]
+    not_available: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def split_of(self, role: str) -> str:
         """The name of the split with ``role`` (KeyError naming the roles present)."""
@@ -252,7 +257,8 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (arrays as lists, numpy scalars as floats)."""
         return to_jsonable({"splits": self.splits, "generations": self.generations,
-                            "aggregates": self.aggregates, "roles": self.roles})
+                            "aggregates": self.aggregates, "roles": self.roles,
+                            "not_available": self.not_available})
 
 
 def to_jsonable(x: Any) -> Any:
@@ -271,7 +277,14 @@ def to_jsonable(x: Any) -> Any:
     return x
 
 
-def _aggregate(splits, roles: Mapping[str, str], reference: "EvalResult | None") -> dict[str, Any]:
+def _needs_in(what: list[tuple[str, str]]) -> str:
+    """``"needs column(s) X in split 'a', Y in split 'b'"`` for ``[(split, role), ...]``."""
+    return "needs " + "; ".join(f"column{'s' if len(truth_ratio_columns(r)) > 1 else ''} "
+                                f"{', '.join(truth_ratio_columns(r))} in split {s!r}" for s, r in what)
+
+
+def _aggregate(splits, roles: Mapping[str, str], reference: "EvalResult | None",
+               not_available: dict[str, str]) -> dict[str, Any]:
     by_role: dict[str, list[str]] = {}
     for name, role in roles.items():
         by_role.setdefault(role, []).append(name)
@@ -281,15 +294,24 @@ def _aggregate(splits, roles: Mapping[str, str], reference: "EvalResult | None")
     if forget is not None:
         agg["forget"] = forget_summary(splits[forget])
     retain_sets, option_sets = by_role.get("retain", []), by_role.get("general", [])
+    no_ratio = [(s, roles[s]) for s in retain_sets + option_sets if "truth_ratio" not in splits[s]]
     if (retain_sets or option_sets) and all("rouge_l_recall" in splits[s] for s in retain_sets + option_sets):
-        agg["utility_components"] = utility_components(splits, retain_sets=retain_sets, option_sets=option_sets)
-        agg["model_utility"] = model_utility(splits, retain_sets=retain_sets, option_sets=option_sets)
+        if no_ratio:
+            not_available["model_utility"] = _needs_in(no_ratio)
+        else:
+            agg["utility_components"] = utility_components(splits, retain_sets=retain_sets, option_sets=option_sets)
+            agg["model_utility"] = model_utility(splits, retain_sets=retain_sets, option_sets=option_sets)
     if forget is not None and holdout is not None:
         agg["mia_auc"] = mia_aucs(splits[forget], splits[holdout])
     if reference is not None and forget is not None:
         ref_forget = reference.split_of("forget")
-        agg["forget_quality"] = forget_quality(splits[forget]["truth_ratio"],
-                                               reference.splits[ref_forget]["truth_ratio"])
+        if "truth_ratio" not in splits[forget]:
+            not_available["forget_quality"] = _needs_in([(forget, "forget")])
+        elif "truth_ratio" not in reference.splits[ref_forget]:
+            not_available["forget_quality"] = _needs_in([(ref_forget, "forget")]) + " (the reference's)"
+        else:
+            agg["forget_quality"] = forget_quality(splits[forget]["truth_ratio"],
+                                                   reference.splits[ref_forget]["truth_ratio"])
         if "mia_auc" in agg and "mia_auc" in reference.aggregates:
             agg["privleak"] = {a: privleak(agg["mia_auc"][a], reference.aggregates["mia_auc"][a])
                                for a in agg["mia_auc"]}
@@ -323,7 +345,9 @@ def evaluate_model(
     ROUGE-L recall and F1 of the greedy generation (the first ``rouge_examples`` rows), and on
     the forget split its ROUGE-L recall against the paraphrased and each perturbed answer (as
     open-unlearning's ``forget_Q_A_PARA_ROUGE`` / ``forget_Q_A_PERT_ROUGE``: one greedy
-    generation per question, scored against each target). Aggregates:
+    generation per question, scored against each target). A split needs only ``question`` and
+    ``answer``: a metric whose column is missing is left out and named, with the column it needs,
+    in :attr:`EvalResult.not_available`. Aggregates:
     forget-set summary, model utility (retain + general), MIA AUCs (forget vs holdout), and with
     a ``reference`` result (the model never trained on the forget set) forget quality and
     privleak.
@@ -336,10 +360,11 @@ def evaluate_model(
         splits named by a role below are evaluated. To evaluate many models (or subsets of
         splits) with one compilation, encode once with :func:`encode_eval_splits` and pass
         the ``EvalSplit`` dict: the padded length is then the same for every call.
-      forget: name of the forget split (needs paraphrased and perturbed answers).
+      forget: name of the forget split (its truth ratio, hence forget quality, needs paraphrased and
+        perturbed answers).
       retain: name(s) of the retain split(s) (same columns) for model utility.
       general: name(s) of further retain-side sets scored with option-normalised probability
-        (TOFU's real authors / world facts; needs ``perturbed_answer``).
+        (TOFU's real authors / world facts; that and model utility need ``perturbed_answer``).
       holdout: name of the never-trained split (MIA non-members).
       params: evaluate these parameters (an ``nnx.State`` of ``nnx.Param`` like
         ``DecoderFn.of(model)[1]``, e.g. fake-quantised) instead of the model's.
@@ -362,8 +387,8 @@ def evaluate_model(
       An :class:`EvalResult`.
 
     Raises:
-      KeyError: a missing split or column (named); ValueError: an empty split, a tokenizer
-      larger than the model's vocabulary.
+      KeyError: a missing split, or a split without ``question`` / ``answer`` (named);
+      ValueError: an empty split, a tokenizer larger than the model's vocabulary.
     """
     if not isinstance(model, Decoder):
         raise TypeError(f"model must be a jaxunlearn.models.Decoder, got {type(model).__name__}")
@@ -386,9 +411,6 @@ def evaluate_model(
         encoded = encode_eval_splits(tokenizer, chosen, roles=roles, separator=separator, chat_template=chat_template)
     elif all(isinstance(v, EvalSplit) for v in chosen.values()):
         encoded = chosen
-        for name, role in roles.items():
-            if role != "holdout" and encoded[name].perturbed is None:
-                raise KeyError(f"split {name!r} (role {role!r}) was encoded without perturbed_answer")
     else:
         raise TypeError("data must map split names to datasets.Dataset, or all to EvalSplit")
 
@@ -405,6 +427,8 @@ def evaluate_model(
     elif max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     splits, generations = {}, {}
+    not_available = {f"{name}/{m}": why for name, split in encoded.items()
+                     for m, why in split_not_available(split, roles[name]).items()}
     for name, split in encoded.items():
         res = score_split(apply_fn, params, split, batch_size=batch_size, k=k)
         n_gen = split.num_rows if rouge_examples is None else min(rouge_examples, split.num_rows)
@@ -413,4 +437,5 @@ def evaluate_model(
             res.update(_rouge_scores(gen, split, n_gen, roles[name] == "forget", use_stemmer))
             generations[name] = gen
         splits[name] = res
-    return EvalResult(splits, generations, _aggregate(splits, roles, reference), roles)
+    aggregates = _aggregate(splits, roles, reference, not_available)
+    return EvalResult(splits, generations, aggregates, roles, not_available)

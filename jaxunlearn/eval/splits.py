@@ -2,7 +2,8 @@
 split and answer column, so each jitted pass of :mod:`jaxunlearn.eval.runner` compiles once.
 
 A split in the TOFU column schema (``question``, ``answer``, ``paraphrased_answer``,
-``perturbed_answer``: a list of K wrong answers) becomes an :class:`EvalSplit`: the teacher-forced
+``perturbed_answer``: a list of K wrong answers; only ``question`` and ``answer`` are required,
+the metrics the missing columns would enable are then not available) becomes an :class:`EvalSplit`: the teacher-forced
 arrays of each answer column (``jaxunlearn.data.encode_split``), the left-padded generation
 prompts (``jaxunlearn.data.encode_prompts``), and the answer texts that generations are scored
 against (ROUGE-L). Encoding uses the tokenizer's chat template when it has one, as
@@ -19,16 +20,70 @@ import numpy as np
 
 from jaxunlearn.data import ChatFormat, encode_prompts, encode_split
 
-__all__ = ["ROLE_COLUMNS", "EvalSplit", "encode_eval_splits"]
+__all__ = ["ROLE_COLUMNS", "REQUIRED_COLUMNS", "truth_ratio_columns", "split_not_available", "EvalSplit",
+           "encode_eval_splits"]
 
 
-#: Columns of the TOFU evaluation schema a split needs, by role.
+#: Columns of the TOFU evaluation schema a split uses, by role: with all of them every metric of
+#: its role is computed; with only :data:`REQUIRED_COLUMNS` the answer-only metrics are
+#: (:func:`split_not_available` names the others and the columns they need).
 ROLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "forget": ("question", "answer", "paraphrased_answer", "perturbed_answer"),
     "retain": ("question", "answer", "paraphrased_answer", "perturbed_answer"),
     "general": ("question", "answer", "perturbed_answer"),
     "holdout": ("question", "answer"),
 }
+
+#: Columns every split needs: without them nothing can be computed.
+REQUIRED_COLUMNS: tuple[str, ...] = ("question", "answer")
+
+
+def truth_ratio_columns(role: str) -> tuple[str, ...]:
+    """The columns a split of ``role`` needs for the truth ratio (and the option-normalised
+    probability): ``paraphrased_answer`` and ``perturbed_answer`` on forget / retain splits,
+    ``perturbed_answer`` on general and holdout splits.
+
+    Raises:
+      KeyError: an unknown role.
+    """
+    if role not in ROLE_COLUMNS:
+        raise KeyError(f"unknown role {role!r}; roles: {sorted(ROLE_COLUMNS)}")
+    extra = tuple(c for c in ROLE_COLUMNS[role] if c not in REQUIRED_COLUMNS)
+    return extra if "perturbed_answer" in extra else extra + ("perturbed_answer",)
+
+
+def _needs(columns: tuple[str, ...]) -> str:
+    return f"needs column{'s' if len(columns) > 1 else ''} {', '.join(columns)}"
+
+
+def split_not_available(split: "EvalSplit", role: str) -> dict[str, str]:
+    """The per-example metrics a split of ``role`` cannot give for lack of columns.
+
+    Args:
+      split: an encoded split (:func:`encode_eval_splits`).
+      role: its role (``"forget"``, ``"retain"``, ``"general"`` or ``"holdout"``).
+
+    Returns:
+      ``{metric: "needs column(s) ..."}``, empty when every metric of the role is computed:
+      ``truth_ratio``, ``normalized_probability``, ``correct_probability`` and
+      ``perturbed_probability`` without the truth-ratio columns (:func:`truth_ratio_columns`);
+      on a forget split ``paraphrased_rouge_l_recall`` without ``paraphrased_answer`` and
+      ``perturbed_rouge_l_recall`` without ``perturbed_answer``.
+
+    Raises:
+      KeyError: an unknown role.
+    """
+    out: dict[str, str] = {}
+    if split.perturbed is None:
+        why = _needs(truth_ratio_columns(role))
+        out.update({m: why for m in ("truth_ratio", "normalized_probability", "correct_probability",
+                                     "perturbed_probability")})
+    if role == "forget":
+        if split.paraphrased_answers is None:
+            out["paraphrased_rouge_l_recall"] = _needs(("paraphrased_answer",))
+        if split.perturbed_answers is None:
+            out["perturbed_rouge_l_recall"] = _needs(("perturbed_answer",))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +187,9 @@ def encode_eval_splits(
     Args:
       tokenizer: the model's tokenizer (``bos/eos/pad`` and, with ``separator=None``, ``sep``).
       splits: ``{name: datasets.Dataset}`` in the TOFU column schema.
-      roles: ``{name: "forget" | "retain" | "general" | "holdout"}``; the role sets the required
-        columns (:data:`ROLE_COLUMNS`); unnamed splits are ``"holdout"`` (question, answer).
+      roles: ``{name: "forget" | "retain" | "general" | "holdout"}``; the role sets the columns
+        of the truth ratio (:func:`truth_ratio_columns`: encoded only when the split has them all);
+        unnamed splits are ``"holdout"``. Every split needs ``question`` and ``answer``.
       max_length: padded length T; ``None`` = the longest row. A longer row is an error.
       separator: text between question and answer, as in ``jaxunlearn.data.encode_qa``.
       chat_template: ``None`` (the tokenizer's chat template when it has one), ``False``,
@@ -143,7 +199,8 @@ def encode_eval_splits(
       ``{name: EvalSplit}``.
 
     Raises:
-      KeyError: a split lacks a column its role needs (named), or an unknown role.
+      KeyError: a split lacks ``question`` or ``answer`` (split and columns named: nothing can be
+        computed on it), or an unknown role.
       ValueError: an empty split, a row longer than ``max_length``.
     """
     roles = dict(roles or {})
@@ -158,10 +215,10 @@ def encode_eval_splits(
     for name, ds in splits.items():
         if not isinstance(ds, datasets.Dataset):
             raise TypeError(f"split {name!r} is a {type(ds).__name__}, expected a datasets.Dataset")
-        missing = [c for c in ROLE_COLUMNS[_role_of(name, roles)] if c not in ds.column_names]
+        missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
         if missing:
             raise KeyError(f"split {name!r} (role {_role_of(name, roles)!r}) is missing column(s) {missing}; "
-                           f"it has {ds.column_names}")
+                           f"it has {ds.column_names}: nothing can be evaluated without question and answer")
         if len(ds) == 0:
             raise ValueError(f"split {name!r} is empty: nothing to evaluate")
         fmt = dict(separator=separator, chat_template=chat_template)
@@ -171,10 +228,11 @@ def encode_eval_splits(
         if "paraphrased_answer" in ds.column_names:
             texts["paraphrased_answers"] = tuple(ds["paraphrased_answer"])
         if "perturbed_answer" in ds.column_names:
+            texts["perturbed_answers"] = tuple(tuple(a) for a in ds["perturbed_answer"])
+        if all(c in ds.column_names for c in truth_ratio_columns(_role_of(name, roles))):
             col = "paraphrased_answer" if "paraphrased_answer" in ds.column_names else "answer"
             correct = encode_split(tokenizer, ds, max_length=max_length, answer_column=col, fact_column=None, **fmt)
             perturbed = encode_split(tokenizer, ds, max_length=max_length, answer_column="perturbed_answer", **fmt)
-            texts["perturbed_answers"] = tuple(tuple(a) for a in ds["perturbed_answer"])
         prompts = encode_prompts(tokenizer, list(ds["question"]), max_length=None, **fmt)
         raw[name] = (answer, correct, perturbed, prompts, texts)
     length = max_length or max(p["input_ids"].shape[-1] for r in raw.values() for p in r[:3] if p is not None)

@@ -236,11 +236,48 @@ def test_quantization_recovery_matches_direct_evaluation(setup, encoded):
         quantization_recovery(model, tok, dd, schemes=("int3",), **kw)
 
 
+def test_answer_only_splits_give_every_answer_metric_and_name_the_rest(setup):
+    """Splits with only question/answer: the answer metrics equal the full-schema run's, the truth-ratio
+    family, forget quality and model utility are absent and named with the column they need."""
+    dd, tok, model, full = setup
+    qa = {k: dd[k].select_columns(["question", "answer"]) for k in dd}
+    kw = dict(**ROLES, rouge_examples=3, max_new_tokens=6, batch_size=8)
+    ref = evaluate_model(model, tok, qa, **kw)
+    res = evaluate_model(model, tok, qa, reference=ref, **kw)
+    for name in qa:
+        for key in ("probability", "nll", "token_acc", "extraction_strength", "exact_memorization", "mia_loss",
+                    "mia_min_k"):
+            assert res.splits[name][key].shape == (len(qa[name]),), (name, key)
+        assert "truth_ratio" not in res.splits[name] and "normalized_probability" not in res.splits[name]
+    # one padded length is set by the longest encoded row: perturbed answers are longer, so compare the
+    # per-example probability (padding-invariant) with the full run
+    np.testing.assert_allclose(res.splits["forget10"]["probability"], full.splits["forget10"]["probability"],
+                               rtol=1e-4)
+    assert res.splits["forget10"]["rouge_l_recall"].shape == (3,)
+    assert "mia_auc" in res.aggregates and "privleak" in res.aggregates
+    assert "forget_quality" not in res.aggregates and "model_utility" not in res.aggregates
+    na = res.not_available
+    assert na["forget_quality"] == "needs columns paraphrased_answer, perturbed_answer in split 'forget10'"
+    assert "perturbed_answer in split 'general'" in na["model_utility"]
+    assert na["forget10/truth_ratio"] == "needs columns paraphrased_answer, perturbed_answer"
+    assert na["general/normalized_probability"] == "needs column perturbed_answer"
+    assert na["forget10/paraphrased_rouge_l_recall"] == "needs column paraphrased_answer"
+    assert res.to_dict()["not_available"] == na
+    assert full.not_available == {}
+    # a forget split with the paraphrase but no perturbed answers: its paraphrased ROUGE still comes
+    no_pert = dd["forget10"].remove_columns("perturbed_answer")
+    part = evaluate_model(model, tok, {"forget10": no_pert}, forget="forget10", rouge_examples=2, max_new_tokens=4)
+    assert "paraphrased_rouge_l_recall" in part.splits["forget10"]
+    assert set(part.not_available) == {"forget10/truth_ratio", "forget10/normalized_probability",
+                                       "forget10/correct_probability", "forget10/perturbed_probability",
+                                       "forget10/perturbed_rouge_l_recall"}
+
+
 def test_bad_inputs(setup):
     dd, tok, model, _ = setup
-    no_pert = dd["forget10"].remove_columns("perturbed_answer")
-    with pytest.raises(KeyError, match=r"'forget10' \(role 'forget'\) is missing column\(s\) \['perturbed_answer'\]"):
-        evaluate_model(model, tok, {"forget10": no_pert}, forget="forget10")
+    no_answer = dd["forget10"].remove_columns("answer")
+    with pytest.raises(KeyError, match=r"'forget10' \(role 'forget'\) is missing column\(s\) \['answer'\]"):
+        evaluate_model(model, tok, {"forget10": no_answer}, forget="forget10")
     small = Decoder(model.config.replace(vocab_size=len(tok) - 10), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="vocab_size"):
         evaluate_model(small, tok, dd, forget="forget10")
