@@ -13,16 +13,16 @@
                        --out DIR
     jaxunlearn eval    --model DIR --data PATH --forget SPLIT [--retain ...] [--general ...] [--holdout SPLIT]
                        [--reference DIR] --out FILE.json
+    jaxunlearn durability --out DIR [--methods ...] [--seeds 3] [--epsilon 0.047] [--quick]   (adapter regime)
 
-Outputs are safe: every output path is checked before any work (writable, not a file where a
-directory is wanted, ``--resume-dir`` separate from ``--out``); a non-empty directory that
-jaxunlearn did not write is never replaced, even with ``--overwrite``; results are written
-into a temporary sibling and swapped into place at the end. ``bench`` records a failing
-method in its row and goes on (exit status 1 when any failed).
+Outputs are safe: every output path is checked before any work (writable, not a file where a directory is
+wanted, ``--resume-dir`` separate from ``--out``); a non-empty directory that jaxunlearn did not write is never
+replaced, even with ``--overwrite``; results are written into a temporary sibling, then swapped into place.
+``bench`` records a failing method in its row and goes on (exit status 1 when any failed).
 
-``bench`` and ``demo`` run every method with ``--seeds N`` seeds (``--seed``, ``--seed`` + 1, ...)
-and print each number as a mean with its 95% Student-t interval over seeds; ``results.json``
-keeps every seed's row. ``demo --train-seeds`` also retrains the target and reference per seed.
+``bench`` and ``demo`` run every method with ``--seeds N`` seeds (``--seed``, ``--seed`` + 1, ...) and print each
+number as a mean with its 95% Student-t interval over seeds; ``results.json`` keeps every seed's row.
+``demo --train-seeds`` also retrains the target and reference per seed.
 
 Every command takes ``--mesh SPEC`` (e.g. ``fsdp=4,tp=2``; one size may be ``-1``, "the
 rest"): the parameters are sharded on that device mesh by
@@ -44,6 +44,8 @@ import time
 
 from jaxunlearn.outputs import check_disjoint, check_output_dir, check_output_file, staged_dir
 from jaxunlearn.own_data import add_init_parser, add_own_data_arguments, init_command
+from jaxunlearn.durability_cli import add_durability_parser, run_durability_cli
+from jaxunlearn.method_configs_cli import adapter_from_args, add_adapter_argument
 from jaxunlearn.plan_cli import add_plan_parser, run_plan
 from jaxunlearn.quant import SCHEMES as QUANT_SCHEMES
 from jaxunlearn.tree import check_finite
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
     d.add_argument("--no-muse", action="store_true", help="QA rows only: no MUSE passages, KnowMem QA or columns")
     add_own_data_arguments(d)  # --data, --size, split names, --quick
-    _add_adapter(d)
+    add_adapter_argument(d)
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_mesh(d)
 
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True, help="output checkpoint directory")
     u.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     u.add_argument("--seed", type=int, default=0)
-    _add_adapter(u)
+    add_adapter_argument(u)
     _add_resume(u, "gradient methods: keep the run state here (orbax) and resume from it when it holds a "
                    "checkpoint of the same run")
     _add_mesh(u)
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VerbMem generation budget with --muse (default 128, MUSE's; the demo uses 64)")
     b.add_argument("--seed", type=int, default=0, help="the first unlearning seed (default 0)")
     _add_seeds(b, DEFAULT_SEEDS)
-    _add_adapter(b)
+    add_adapter_argument(b)
     b.add_argument("--out", required=True, help="results directory")
     b.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
     _add_mesh(b)
@@ -195,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_init_parser(sub, _add_mesh)
     add_plan_parser(sub)
+    add_durability_parser(sub)
     return p
 
 
@@ -203,20 +206,6 @@ def _add_seeds(p: argparse.ArgumentParser, default: int, why: str = "") -> None:
                    help=f"run each method with N seeds (--seed, --seed + 1, ...) and report means with 95%% "
                         f"t-intervals over them; the seeds change the batch order and importance subsets "
                         f"(default {default}{why}; 1: one run, no intervals)")
-
-
-def _add_adapter(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", default=None, metavar="SPEC",
-                   help="unlearn in adapter space: train a LoRA adapter over the frozen target and merge it "
-                        "into the result. SPEC: key=value pairs of jaxunlearn.adapters.LoraConfig, e.g. "
-                        "'rank=8,alpha=16,base=nf4' (base=nf4: the frozen target held as NF4, QLoRA), or 'nf4' "
-                        "or 'default'. Methods of kind task_vector, perta and gradient (not ssd)")
-
-
-def _adapter(args):
-    from jaxunlearn.method_configs import parse_adapter_spec
-
-    return None if args.adapter is None else parse_adapter_spec(args.adapter)
 
 
 def _add_resume(p: argparse.ArgumentParser, resume_help: str) -> None:
@@ -366,7 +355,7 @@ def _unlearn(args, mesh) -> int:
     from jaxunlearn.models import DecoderFn, save_pretrained
 
     _check_checkpoint_out(args)
-    adapter = _adapter(args)
+    adapter = adapter_from_args(args)
     if args.config:
         cfg = with_adapter(load_method_config(args.config), adapter, f"--config {args.config}")
     else:
@@ -407,7 +396,7 @@ def _bench(args, mesh) -> int:
         raise ValueError(f"--rouge-examples must be >= 0, got {args.rouge_examples}")
     seeds = _seeds(args)
     methods = list(DEFAULT_METHODS if args.methods is None else args.methods)
-    configs = load_method_configs(methods, args.configs, _adapter(args))  # a bad name/config fails before loading
+    configs = load_method_configs(methods, args.configs, adapter_from_args(args))  # bad names fail before loading
     if args.verbmem_tokens < 1:
         raise ValueError(f"--verbmem-tokens must be >= 1, got {args.verbmem_tokens}")
     muse = load_muse(args.muse, raw=False) if args.muse else None
@@ -554,7 +543,7 @@ def _demo(args, mesh) -> int:
         run = run_demo if args.data is None else run_own_demo_args(args)
         results = run(out, cfg=cfg, overwrite=args.overwrite or scratch is not None,
                       progress=not args.no_progress, methods=args.methods, configs_dir=args.configs,
-                      seeds=args.seeds, train_seeds=args.train_seeds, adapter=_adapter(args))
+                      seeds=args.seeds, train_seeds=args.train_seeds, adapter=adapter_from_args(args))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -586,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         # on it (pipeline.train_pair) and the unlearning methods split their batches over it
         with _mesh_context(mesh):
             commands = {"demo": _demo, "train": _train, "unlearn": _unlearn, "bench": _bench, "eval": _eval,
-                        "init": lambda a, _: init_command(a, _is_main())}
+                        "init": lambda a, _: init_command(a, _is_main()),
+                        "durability": lambda a, _: run_durability_cli(a)}
             return commands[args.command](args, mesh)
     except (OSError, ValueError, KeyError, TypeError, FloatingPointError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

@@ -13,6 +13,7 @@ Re-exported by :mod:`jaxunlearn.benchmark`, which fills these rows.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping
 
@@ -22,7 +23,7 @@ from jaxunlearn.eval.quant_recovery import forget_metrics
 from jaxunlearn.eval.runner import EvalResult
 from jaxunlearn.stats import format_interval, interval_of
 
-__all__ = ["summarize", "failed_row", "format_results_table", "plot_forget_vs_utility", "MUSE_ROW_KEYS",
+__all__ = ["summarize", "failed_row", "format_results_table", "plot_forget_vs_utility", "plot_pareto", "MUSE_ROW_KEYS",
            "row_not_available"]
 
 #: Row key -> :func:`~jaxunlearn.eval.muse.muse_eval` key of the MUSE columns: KnowMem on the
@@ -221,6 +222,68 @@ def plot_forget_vs_utility(rows: Mapping[str, Mapping[str, Any]], path: str | os
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return os.fspath(path)
+
+
+def plot_pareto(sweep: Mapping[str, Any], path: str | os.PathLike, *, epsilon: float | None = None,
+                target: Mapping[str, Any] | None = None) -> str:
+    """One panel per method: FA@bf16, RA@bf16 and Q-INT4 (= FA@int4) against the swept knob.
+
+    The x axis is the knob's value (log scale when every value is positive and they span more
+    than a factor 3); a dotted line marks ``epsilon`` (the certificate threshold) and a dashed
+    one the target's FA@bf16 (where nothing is forgotten). Points whose run failed are left out.
+    Written through a temporary file (matplotlib's Agg backend).
+
+    Args:
+      sweep: ``results["sweep"]`` of :func:`jaxunlearn.durability_bench.run_durability`.
+      path: the PNG to write.
+      epsilon: the certificate threshold to mark (None: no line).
+      target: ``results["target"]`` (None: no target line).
+
+    Returns:
+      ``path`` as a string.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sweep.get("methods", {})
+    n = max(len(methods), 1)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    series = (("bf16", "fa", "FA@bf16", "C0", "o-"), ("int4", "fa", "Q-INT4 (FA@int4)", "C3", "s--"),
+              ("bf16", "ra", "RA@bf16", "C2", "^-"))
+    for ax, (m, entry) in zip(axes.ravel(), methods.items()):
+        pts = [p for p in entry["points"] if "precisions" in p]
+        xs = [p["value"] for p in pts]
+        for prec, key, label, color, style in series:
+            ys = [p["precisions"].get(prec, {}).get(key) for p in pts]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [math.nan if y is None else y for y in ys], style, color=color, label=label, ms=4)
+        if xs and min(xs) > 0 and max(xs) / min(xs) > 3:
+            ax.set_xscale("log")
+        if epsilon is not None:
+            ax.axhline(epsilon, color="k", ls=":", lw=0.8, label=f"epsilon={epsilon:g}")
+        if target is not None and "bf16" in target.get("precisions", {}):
+            ax.axhline(target["precisions"]["bf16"]["fa"], color="0.5", ls="--", lw=0.8, label="target FA@bf16")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel(entry["knob"], fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(methods):]:
+        ax.axis("off")
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
+    fig.suptitle(f"durability sweep (seed {sweep.get('seed')}): FA / RA / Q-INT4 vs each method's knob", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
     return os.fspath(path)

@@ -28,11 +28,10 @@ from jaxunlearn.eval.durability import (
     PRECISIONS,
     certificate,
     deploy,
-    durability_summary,
     evaluate_precisions,
-    format_durability_table,
     recovery_ratio,
 )
+from jaxunlearn.eval.durability_table import durability_summary, format_durability_table
 from jaxunlearn.eval.metrics import (
     answer_probability,
     answer_stats,

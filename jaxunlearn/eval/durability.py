@@ -69,20 +69,19 @@ from jaxunlearn.eval.quant_recovery import forget_metrics
 from jaxunlearn.eval.runner import EvalResult, evaluate_model
 from jaxunlearn.eval.splits import EvalSplit, encode_eval_splits
 from jaxunlearn.quant import fake_quantize
-from jaxunlearn.stats import CONFIDENCE, format_interval, t_interval
 from jaxunlearn.tree import check_finite
-from jaxunlearn.validate import check_bool, check_float, check_int
+from jaxunlearn.validate import check_float, check_int
 
 __all__ = [
     "PRECISIONS",
     "DEFAULT_PRECISIONS",
     "DEFAULT_EPSILON",
+    "FA_METRICS",
     "deploy",
     "evaluate_precisions",
     "recovery_ratio",
     "certificate",
-    "durability_summary",
-    "format_durability_table",
+    "check_precisions",
 ]
 
 #: Every deployment precision :func:`deploy` knows, from the widest.
@@ -91,6 +90,10 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8", "int4", "nf4", "fp4")
 DEFAULT_PRECISIONS: tuple[str, ...] = ("bf16", "int8", "int4")
 #: DurableUn's default forget-accuracy threshold.
 DEFAULT_EPSILON: float = 0.047
+#: How FA / RA score one answer (:func:`evaluate_precisions`): ``"exact_match"`` (default) counts
+#: an answer when every one of its tokens is the model's greedy prediction; ``"token"`` is the
+#: fraction of its tokens that are (open-unlearning's ``exact_memorization``).
+FA_METRICS: tuple[str, ...] = ("exact_match", "token")
 
 
 # =========================================================================== validation helpers
@@ -101,7 +104,13 @@ def _check_precision(owner: str, precision: Any) -> str:
     return precision
 
 
-def _check_precisions(owner: str, precisions: Any) -> tuple[str, ...]:
+def check_precisions(owner: str, precisions: Any) -> tuple[str, ...]:
+    """``precisions`` as a tuple of names of :data:`PRECISIONS`, checked: a non-empty sequence
+    (not a string) of known, distinct names.
+
+    Raises:
+      TypeError: not a sequence of names. ValueError: empty, unknown (named) or repeated.
+    """
     if isinstance(precisions, str) or not isinstance(precisions, Sequence):
         raise TypeError(f"{owner}: precisions must be a sequence of precision names (e.g. ('bf16', 'int4')), "
                         f"got {precisions!r}")
@@ -183,21 +192,30 @@ def deploy(params, precision: str, *, block_size: int = 64):
 
 # =========================================================================== FA / RA per precision
 
-def _em_rate(per_example: np.ndarray, what: str) -> float:
-    """Mean exact memorisation over the rows where it is defined (``forget_summary``'s rule)."""
+def _em_rate(per_example: np.ndarray, what: str, metric: str = "token") -> float:
+    """FA / RA from the per-example exact memorisation, over the rows where it is defined
+    (``forget_summary``'s rule): its mean (``"token"``) or the fraction of rows at 1
+    (``"exact_match"``: every answer token predicted)."""
     em = np.asarray(per_example, np.float64).reshape(-1)
     defined = em[~np.isnan(em)]
     if defined.size == 0:
         raise ValueError(f"{what}: exact memorisation is undefined on every row (no answer token before the EOS)")
+    if metric == "exact_match":  # EM = k / n in float32: exactly 1.0 when all n tokens are right
+        return float(np.mean(defined >= 1.0))
     return float(defined.mean())
 
 
-def _precision_metrics(res: EvalResult, forget: str, retain: list[str]) -> dict[str, Any]:
+def _precision_metrics(res: EvalResult, forget: str, retain: list[str], fa_metric: str) -> dict[str, Any]:
     fm = forget_metrics(res)
+    f_em = res.splits[forget]["exact_memorization"]
+    r_em = np.concatenate([res.splits[r]["exact_memorization"] for r in retain])
+    f_what, r_what = f"forget split {forget!r}", f"retain split(s) {retain}"
     row: dict[str, Any] = {
-        "fa": _em_rate(res.splits[forget]["exact_memorization"], f"forget split {forget!r}"),
-        "ra": _em_rate(np.concatenate([res.splits[r]["exact_memorization"] for r in retain]),
-                       f"retain split(s) {retain}"),
+        "fa": _em_rate(f_em, f_what, fa_metric),
+        "ra": _em_rate(r_em, r_what, fa_metric),
+        # both scorings, whichever FA uses
+        "fa_exact_match": _em_rate(f_em, f_what, "exact_match"), "fa_token": _em_rate(f_em, f_what, "token"),
+        "ra_exact_match": _em_rate(r_em, r_what, "exact_match"), "ra_token": _em_rate(r_em, r_what, "token"),
         "forget_probability": _finite_or_none(fm["probability"]),
         "retain_probability": _finite_or_none(np.mean(np.concatenate([res.splits[r]["probability"]
                                                                        for r in retain]))),
@@ -233,6 +251,7 @@ def evaluate_precisions(
     block_size: int = 64,
     reference: EvalResult | None = None,
     rouge_examples: int | None = 0,
+    fa_metric: str = "exact_match",
     **eval_kwargs,
 ) -> dict[str, Any]:
     """FA, RA and the other forget / utility numbers of one model at each deployment precision.
@@ -240,8 +259,15 @@ def evaluate_precisions(
     For each ``p`` in ``precisions`` the deployed weights ``D_p(theta)`` (:func:`deploy`) are
     evaluated by :func:`~jaxunlearn.eval.runner.evaluate_model`, and
 
-    - ``FA_p`` = mean over the forget examples of the exact memorisation of the answer,
-      ``EM = (1/n) sum_i [argmax p(. | y_<i, q) == y_i]`` (teacher forcing, EOS left out);
+    - ``FA_p``: with ``EM = (1/n) sum_i [argmax p(. | y_<i, q) == y_i]`` the exact
+      memorisation of one answer (teacher forcing, EOS left out), ``fa_metric="exact_match"``
+      (default) is the fraction of forget answers with ``EM = 1``, i.e. answers the model
+      reproduces verbatim under greedy decoding; ``"token"`` is the mean ``EM``
+      (open-unlearning's ``exact_memorization``). The token mean also credits the answer's
+      template words, which a model predicts for people it never saw (on the embedded
+      benchmark the target scores 0.81 on the held-out people), so an epsilon of a few percent
+      is reachable only by breaking the answer format; the exact match counts an answer only
+      when its facts are right. Both are reported (``fa_exact_match``, ``fa_token``);
     - ``RA_p`` = the same over the retain examples (all retain splits pooled);
     - ``Q-INT4 = FA_int4`` and the recovery ratio ``FA_int4 / FA_bf16``
       (:func:`recovery_ratio`), with ``recovery_delta = FA_int4 - FA_bf16``.
@@ -264,6 +290,7 @@ def evaluate_precisions(
       params: the (merged, unlearned) parameters (default the model's ``nnx.Param`` state).
       block_size: block length of the 4-bit schemes.
       reference: the reference model's :class:`EvalResult` (adds ``forget_quality``).
+      fa_metric: ``"exact_match"`` or ``"token"`` (:data:`FA_METRICS`), see above.
       rouge_examples: rows generated per split for ROUGE-L (default 0: no generation, the
         cheap FA / RA evaluation; ``None``: all rows). With generation the rows also carry
         ``forget_rouge_l`` and, with retain and generated rows, ``model_utility``.
@@ -271,7 +298,8 @@ def evaluate_precisions(
         ``use_stemmer``, ``separator``, ``chat_template``).
 
     Returns:
-      ``{"precisions": {p: {"fa", "ra", "forget_probability", "retain_probability"
+      ``{"precisions": {p: {"fa", "ra", "fa_exact_match", "fa_token", "ra_exact_match", "ra_token",
+      "forget_probability", "retain_probability"
       [, "forget_rouge_l"] [, "model_utility"] [, "forget_quality"], "forget": {...}}},
       "q_int4", "recovery_ratio", "recovery_delta"}``: ``"forget"`` is the full
       :func:`~jaxunlearn.eval.quant_recovery.forget_metrics` of that precision; ``q_int4``
@@ -291,7 +319,9 @@ def evaluate_precisions(
     from jaxunlearn.models import DecoderFn
 
     owner = "evaluate_precisions"
-    precisions = _check_precisions(owner, precisions)
+    precisions = check_precisions(owner, precisions)
+    if fa_metric not in FA_METRICS:
+        raise ValueError(f"{owner}: unknown fa_metric {fa_metric!r}; expected one of {FA_METRICS}")
     block_size = check_int(owner, "block_size", block_size, min=1)
     retain_names = _names(retain, "retain")
     if params is None:
@@ -311,8 +341,8 @@ def evaluate_precisions(
     per: dict[str, Any] = {}
     for p in precisions:
         deployed = params if p == "fp32" else _deploy(params, precision=p, block_size=block_size)
-        per[p] = _precision_metrics(run(params=deployed), forget, retain_names)
-    out: dict[str, Any] = {"precisions": per}
+        per[p] = _precision_metrics(run(params=deployed), forget, retain_names, fa_metric)
+    out: dict[str, Any] = {"fa_metric": fa_metric, "precisions": per}
     if "int4" in per:
         out["q_int4"] = per["int4"]["fa"]
         if "bf16" in per:
@@ -419,7 +449,7 @@ def certificate(
     """
     owner = "certificate"
     eps = check_float(owner, "epsilon", epsilon, min=0.0)
-    P = _check_precisions(owner, precisions)
+    P = check_precisions(owner, precisions)
     if isinstance(runs, Mapping) or not isinstance(runs, Sequence):
         raise TypeError(f"{owner}: runs must be a sequence of run records, got {type(runs).__name__}")
     if not runs:
@@ -444,153 +474,3 @@ def certificate(
     for entry in out.values():
         entry["cert_rate"] = len(entry["certified_seeds"]) / len(entry["seeds"])
     return out
-
-
-# =========================================================================== summary and table
-
-def _interval(values: list[float | None]) -> dict[str, Any]:
-    """Mean and t half-width over seeds; a ``None`` value is +inf (an infinite recovery ratio)."""
-    n_inf = sum(v is None for v in values)
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    n = len(finite) + n_inf
-    if n_inf:
-        return {"mean": None, "ci95": None, "n": n, "n_infinite": n_inf}
-    iv = t_interval(finite, CONFIDENCE)
-    return {"mean": _finite_or_none(iv.mean), "ci95": _finite_or_none(iv.half_width), "n": n, "n_infinite": 0}
-
-
-def _metric(per: Mapping[str, Any], p: str, key: str) -> float | None:
-    v = per.get(p, {}).get(key) if isinstance(per.get(p), Mapping) else None
-    return None if v is None else float(v)
-
-
-def durability_summary(
-    runs: Sequence[Mapping[str, Any]],
-    *,
-    epsilon: float = DEFAULT_EPSILON,
-    precisions: Sequence[str] = DEFAULT_PRECISIONS,
-    show: Sequence[str] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Per method: FA and RA at each shown precision, Q-INT4 and the recovery ratio as a mean
-    with its 95% Student-t interval over seeds, and the (epsilon, P) certificate.
-
-    Each interval is ``mean +- t_{0.975, n-1} s / sqrt(n)`` over the method's seeds
-    (:func:`jaxunlearn.stats.t_interval`; no half-width with one seed). The recovery ratio of
-    a seed is ``FA_int4 / FA_bf16`` (:func:`recovery_ratio`); when some seed's ratio is
-    infinite the mean is infinite (``"mean": None`` with ``"n_infinite" > 0``).
-
-    Args:
-      runs: run records as for :func:`certificate`.
-      epsilon, precisions: the certificate's threshold and set P.
-      show: the precisions whose FA / RA are summarised (default ``precisions``).
-
-    Returns:
-      ``{method: {"n": seeds, "fa": {p: iv}, "ra": {p: iv}, "q_int4": iv, "recovery_ratio": iv,
-      "certificate": certificate(...)[method]}}`` with ``iv = {"mean", "ci95", "n",
-      "n_infinite"}`` (``mean`` / ``ci95`` ``None`` where undefined: no value, one seed, or an
-      infinite mean). JSON-ready.
-
-    Raises:
-      ValueError / TypeError: as :func:`certificate`; an unknown precision in ``show``.
-
-    References:
-      DurableUn, "Quantization-Induced Recovery Attacks in Machine Unlearning", 2026;
-      Zhang et al., "Catastrophic Failure of LLM Unlearning via Quantization", ICLR 2025.
-    """
-    cert = certificate(runs, epsilon=epsilon, precisions=precisions)
-    show = _check_precisions("durability_summary", precisions if show is None else show)
-    by_method: dict[str, list[Mapping[str, Any]]] = {}
-    for run in runs:
-        by_method.setdefault(run["method"], []).append(run["precisions"])
-    out: dict[str, dict[str, Any]] = {}
-    for method, pers in by_method.items():
-        def values(p, key):
-            return [v for v in (_metric(per, p, key) for per in pers) if v is not None]
-
-        ratios = []
-        for per in pers:
-            q, b = _metric(per, "int4", "fa"), _metric(per, "bf16", "fa")
-            if q is not None and b is not None:
-                ratios.append(recovery_ratio(q, b))
-        out[method] = {
-            "n": len(pers),
-            "fa": {p: _interval(values(p, "fa")) for p in show},
-            "ra": {p: _interval(values(p, "ra")) for p in show},
-            "q_int4": _interval(values("int4", "fa")),
-            "recovery_ratio": _interval(ratios),
-            "certificate": cert[method],
-        }
-    return out
-
-
-def _cell(iv: Mapping[str, Any], fmt: str) -> str:
-    if iv["n_infinite"]:
-        return f"inf ({iv['n_infinite']}/{iv['n']})"
-    mean = math.nan if iv["mean"] is None else iv["mean"]
-    return format_interval(mean, iv["ci95"], fmt)
-
-
-def _layout(table: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        rows = ["| " + " | ".join(r) + " |" for r in table]
-        rows.insert(1, "|" + "|".join("---" if i == 0 else "---:" for i in range(len(table[0]))) + "|")
-        return rows
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in table]
-    lines.insert(1, "-" * len(lines[0]))
-    return lines
-
-
-def format_durability_table(
-    runs: Sequence[Mapping[str, Any]],
-    *,
-    epsilon: float = DEFAULT_EPSILON,
-    precisions: Sequence[str] = DEFAULT_PRECISIONS,
-    show: Sequence[str] | None = None,
-    markdown: bool = False,
-    fmt: str = ".3f",
-) -> str:
-    """The durability table: one row per method (order of first appearance).
-
-    Columns: ``n`` (seeds), ``FA@p`` for each shown precision, ``RA@p``, ``Q-INT4``
-    (``FA_int4``), ``rec`` (the recovery ratio ``FA_int4 / FA_bf16``) -- each the mean over
-    seeds with its 95% Student-t half-width (``"0.040 ± 0.012"``,
-    :func:`jaxunlearn.stats.format_interval`; the mean alone with one seed, ``-`` when absent,
-    ``inf (k/n)`` when k of n seeds have an infinite ratio) -- and ``cert``, the certificate
-    rate ``k/n`` of :func:`certificate`. A note under the table states epsilon and P.
-
-    Args:
-      runs: run records as for :func:`certificate`.
-      epsilon, precisions: the certificate's threshold and set P.
-      show: the precisions whose FA / RA columns are shown (default ``precisions``).
-      markdown: a Markdown pipe table instead of fixed-width text.
-      fmt: number format of the means and half-widths.
-
-    Returns:
-      The table, a string (lines joined by newlines).
-
-    Raises:
-      ValueError / TypeError: as :func:`durability_summary`.
-
-    References:
-      DurableUn, "Quantization-Induced Recovery Attacks in Machine Unlearning", 2026;
-      Zhang et al., "Catastrophic Failure of LLM Unlearning via Quantization", ICLR 2025.
-    """
-    markdown = check_bool("format_durability_table", "markdown", markdown)
-    summary = durability_summary(runs, epsilon=epsilon, precisions=precisions, show=show)
-    shown = _check_precisions("format_durability_table", precisions if show is None else show)
-    head = ["method", "n"] + [f"FA@{p}" for p in shown] + [f"RA@{p}" for p in shown] + ["Q-INT4", "rec", "cert"]
-    table = [head]
-    for method, s in summary.items():
-        c = s["certificate"]
-        table.append([method, str(s["n"])] + [_cell(s["fa"][p], fmt) for p in shown]
-                     + [_cell(s["ra"][p], fmt) for p in shown]
-                     + [_cell(s["q_int4"], fmt), _cell(s["recovery_ratio"], fmt),
-                        f"{len(c['certified_seeds'])}/{len(c['seeds'])}"])
-    cert = next(iter(summary.values()))["certificate"]
-    pset = ", ".join(cert["precisions"])
-    notes = [f"cert: seeds with FA <= {cert['epsilon']:g} at every precision of P = {{{pset}}}; "
-             "rec = FA_int4 / FA_bf16 (1 when both are 0; inf when FA_bf16 = 0 < FA_int4)",
-             "x ± h: mean over n seeds ± the 95% Student-t half-width t(0.975, n-1)*s/sqrt(n)"]
-    return "\n".join(_layout(table, markdown) + ([""] if markdown else []) + notes)

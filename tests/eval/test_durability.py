@@ -29,11 +29,10 @@ from jaxunlearn.eval.durability import (
     PRECISIONS,
     certificate,
     deploy,
-    durability_summary,
     evaluate_precisions,
-    format_durability_table,
     recovery_ratio,
 )
+from jaxunlearn.eval.durability_table import durability_summary, format_durability_table
 from jaxunlearn.eval.splits import encode_eval_splits
 from jaxunlearn.models import Decoder, DecoderFn, ModelConfig
 from jaxunlearn.quant import fake_quantize
@@ -60,7 +59,7 @@ def setup():
     data = {k: np.concatenate([enc[s].answer[k] for s in (FORGET, RETAIN)])
             for k in ("input_ids", "attention_mask", "loss_mask")}
     model, _ = train(Decoder(cfg, rngs=nnx.Rngs(0)), data,
-                     TrainConfig(steps=40, batch_size=12, learning_rate=1e-2, warmup_steps=2), progress=False)
+                     TrainConfig(steps=70, batch_size=12, learning_rate=1e-2, warmup_steps=2), progress=False)
     return dd, tok, model, enc
 
 
@@ -178,9 +177,10 @@ def test_deploy_bad_input():
 # ----------------------------------------------------------------------------------------- FA / RA
 
 
-def _em_numpy(logits: np.ndarray, ids: np.ndarray, loss_mask: np.ndarray) -> float:
+def _em_numpy(logits: np.ndarray, ids: np.ndarray, loss_mask: np.ndarray, exact: bool = False) -> float:
     """Mean over rows of (1/n) sum [argmax logits[t-1] == ids[t]] over the answer tokens t (the
-    masked positions) except the last one of the row (the closing EOS); rows with n = 0 skipped."""
+    masked positions) except the last one of the row (the closing EOS); rows with n = 0 skipped.
+    ``exact``: the fraction of rows with every such token right."""
     per_row = []
     for r in range(ids.shape[0]):
         pos = [t for t in range(1, ids.shape[1]) if loss_mask[r, t] > 0]
@@ -188,7 +188,7 @@ def _em_numpy(logits: np.ndarray, ids: np.ndarray, loss_mask: np.ndarray) -> flo
         if not pos:
             continue
         hits = [int(np.argmax(logits[r, t - 1])) == int(ids[r, t]) for t in pos]
-        per_row.append(sum(hits) / len(hits))
+        per_row.append(float(all(hits)) if exact else sum(hits) / len(hits))
     return float(np.mean(per_row))
 
 
@@ -198,6 +198,7 @@ def test_evaluate_precisions_fa_ra_match_numpy_reference(setup):
     forward = jax.jit(fn)
     out = evaluate_precisions(model, tok, enc, forget=FORGET, retain=RETAIN, precisions=PRECISIONS, batch_size=8)
     assert list(out["precisions"]) == list(PRECISIONS)
+    strict = []
     for p in PRECISIONS:
         row = out["precisions"][p]
         d = deploy(params, p)
@@ -205,12 +206,19 @@ def test_evaluate_precisions_fa_ra_match_numpy_reference(setup):
             a = enc[split].answer
             logits = np.asarray(forward(d, jnp.asarray(a["input_ids"]), jnp.asarray(a["attention_mask"])))
             want = _em_numpy(logits, a["input_ids"], a["loss_mask"])
-            assert row[key] == pytest.approx(want, rel=1e-6), (p, key)  # float32 per-row EM
-        assert row["forget"]["exact_memorization"] == pytest.approx(row["fa"])
+            exact = _em_numpy(logits, a["input_ids"], a["loss_mask"], exact=True)
+            assert row[f"{key}_token"] == pytest.approx(want, rel=1e-6), (p, key)  # float32 per-row EM
+            assert row[f"{key}_exact_match"] == pytest.approx(exact, abs=1e-12), (p, key)
+            assert row[key] == row[f"{key}_exact_match"]  # the default FA
+            assert exact <= want
+            strict.append(exact < want)
+        assert row["forget"]["exact_memorization"] == pytest.approx(row["fa_token"])
         assert 0.0 < row["forget_probability"] <= 1.0 and 0.0 < row["retain_probability"] <= 1.0
         assert "forget_rouge_l" not in row and "model_utility" not in row  # no generation by default
     fa = {p: out["precisions"][p]["fa"] for p in PRECISIONS}
-    assert fa["fp32"] > 0.2 and out["precisions"]["fp32"]["ra"] > 0.2  # the model did memorise
+    fa_token_bf16 = out["precisions"]["bf16"]["fa_token"]
+    assert any(strict)  # some answers are partly right: the two scorings differ on this model
+    assert fa["fp32"] > 0.05 and out["precisions"]["fp32"]["ra"] > 0.05  # the model did memorise some answers
     assert out["q_int4"] == fa["int4"]
     assert out["recovery_delta"] == pytest.approx(fa["int4"] - fa["bf16"])
     assert out["recovery_ratio"] == pytest.approx(fa["int4"] / fa["bf16"])
@@ -219,7 +227,10 @@ def test_evaluate_precisions_fa_ra_match_numpy_reference(setup):
     sub = evaluate_precisions(model, tok, enc, forget=FORGET, retain=[RETAIN], precisions=("int4",), batch_size=8)
     assert sub["q_int4"] == fa["int4"] and "recovery_ratio" not in sub
     assert set(evaluate_precisions(model, tok, enc, forget=FORGET, retain=RETAIN, precisions=("bf16",),
-                                   batch_size=8)) == {"precisions"}
+                                   batch_size=8)) == {"fa_metric", "precisions"}
+    tok_fa = evaluate_precisions(model, tok, enc, forget=FORGET, retain=RETAIN, precisions=("bf16",), batch_size=8,
+                                 fa_metric="token")
+    assert tok_fa["fa_metric"] == "token" and tok_fa["precisions"]["bf16"]["fa"] == fa_token_bf16
 
 
 def test_one_compilation_across_precisions_with_generation(setup, caplog):
