@@ -31,6 +31,7 @@ import os
 import time
 
 import datasets
+import numpy as np
 
 from typing import Sequence
 
@@ -70,12 +71,15 @@ _MUSE_NOTE = ("\nMUSE: KnowMem_f / KnowMem_r = ROUGE-L F1 of the greedy answers 
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]], splits) -> str:
-    """A fixed-width table: one row per split, a column per (model, metric)."""
+    """A fixed-width table: one row per split, a column per (model, metric); a metric no split
+    has (``fact_acc`` of data without a fact mask) is left out."""
     models = list(results)
-    head = ["split"] + [f"{m}:{short}" for m in models for _, short in METRICS]
+    metrics = [(k, short) for k, short in METRICS
+               if any(np.isfinite(results[m][s].get(k, np.nan)) for m in models for s in splits)]
+    head = ["split"] + [f"{m}:{short}" for m in models for _, short in metrics]
     rows = [head]
     for s in splits:
-        rows.append([s] + [f"{results[m][s].get(key, float('nan')):.3f}" for m in models for key, _ in METRICS])
+        rows.append([s] + [f"{results[m][s].get(key, float('nan')):.3f}" for m in models for key, _ in metrics])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -147,9 +151,11 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int,
     print(f"\ntarget and reference: {count_params(trained['target'][0]):,}-parameter decoders, "
           f"{cfg.train.steps} steps each, {t_train:.0f} s\n")
     print(format_table(table, splits))
-    print("\nprob = exp(-mean answer NLL); tok_acc = answer-token accuracy; fact_acc = accuracy on the tokens "
-          f"that carry the fact.\nThe reference never saw the {data.forget_split} people: its fact_acc there "
-          "is the chance level.", flush=True)
+    has_facts = "fact_acc" in format_table(table, splits)
+    print("\nprob = exp(-mean answer NLL); tok_acc = answer-token accuracy"
+          + (f"; fact_acc = accuracy on the tokens that carry the fact.\nThe reference never saw the "
+             f"{data.forget_split} people: its fact_acc there is the chance level." if has_facts else
+             f".\nThe reference never saw the {data.forget_split} rows."), flush=True)
     bench = None
     if configs:
         bench = benchmark_methods(cfg, configs, seeds=seeds, train_seeds=train_seeds, progress=progress,
@@ -190,7 +196,9 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int,
               f"{bench['seconds_total']:.0f} s\n")
         print(format_results_table(bench["table"], bench.get("not_available")))
         print("\nforget_q = KS p-value of forget truth ratios vs the reference (1 = indistinguishable); "
-              "utility = TOFU model utility;\nforget_p = forget answer probability; MIA_AUC = Min-k (k=0.4) "
+              "utility = TOFU model utility" + ("; retain_p = retain answer probability"
+                                                 if "model_utility" in bench.get("not_available", {}) else "")
+              + ";\nforget_p = forget answer probability; MIA_AUC = Min-k (k=0.4) "
               "ROC-AUC forget vs holdout (0.5 = no leak);\nint4_rec = forget_p after INT4 fake quantisation "
               "minus before; time_s = unlearning wall time;\nn = seeds aggregated. Two methods differ on a "
               "column only where their intervals separate." + (_MUSE_NOTE if data.muse is not None else ""))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,13 +44,16 @@ __all__ = ["SIZE_PRESETS", "SUBJECT_COLUMNS", "QUICK_STEPS", "load_qa_data", "sp
 #: Model and training sizes by preset. ``vocab_size`` is the BPE target (a small corpus may give
 #: fewer tokens); the context (``max_position_embeddings``) follows the data
 #: (:func:`jaxunlearn.pipeline.model_config_for`: twice the longest encoded row, at least 64).
+#: Training runs ``epochs`` passes over the target's rows (forget + retain + general), so the
+#: target memorises its data whatever its size (:func:`own_config`); ``steps`` is the fallback
+#: without a row count.
 SIZE_PRESETS: dict[str, dict[str, int | float]] = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
-                 num_kv_heads=2, steps=400, batch_size=32, learning_rate=3e-3, warmup_steps=40),
+                 num_kv_heads=2, epochs=30, steps=400, batch_size=32, learning_rate=3e-3, warmup_steps=40),
     "small": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
-                  num_kv_heads=2, steps=700, batch_size=64, learning_rate=3e-3, warmup_steps=100),
+                  num_kv_heads=2, epochs=25, steps=700, batch_size=64, learning_rate=3e-3, warmup_steps=100),
     "base": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
-                 num_kv_heads=4, steps=1500, batch_size=64, learning_rate=1e-3, warmup_steps=150),
+                 num_kv_heads=4, epochs=25, steps=1500, batch_size=64, learning_rate=1e-3, warmup_steps=150),
 }
 #: Columns taken as the rows' subject (author, person) when splitting by fraction, first found wins.
 SUBJECT_COLUMNS: tuple[str, ...] = ("subject", "author", "person", "entity")
@@ -227,13 +231,16 @@ def choose_splits(dd: Mapping[str, datasets.Dataset], *, forget: str | None = No
     return datasets.DatasetDict({n: dd[n] for n in roles}), roles
 
 
-def own_config(size: str = "tiny", *, seed: int = 0, steps: int | None = None) -> DemoConfig:
+def own_config(size: str = "tiny", *, seed: int = 0, steps: int | None = None,
+               num_rows: int | None = None) -> DemoConfig:
     """The :class:`~jaxunlearn.pipeline.DemoConfig` of a size preset (no MUSE data).
 
     Args:
       size: a key of :data:`SIZE_PRESETS`.
       seed: the models' initialisation seed (and the first unlearning seed).
-      steps: training steps per model (None: the preset's).
+      steps: training steps per model (None: ``ceil(epochs * num_rows / batch_size)`` with the
+        preset's ``epochs`` when ``num_rows`` is given, else the preset's ``steps``).
+      num_rows: the number of rows the target trains on.
 
     Returns:
       The config.
@@ -246,7 +253,9 @@ def own_config(size: str = "tiny", *, seed: int = 0, steps: int | None = None) -
     if size not in SIZE_PRESETS:
         raise ValueError(f"--size must be one of {', '.join(SIZE_PRESETS)}, got {size!r}")
     p = SIZE_PRESETS[size]
-    train = TrainConfig(steps=int(steps if steps is not None else p["steps"]), batch_size=int(p["batch_size"]),
+    if steps is None:
+        steps = p["steps"] if num_rows is None else max(100, math.ceil(p["epochs"] * num_rows / p["batch_size"]))
+    train = TrainConfig(steps=int(steps), batch_size=int(p["batch_size"]),
                         learning_rate=float(p["learning_rate"]), warmup_steps=int(p["warmup_steps"]))
     if train.warmup_steps >= train.steps:
         train = dataclasses.replace(train, warmup_steps=max(0, train.steps // 10))
@@ -392,17 +401,19 @@ def run_own_demo(data: str | os.PathLike, out: str | os.PathLike, *, size: str =
 
     if steps is None and quick:
         steps = QUICK_STEPS
-    cfg = own_config(size, seed=seed, steps=steps)
+    own_config(size, seed=seed, steps=steps)  # a bad size fails before any work
     if quick and methods is None:
         methods = list(QUICK_METHODS)
     load_method_configs(list(methods) if methods is not None else [], configs_dir, adapter)  # before the data
     check_output_dir(out, overwrite=overwrite)
     dd, roles = choose_splits(load_qa_data(data), forget=forget, retain=retain, holdout=holdout, general=general,
                               forget_fraction=forget_fraction, split_seed=split_seed, subject_column=subject_column)
+    trained = sum(len(dd[n]) for n, r in roles.items() if r in ("forget", "retain", "general"))
+    cfg = own_config(size, seed=seed, steps=steps, num_rows=trained)
     prepared = prepare_own_data(dd, roles, cfg)
     print(f"data {data}: " + ", ".join(f"{n} ({r}, {len(dd[n])} rows)" for n, r in roles.items())
           + f"; tokenizer of {len(prepared.tokenizer)} tokens, rows of up to {prepared.max_length} tokens; "
-          f"size {size}", flush=True)
+          f"size {size}, {cfg.train.steps} training steps per model", flush=True)
     source = {"data": os.path.abspath(data), "roles": dict(roles), "size": size, "quick": bool(quick),
               "forget_fraction": forget_fraction, "split_seed": split_seed if forget_fraction is not None else None,
               "columns": {n: list(dd[n].column_names) for n in roles}}

@@ -116,7 +116,8 @@ def format_results_table(rows: Mapping[str, Mapping[str, Any]],
 
     Columns: forget quality, model utility, forget probability, Min-k MIA AUC, INT4 recovery,
     then -- when any row has them -- MUSE's KnowMem (forget, retain), VerbMem (forget) and
-    PrivLeak (%), then the wall time.
+    PrivLeak (%), then the wall time. When model utility is not available, the retain answer
+    probability (``retain_p``) follows it, the utility-side number the data allows.
 
     Each number is the mean over seeds with its 95% interval half-width (``"0.40 ± 0.05"``,
     :func:`jaxunlearn.stats.format_interval`); column ``n`` is the number of seeds aggregated
@@ -133,6 +134,8 @@ def format_results_table(rows: Mapping[str, Mapping[str, Any]],
     """
     na = dict(not_available or {})
     columns = _COLUMNS[1:]
+    if "model_utility" in na and any("retain_probability" in row for row in rows.values()):
+        columns = columns[:2] + (("retain_probability", "retain_p", ".3f"),) + columns[2:]
     if any("knowmem_forget" in row for row in rows.values()):
         columns = columns[:-1] + _MUSE_COLUMNS + columns[-1:]
     head = [_COLUMNS[0][1], "n"] + [short for _, short, _ in columns]

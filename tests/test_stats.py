@@ -134,3 +134,16 @@ def test_muse_columns_go_into_the_row_the_aggregate_and_the_table():
     assert "KnowMem_f" not in format_results_table(_rows())  # rows without MUSE: no MUSE columns
     with pytest.raises(KeyError, match="passage_min_k_auc"):
         summarize(res, None, 1.0, {k: v for k, v in muse[0].items() if k != "passage_min_k_auc"})
+
+
+def test_results_table_shows_retain_probability_when_utility_is_not_available():
+    from jaxunlearn.benchmark import format_results_table
+
+    rows = {"npo": aggregate_rows([{"seed": s, "forget_probability": 0.2 + s / 10, "retain_probability": 0.7 + s / 10}
+                                   for s in (0, 1)])}
+    na = {"model_utility": "needs columns paraphrased_answer, perturbed_answer in split 'retain90'"}
+    text = format_results_table(rows, na)
+    head, _, row = text.splitlines()[:3]
+    assert head.split()[head.split().index("utility") + 1] == "retain_p"
+    assert "0.750 ±" in row and "n/a" in row and "n/a: utility needs columns" in text
+    assert "retain_p" not in format_results_table(rows)  # with utility available: no extra column
