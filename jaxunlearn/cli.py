@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", default=None, help="reference checkpoint directory (for forget quality)")
     e.add_argument("--quant", nargs="*", default=[], choices=list(QUANT_SCHEMES),
                    help="also report forget metrics after fake quantisation with these schemes")
+    e.add_argument("--precisions", nargs="*", default=[], choices=["fp32", "bf16", "int8", "int4", "nf4", "fp4"],
+                   help="also evaluate the model as deployed at these precisions (bf16 cast, then bitsandbytes' "
+                        "quantiser): FA / RA (answers reproduced verbatim) per precision, Q-INT4; needs --retain")
     e.add_argument("--rouge-examples", type=int, default=None, help="generate only for the first N rows per split")
     e.add_argument("--out", required=True, help="output JSON file")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -480,6 +483,8 @@ def _eval(args, mesh) -> int:
     check_output_file(args.out, overwrite=args.overwrite, what="--out")
     if args.rouge_examples is not None and args.rouge_examples < 0:
         raise ValueError(f"--rouge-examples must be >= 0, got {args.rouge_examples}")
+    if args.precisions and not args.retain:
+        raise ValueError("--precisions needs --retain (RA, the retain answers reproduced, at each precision)")
     model, tok, dd = _load_model_and_data(args)
     if mesh is not None:
         _shard_model(model, mesh)
@@ -502,9 +507,15 @@ def _eval(args, mesh) -> int:
         out["quantization"] = quantization_recovery(model, tok, enc, forget=args.forget, holdout=args.holdout,
                                                     schemes=args.quant, reference=ref, baseline=res,
                                                     rouge_examples=0)
+    if args.precisions:
+        from jaxunlearn.eval.durability import evaluate_precisions
+        out["deployment"] = evaluate_precisions(model, tok, enc, forget=args.forget, retain=args.retain,
+                                                precisions=args.precisions, reference=ref)
     if not _is_main():
         return 0
     write_json_atomic(args.out, out)
+    for p, row in out.get("deployment", {}).get("precisions", {}).items():
+        print(f"deployed at {p}: FA {row['fa']:.3f}, RA {row['ra']:.3f}")
     agg = res.aggregates
     print(f"forget probability {agg['forget']['probability']:.4f}; "
           + (f"forget quality {agg['forget_quality']:.3g}; " if "forget_quality" in agg else "")

@@ -214,3 +214,29 @@ def test_unlearn_in_adapter_space_changes_only_adapted_kernels_by_rank_r(demo_di
                  "--retain", "retain90", "--method", "ssd", "--out", str(tmp_path / "o3"), "--adapter", "nf4"]) == 2
     assert "has no adapter form" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_eval_at_deployment_precisions(demo_dir, tmp_path, capsys):
+    from jaxunlearn.eval.durability import evaluate_precisions
+    from jaxunlearn.eval.runner import encode_eval_splits
+    from jaxunlearn.data import load_benchmark
+    from jaxunlearn.models import from_pretrained
+
+    target = demo_dir / "models" / "target"
+    out = tmp_path / "e.json"
+    args = ["eval", "--model", str(target), "--data", str(demo_dir / "data"), "--forget", "forget10",
+            "--rouge-examples", "0", "--precisions", "bf16", "int4", "--out", str(out)]
+    assert main(args) == 2 and "--precisions needs --retain" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--retain", "retain90"]) == 0
+    dep = json.loads(out.read_text())["deployment"]
+    assert list(dep["precisions"]) == ["bf16", "int4"] and dep["q_int4"] == dep["precisions"]["int4"]["fa"]
+    assert "deployed at int4: FA" in capsys.readouterr().out
+    # the same numbers as the library call
+    model, tok = from_pretrained(target)
+    dd, _ = load_benchmark(demo_dir / "data")
+    roles = {"forget10": "forget", "retain90": "retain"}
+    enc = encode_eval_splits(tok, {n: dd[n] for n in roles}, roles=roles)
+    lib = evaluate_precisions(model, tok, enc, forget="forget10", retain=["retain90"], precisions=("bf16", "int4"))
+    for p in ("bf16", "int4"):
+        assert dep["precisions"][p]["fa"] == lib["precisions"][p]["fa"]
+        assert dep["precisions"][p]["ra"] == lib["precisions"][p]["ra"]
