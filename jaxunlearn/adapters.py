@@ -339,9 +339,11 @@ def scale_lora(lora: dict[str, LoraPair], factor: float) -> dict[str, LoraPair]:
     return {p: LoraPair(pair.a, pair.b * factor) for p, pair in lora.items()}
 
 
+@functools.lru_cache(maxsize=64)
 def adapter_params_fn(cfg: LoraConfig) -> Callable[[PyTree, dict[str, LoraPair]], PyTree]:
     """``params_fn(frozen, lora) = merge(frozen, lora, cfg)``: the reparametrisation the
-    unlearning step takes to run in adapter space (:func:`jaxunlearn.unlearner`)."""
+    unlearning step takes to run in adapter space (:func:`jaxunlearn.unlearner`). One function
+    per config (equal configs give the same object, so steps built on it compile once)."""
     return functools.partial(_merge_with, cfg)
 
 

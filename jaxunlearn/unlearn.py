@@ -18,10 +18,12 @@ The names of :mod:`jaxunlearn.unlearn_step` are re-exported here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
+import jax
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxunlearn import validate as V
 from jaxunlearn.estimators import GradientEstimator, plain_estimator, saf_estimator, sam_estimator
@@ -223,6 +225,14 @@ class UnlearnConfig:
           no retain loss when ``uses_retain`` is False; ``ref_params`` read for NPO and the
           KL retain loss (:attr:`needs_reference`).
         """
+        if mask is None and forget_loss is None:  # one compiled step per (config, model, mesh): runs share it
+            key = _build_key(self, apply_fn, jit, mesh, param_specs, params_fn)
+            if key is not None:
+                return _cached_build(key)
+        return self._build(apply_fn, mask=mask, forget_loss=forget_loss, jit=jit, mesh=mesh, param_specs=param_specs,
+                           params_fn=params_fn)
+
+    def _build(self, apply_fn, *, mask, forget_loss, jit, mesh, param_specs, params_fn) -> Unlearner:
         custom = forget_loss is not None
         f_loss = forget_loss if custom else forget_loss_fn(apply_fn, self.method, beta=self.beta, delta=self.delta,
                                                            reduction=self.nll_reduction)
@@ -233,6 +243,27 @@ class UnlearnConfig:
             apply_fn=apply_fn, forget_ref_logp=not custom and self.method == "npo",
             forget_ref_logits=not custom and self.method == "undial",
             retain_ref_logits=self.uses_retain and self.retain_loss == "kl", params_fn=params_fn, jit=jit)
+
+
+def _build_key(cfg: UnlearnConfig, apply_fn, jit, mesh, param_specs, params_fn):
+    """A hashable key of a build without mask or custom loss, or None when an argument is not hashable."""
+    leaves, treedef = jax.tree.flatten(param_specs, is_leaf=lambda x: x is None or isinstance(x, PartitionSpec))
+    key = (cfg, apply_fn, jit, mesh, tuple(leaves), treedef, params_fn)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_build(key) -> Unlearner:
+    """:meth:`UnlearnConfig.build` of a key of :func:`_build_key`: equal configs on the same model,
+    mesh and parametrisation get the same :class:`Unlearner`, so its jitted step compiles once
+    (a benchmark's seeds, a sweep's repeated points)."""
+    cfg, apply_fn, jit, mesh, leaves, treedef, params_fn = key
+    return cfg._build(apply_fn, mask=None, forget_loss=None, jit=jit, mesh=mesh,
+                      param_specs=jax.tree.unflatten(treedef, list(leaves)), params_fn=params_fn)
 
 
 def _validate_unlearn_config(cfg: UnlearnConfig) -> None:

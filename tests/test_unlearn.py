@@ -304,3 +304,26 @@ def test_bad_input():
     # a preset without a retain term ignores a retain batch; an unused ref_params is not read
     state, _ = u.step(u.init(p), fb, rb, p)
     assert int(state.step) == 1
+
+
+def test_equal_configs_share_one_compiled_step_and_masks_do_not():
+    """build() of equal configs on one model returns the same Unlearner (its jitted step compiles
+    once across a benchmark's seeds); a mask or a custom loss builds a new one."""
+    import jax.numpy as jnp
+
+    from jaxunlearn.unlearn import UnlearnConfig
+
+    apply = lambda p, ids, mask: p["E"][ids] @ p["W"]  # noqa: E731
+    a = UnlearnConfig(method="npo", learning_rate=1e-2).build(apply)
+    b = UnlearnConfig(method="npo", learning_rate=1e-2).build(apply)
+    c = UnlearnConfig(method="npo", learning_rate=2e-2).build(apply)
+    assert a is b and a is not c
+    params = {"E": jnp.eye(4), "W": jnp.eye(4)}
+    mask = {"E": jnp.ones((4, 4)), "W": jnp.ones((4, 4))}
+    m1 = UnlearnConfig(method="npo", learning_rate=1e-2).build(apply, mask=mask)
+    assert m1 is not a and m1 is not UnlearnConfig(method="npo", learning_rate=1e-2).build(apply, mask=mask)
+    batch = {"input_ids": jnp.array([[0, 1, 2]]), "attention_mask": jnp.ones((1, 3)),
+             "loss_mask": jnp.array([[0.0, 1.0, 1.0]])}
+    s1, _ = a.step(a.init(params), batch, batch, params)
+    s2, _ = b.step(b.init(params), batch, batch, params)   # the shared step: the same result
+    assert all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)))

@@ -9,7 +9,9 @@ CUDA libraries (cuBLAS, cuDNN, NCCL, ...) is needed to compile. ``tests/gpu_comp
 runs in a subprocess with that directory on ``PYTHONPATH`` and ``JAX_PLATFORMS=cpu`` (with which
 the plugin registers without a driver), compiles each case for compile-only devices described by
 a ``GpuTargetConfigProto`` (``jaxunlearn/gpu_targets``) and reports the compiler's result per case; a
-configuration the compiler rejects fails here with its message. On 8 H100s the sharded steps
+configuration the compiler rejects fails here with its message. The kernels compile for both targets in both
+dtypes, the library steps (fused Fisher, projection, NPO step) for H100 in bfloat16 (the TPU test compiles
+them in both dtypes). On 8 H100s the sharded steps
 compile with the kernels per shard where a ``shard_map`` is manual over every mesh axis, and
 with their XLA path where XLA partitions. Compiling is not running: numerics on a GPU are
 checked only where one is attached.
