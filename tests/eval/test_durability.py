@@ -142,7 +142,6 @@ def test_deploy_int4_equals_numpy_blockwise_loop(setup):
 
 
 def test_deploy_nf4_equals_bitsandbytes(setup):
-    pytest.importorskip("bitsandbytes")
     from test_quant_bnb import _bnb_4bit  # bitsandbytes' quantize_4bit, its codes decoded
 
     _, _, model, _ = setup
