@@ -241,7 +241,8 @@ def run_record(ctx: UnlearnContext, cfg: MethodConfig | Mapping) -> dict[str, An
 
 
 def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: str | None = None,
-                  checkpoint_every: int = 0, callback: Callable[[int, dict], None] | None = None) -> Any:
+                  checkpoint_every: int = 0, callback: Callable[[int, dict], None] | None = None,
+                  regularizer: Callable[[Any], Any] | None = None) -> Any:
     ucfg = cfg.unlearn
     adapter = cfg.adapter
     mesh = context_mesh(ctx)
@@ -271,7 +272,9 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
         mask = replicate_unplaced(jax.tree.map(lambda *ms: functools.reduce(jnp.logical_and, ms).astype(jnp.float32),
                                                *masks), mesh)
     # the mask enters once: init and step share the optimizer; on a mesh the projection runs per shard
-    unlearner = ucfg.build(ctx.apply_fn, mask=mask, mesh=mesh, param_specs=placed_specs(start), params_fn=params_fn)
+    reg = None if regularizer is None else regularizer(start)
+    unlearner = ucfg.build(ctx.apply_fn, mask=mask, mesh=mesh, param_specs=placed_specs(start), params_fn=params_fn,
+                           regularizer=reg)
     fresh: UnlearnState = replicate_unplaced(unlearner.init(start), mesh)
     with ResumableRun(checkpoint_dir, record, fresh, checkpoint_every=checkpoint_every) as run:
         state = run.state
@@ -300,7 +303,8 @@ def _dense_update(params: Any, delta: Mapping[str, jax.Array]) -> Any:
 
 
 def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_dir: str | os.PathLike | None = None,
-               checkpoint_every: int = 0, callback: Callable[[int, dict], None] | None = None) -> Any:
+               checkpoint_every: int = 0, callback: Callable[[int, dict], None] | None = None,
+               regularizer: Callable[[Any], Any] | None = None) -> Any:
     """Run the method described by ``cfg`` (its kind picks the family) and return the params.
 
     With a mesh (:func:`context_mesh`) every batch is split over its data-parallel axes and
@@ -319,6 +323,10 @@ def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_d
       callback: ``gradient`` kind only: ``callback(step, metrics)`` after every step (after
         that step's checkpoint), ``metrics`` as floats (``forget_loss``, ``retain_loss``,
         ``update_norm``); an exception it raises stops the run.
+      regularizer: ``gradient`` kind only: ``regularizer(start) -> optax transform``, an extra
+        gradient term of the objective (:meth:`jaxunlearn.unlearn.UnlearnConfig.transform`), built
+        from the trained pytree's starting value (the parameters, or the fresh adapter); e.g. a
+        continual method's Fisher-weighted penalty toward earlier requests' parameters.
 
     Returns:
       The unlearned parameters (same structure as ``ctx.params``).
@@ -330,8 +338,8 @@ def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_d
     """
     cfg = parse_method_config(cfg)
     kind = cfg.kind
-    if kind != "gradient" and (checkpoint_dir is not None or callback is not None):
-        raise ValueError(f"checkpoint_dir / callback need a step-wise run (kind 'gradient'); kind {kind!r} "
+    if kind != "gradient" and (checkpoint_dir is not None or callback is not None or regularizer is not None):
+        raise ValueError(f"checkpoint_dir / callback / regularizer need a step-wise run (kind 'gradient'); kind {kind!r} "
                          "is not resumable")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
@@ -356,4 +364,4 @@ def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_d
         i_f, i_d = importances(ctx, cfg, "full")
         return ssd(ctx.params, i_f, i_d, alpha=cfg.threshold, lam=cfg.lam)
     return _run_gradient(ctx, cfg, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                         callback=callback)
+                         callback=callback, regularizer=regularizer)

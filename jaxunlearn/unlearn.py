@@ -151,9 +151,9 @@ class UnlearnConfig:
         """Whether the frozen reference model is evaluated (NPO, or the KL retain loss)."""
         return self.method in _NEEDS_REF or (self.uses_retain and self.retain_loss == "kl")
 
-    def transform(self, mask: Any = None, *, mesh: Mesh | None = None,
-                  param_specs: Any = None) -> optax.GradientTransformationExtraArgs:
-        """``[project_orthogonal] -> [l1] -> [clip] -> [SalUn mask] -> adamw | sgd`` as one optax chain.
+    def transform(self, mask: Any = None, *, mesh: Mesh | None = None, param_specs: Any = None,
+                  regularizer: optax.GradientTransformation | None = None) -> optax.GradientTransformationExtraArgs:
+        """``[project_orthogonal] -> [l1] -> [regularizer] -> [clip] -> [SalUn mask] -> adamw | sgd`` as one optax chain.
 
         The learning rate rises linearly from 0 over ``warmup_steps``, then stays constant. The
         optimizer's state is float32 whatever the parameters' dtype
@@ -167,6 +167,9 @@ class UnlearnConfig:
           mesh, param_specs: the mesh the parameters are sharded on and their
             ``PartitionSpec`` s: the projection then runs per shard, on the array kernels
             (``project_orthogonal(mesh=, specs=)``).
+          regularizer: an optax transform that adds a term's gradient to the combined gradient
+            (e.g. a Fisher-weighted anchor penalty of a continual method), after the projection
+            and the l1 term, before clipping.
 
         Returns:
           An ``optax.GradientTransformationExtraArgs``.
@@ -179,6 +182,8 @@ class UnlearnConfig:
                 mesh=mesh, specs=param_specs))
         if self.l1 > 0:  # a term of the objective: after the projection, before clipping
             parts.append(l1_regularization(self.l1, self.l1_decay_steps or max(self.steps, 1)))
+        if regularizer is not None:
+            parts.append(regularizer)
         if self.grad_clip > 0:
             parts.append(optax.clip_by_global_norm(self.grad_clip))
         if mask is not None:
@@ -204,7 +209,8 @@ class UnlearnConfig:
 
     def build(self, apply_fn: Callable, *, mask: Any = None, forget_loss: Callable | None = None,
               jit: bool = True, mesh: Mesh | None = None, param_specs: Any = None,
-              params_fn: Callable | None = None) -> Unlearner:
+              params_fn: Callable | None = None,
+              regularizer: optax.GradientTransformation | None = None) -> Unlearner:
         """The :class:`Unlearner` of this config.
 
         Args:
@@ -218,27 +224,28 @@ class UnlearnConfig:
           params_fn: unlearn in adapter space (``params_fn(frozen, t) -> params``, e.g.
             :func:`jaxunlearn.adapters.adapter_params_fn`; see :func:`unlearner`): ``mask`` and
             ``param_specs`` then describe ``t``.
+          regularizer: an extra gradient term in the transform (see :meth:`transform`).
 
         Returns:
-          ``unlearner(forget_loss_fn(apply_fn, method), transform(mask), retain_loss=...,
+          ``unlearner(forget_loss_fn(apply_fn, method), transform(mask, regularizer=), retain_loss=...,
           estimator=estimator(), gamma=gamma, alpha=alpha | retain_k=retain_k, ...)``:
           no retain loss when ``uses_retain`` is False; ``ref_params`` read for NPO and the
           KL retain loss (:attr:`needs_reference`).
         """
-        if mask is None and forget_loss is None:  # one compiled step per (config, model, mesh): runs share it
+        if mask is None and forget_loss is None and regularizer is None:  # one compiled step per (config, model, mesh)
             key = _build_key(self, apply_fn, jit, mesh, param_specs, params_fn)
             if key is not None:
                 return _cached_build(key)
         return self._build(apply_fn, mask=mask, forget_loss=forget_loss, jit=jit, mesh=mesh, param_specs=param_specs,
-                           params_fn=params_fn)
+                           params_fn=params_fn, regularizer=regularizer)
 
-    def _build(self, apply_fn, *, mask, forget_loss, jit, mesh, param_specs, params_fn) -> Unlearner:
+    def _build(self, apply_fn, *, mask, forget_loss, jit, mesh, param_specs, params_fn, regularizer=None) -> Unlearner:
         custom = forget_loss is not None
         f_loss = forget_loss if custom else forget_loss_fn(apply_fn, self.method, beta=self.beta, delta=self.delta,
                                                            reduction=self.nll_reduction)
         r_loss = retain_loss_fn(apply_fn, self.retain_loss, reduction=self.nll_reduction) if self.uses_retain else None
         return unlearner(
-            f_loss, self.transform(mask, mesh=mesh, param_specs=param_specs), retain_loss=r_loss, estimator=self.estimator(), gamma=self.gamma,
+            f_loss, self.transform(mask, mesh=mesh, param_specs=param_specs, regularizer=regularizer), retain_loss=r_loss, estimator=self.estimator(), gamma=self.gamma,
             alpha=None if self.project else self.alpha, retain_k=self.retain_k if self.project else None,
             apply_fn=apply_fn, forget_ref_logp=not custom and self.method == "npo",
             forget_ref_logits=not custom and self.method == "undial",

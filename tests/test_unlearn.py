@@ -327,3 +327,28 @@ def test_equal_configs_share_one_compiled_step_and_masks_do_not():
     s1, _ = a.step(a.init(params), batch, batch, params)
     s2, _ = b.step(b.init(params), batch, batch, params)   # the shared step: the same result
     assert all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)))
+
+
+def test_regularizer_adds_its_gradient_term_before_the_optimizer():
+    """A regularizer transform (here the gradient of 0.5 c ||theta - anchor||^2, written as an optax
+    term) enters the combined gradient: one SGD step equals theta - lr (grad L_f + c (theta - anchor)),
+    computed by hand; the regularized build is not the cached plain one."""
+    params = _params()
+    fb = _batch(3, 1)
+    anchor = jax.tree.map(lambda x: x + 0.5, params)
+    c = 0.7
+
+    def init_fn(p):
+        return optax.EmptyState()
+
+    def update_fn(g, state, p=None):
+        return jax.tree.map(lambda gi, pi, ai: gi + c * (pi - ai), g, p, anchor), state
+
+    cfg = UnlearnConfig(method="ga", **SGD)
+    u = cfg.build(apply, regularizer=optax.GradientTransformation(init_fn, update_fn))
+    assert u is not cfg.build(apply)
+    state, _ = u.step(u.init(params), fb)
+    g = jax.grad(lambda p: -_token_nll(p, fb))(params)
+    want = jax.tree.map(lambda p, gi, a: p - 0.1 * (gi + c * (p - a)), params, g, anchor)
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
