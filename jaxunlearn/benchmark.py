@@ -54,6 +54,7 @@ from typing import Any, Callable, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from jaxunlearn.eval.mia import privleak
+from jaxunlearn.eval.probes import PROBES, benchmark_probes
 from jaxunlearn.eval.muse import muse_eval
 from jaxunlearn.eval.quant_recovery import quantization_recovery
 from jaxunlearn.eval.runner import encode_eval_splits, evaluate_model, to_jsonable
@@ -208,6 +209,7 @@ def benchmark_methods(
     trained: Mapping[str, Any] | None = None,
     data=None,
     on_update: Callable[[dict[str, Any]], None] | None = None,
+    probes: Sequence[str] = PROBES,
 ) -> dict[str, Any]:
     """The benchmark without file output (see :func:`run_benchmark`); returns the results dict.
 
@@ -221,6 +223,9 @@ def benchmark_methods(
         pair of ``seeds[0]``. Off: one pair (``trained``, or trained with ``cfg``) for all seeds.
       progress, rouge_examples, quant_schemes, trained, data: as in :func:`run_benchmark`.
       on_update: ``on_update(partial_results)`` after every method (see :func:`compare_methods`).
+      probes: the extra evaluations of every model (:func:`jaxunlearn.eval.probes.benchmark_probes`:
+        ``"relearn"``, ``"overlap"``); those the data cannot support are named in
+        ``results["probes_not_available"]``.
     """
     t_start = time.perf_counter()
     seeds = [cfg.seed] if seeds is None else list(seeds)
@@ -243,7 +248,7 @@ def benchmark_methods(
     head = {"demo_config": to_jsonable(cfg), "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
             "forget_split": fs, "retain_split": rs, "train_seeds": bool(train_seeds),
             "unlearning_rows": {"forget": len(forget["input_ids"]), "retain": len(retain["input_ids"])},
-            "muse_eval": dict(MUSE_EVAL) if data.muse is not None else None}
+            "muse_eval": dict(MUSE_EVAL) if data.muse is not None else None, "probes": list(probes)}
     bar.update(1)
     done: list[dict[str, Any]] = []
     for i, s in enumerate(pairs):
@@ -255,6 +260,7 @@ def benchmark_methods(
         target, reference = pair["target"][0], pair["reference"][0]
         fn, params = DecoderFn.of(target)
         ctx = UnlearnContext(fn, params, forget, retain, seed=s)
+        probe_fns, head["probes_not_available"] = benchmark_probes(data, fn, params, probes, seed=s)
 
         def update(partial, done=done, s=s):
             if on_update is not None:
@@ -262,7 +268,7 @@ def benchmark_methods(
 
         out = compare_methods(target, reference, tok, enc, ev, ctx, configs, seeds=[s] if train_seeds else seeds,
                               quant_schemes=quant_schemes, bar=bar, on_update=update, muse=data.muse,
-                              muse_kwargs=MUSE_EVAL)
+                              muse_kwargs=MUSE_EVAL, probes=probe_fns)
         done.append(_label(out, s if train_seeds else None))
     bar.close()
     return {**head, **_merge(done), "seconds_total": time.perf_counter() - t_start}
@@ -320,6 +326,7 @@ def compare_methods(
     on_update: Callable[[dict[str, Any]], None] | None = None,
     muse=None,
     muse_kwargs: Mapping[str, Any] | None = None,
+    probes: Mapping[str, Callable[[Any], Mapping[str, float]]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the target (and reference), then run each method on ``ctx`` once per seed and evaluate it.
 
@@ -357,6 +364,10 @@ def compare_methods(
       muse: a :class:`~jaxunlearn.data.muse.MuseData` to add MUSE's columns to every row
         (:func:`~jaxunlearn.results_table.summarize`), or None.
       muse_kwargs: ``muse_eval`` keywords (e.g. :data:`MUSE_EVAL`).
+      probes: ``{name: probe}``, each ``probe(params) -> {column: float}``
+        (:mod:`jaxunlearn.eval.probes`: the relearning attack, the overlap splits, REMIND), run
+        on the reference's, the target's and every method's parameters; their columns join the
+        row (a probe that raises fails that seed's row like the method itself).
 
     Returns:
       ``{"seeds", "table", "per_seed", "forget_truth_ratios", "details", "failed"}``:
@@ -377,6 +388,13 @@ def compare_methods(
         bar.set_postfix_str("evaluate target/reference")
     rows: dict[str, list] = {}
     truth_ratios: dict[str, list] = {}
+
+    def run_probes(params) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for probe in (probes or {}).values():
+            out.update({k: float(v) for k, v in probe(params).items()})
+        return out
+
     details: dict[str, list] = {}
     mk = dict(muse_kwargs or {})
     ref_res = ref_muse = None
@@ -386,7 +404,7 @@ def compare_methods(
             ref_muse = muse_eval(reference, tokenizer, muse, **mk)
             auc = ref_muse["passage_min_k_auc"]
             ref_muse["privleak"] = privleak(auc, auc)  # 0 against itself
-        row = summarize(ref_res, None, None, ref_muse)
+        row = {**summarize(ref_res, None, None, ref_muse), **run_probes(DecoderFn.of(reference)[1])}
         ref_tr = ref_res.splits[fs].get("truth_ratio")  # None: the forget split has no truth-ratio columns
         if ref_tr is not None:
             row["forget_quality"] = float(forget_quality(ref_tr, ref_tr))  # 1 against itself
@@ -402,7 +420,8 @@ def compare_methods(
                                         params=params, reference=ref_res, baseline=res, rouge_examples=0)
         m = None if muse is None else muse_eval(target, tokenizer, muse, params=params, reference=ref_muse, **mk)
         tr = res.splits[fs].get("truth_ratio")
-        row, tr = {**summarize(res, rec, seconds, m), "seed": seed}, None if tr is None else tr.tolist()
+        extra = run_probes(ctx.params if params is None else params)
+        row, tr = {**summarize(res, rec, seconds, m), **extra, "seed": seed}, None if tr is None else tr.tolist()
         detail = {"seed": seed, "aggregates": to_jsonable(res.aggregates), "quant": rec, "muse": m}
         rows.setdefault(name, []).append(row)  # all three lists or none: they stay aligned
         truth_ratios.setdefault(name, []).append(tr)

@@ -45,6 +45,7 @@ from jaxunlearn.benchmark import (
     seed_list,
 )
 from jaxunlearn.data import save_benchmark
+from jaxunlearn.results_table import format_probe_table
 from jaxunlearn.data.muse import save_muse
 from jaxunlearn.models import count_params, save_pretrained
 from jaxunlearn.method_configs import method_config_to_dict
@@ -68,6 +69,15 @@ _MUSE_NOTE = ("\nMUSE: KnowMem_f / KnowMem_r = ROUGE-L F1 of the greedy answers 
               "forget passages (the reference's level is what the templates alone give);\nPrivLeak = (AUC - AUC_ref) "
               "/ AUC_ref x 100 of the passage Min-k (k=0.4) AUC forget vs holdout (0 = as the reference, "
               "-100 = fully leaked, > 0 = over-unlearned).")
+
+
+_PROBE_NOTE = ("\nrelearn_p0 / relearn_p = answer probability of the held-out half of the forget people before / "
+               "after 10 AdamW steps on the other half\n(the reference's row: what that fine-tune alone teaches); "
+               "relearn_rec = (relearn_p - relearn_p0) / (target's p - relearn_p0),\nthe share of the forgotten "
+               "probability the attack brings back. Fact accuracy on the overlap splits: mixF_FA / mixR_FA = the\n"
+               "forget / retain person's fact in a query joining a forget and a retain question (lower mixF = "
+               "forgotten, mixR should stay);\nshrR_FA / unshR_FA = retain rows whose value a forget person "
+               "shares / does not share.")
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]], splits) -> str:
@@ -195,6 +205,7 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int,
               f"{len(configs)} methods x {len(seeds)} seed(s) {seeds} (seeds vary the {varied}), "
               f"{bench['seconds_total']:.0f} s\n")
         print(format_results_table(bench["table"], bench.get("not_available")))
+        probe_table = format_probe_table(bench["table"])
         print("\nforget_q = KS p-value of forget truth ratios vs the reference (1 = indistinguishable); "
               "utility = TOFU model utility" + ("; retain_p = retain answer probability"
                                                  if "model_utility" in bench.get("not_available", {}) else "")
@@ -202,6 +213,8 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int,
               "ROC-AUC forget vs holdout (0.5 = no leak);\nint4_rec = forget_p after INT4 fake quantisation "
               "minus before; time_s = unlearning wall time;\nn = seeds aggregated. Two methods differ on a "
               "column only where their intervals separate." + (_MUSE_NOTE if data.muse is not None else ""))
+        if probe_table is not None:
+            print("\nattacks and overlap (jaxunlearn.eval.probes):\n" + probe_table + _PROBE_NOTE)
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
     print(f"\ntotal {t_total:.0f} s")
     return results

@@ -23,7 +23,7 @@ from jaxunlearn.eval.quant_recovery import forget_metrics
 from jaxunlearn.eval.runner import EvalResult
 from jaxunlearn.stats import format_interval, interval_of
 
-__all__ = ["summarize", "failed_row", "format_results_table", "plot_forget_vs_utility", "plot_pareto", "MUSE_ROW_KEYS",
+__all__ = ["summarize", "failed_row", "format_results_table", "format_probe_table", "plot_forget_vs_utility", "plot_pareto", "MUSE_ROW_KEYS",
            "row_not_available"]
 
 #: Row key -> :func:`~jaxunlearn.eval.muse.muse_eval` key of the MUSE columns: KnowMem on the
@@ -110,6 +110,13 @@ _MUSE_COLUMNS = (("knowmem_forget", "KnowMem_f", ".3f"), ("knowmem_retain", "Kno
                  ("verbmem_forget", "VerbMem_f", ".3f"), ("privleak_muse", "PrivLeak", "+.1f"))
 
 
+# the probes' columns (jaxunlearn.eval.probes), shown by format_probe_table
+_PROBE_COLUMNS = (("relearn_p0", "relearn_p0", ".3f"), ("relearn_p", "relearn_p", ".3f"),
+                  ("relearn_rec", "relearn_rec", "+.3f"), ("remind_auc", "REMIND_AUC", ".3f"),
+                  ("mixed_forget_fa", "mixF_FA", ".3f"), ("mixed_retain_fa", "mixR_FA", ".3f"),
+                  ("retain_shared_fa", "shrR_FA", ".3f"), ("retain_unshared_fa", "unshR_FA", ".3f"))
+
+
 def format_results_table(rows: Mapping[str, Mapping[str, Any]],
                          not_available: Mapping[str, str] | None = None) -> str:
     """A fixed-width text table, one row per method (the order of ``rows``).
@@ -138,6 +145,24 @@ def format_results_table(rows: Mapping[str, Mapping[str, Any]],
         columns = columns[:2] + (("retain_probability", "retain_p", ".3f"),) + columns[2:]
     if any("knowmem_forget" in row for row in rows.values()):
         columns = columns[:-1] + _MUSE_COLUMNS + columns[-1:]
+    return _format_table(rows, columns, na)
+
+
+def format_probe_table(rows: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The probes' columns (:mod:`jaxunlearn.eval.probes`) as a second table, or None when no row has one.
+
+    Columns (those some row has): ``relearn_p0`` / ``relearn_p`` (held-out forget answer
+    probability before / after the relearning attack), ``relearn_rec`` (the share of the
+    unlearned gap the attack recovers), ``REMIND_AUC`` (the input-landscape detector's AUC,
+    forgotten vs other), and the fact accuracies on the overlap splits: ``mixF_FA`` / ``mixR_FA``
+    (the forget / retain person's fact in a combined query) and ``shrR_FA`` / ``unshR_FA`` (retain
+    rows whose value a forget person shares / does not). Numbers as in :func:`format_results_table`.
+    """
+    columns = tuple(c for c in _PROBE_COLUMNS if any(c[0] in row for row in rows.values()))
+    return _format_table(rows, columns, {}) if columns else None
+
+
+def _format_table(rows, columns, na) -> str:
     head = [_COLUMNS[0][1], "n"] + [short for _, short, _ in columns]
     table = [head]
     single = []

@@ -28,6 +28,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -113,6 +114,21 @@ def _loss(apply_fn: Callable, params: Any, batch: Mapping[str, jax.Array]) -> ja
     return batch_token_nll(nll, jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32), axis=-1))
 
 
+@functools.lru_cache(maxsize=16)
+def _attack_step(apply_fn: Callable, learning_rate: float):
+    """``(tx, jitted step)`` of the attack: one compilation per model and learning rate, shared by
+    every attacked model of a benchmark."""
+    tx = optax.adamw(learning_rate)
+
+    @jax.jit
+    def step(p, opt, batch):
+        loss, g = jax.value_and_grad(lambda q: _loss(apply_fn, q, batch))(p)
+        u, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, u), opt, loss
+
+    return tx, step
+
+
 def relearn(apply_fn: Callable, params: Any, attack: Mapping[str, np.ndarray], cfg: RelearnConfig,
             evaluate: Callable[[Any], Mapping[str, float]]) -> list[dict[str, float]]:
     """Fine-tune ``params`` on ``attack`` and evaluate along the way: the attack's curve.
@@ -144,14 +160,10 @@ def relearn(apply_fn: Callable, params: Any, attack: Mapping[str, np.ndarray], c
         raise ValueError("relearn: the attack set is empty")
     b = min(cfg.batch_size, n)
     per_epoch = n // b
-    tx = optax.adamw(cfg.learning_rate)
-
-    @jax.jit
-    def step(p, opt, batch):
-        loss, g = jax.value_and_grad(lambda q: _loss(apply_fn, q, batch))(p)
-        u, opt = tx.update(g, opt, p)
-        return optax.apply_updates(p, u), opt, loss
-
+    try:
+        tx, step = _attack_step(apply_fn, float(cfg.learning_rate))
+    except TypeError:  # an unhashable apply function: compiled for this call only
+        tx, step = _attack_step.__wrapped__(apply_fn, float(cfg.learning_rate))
     p = jax.tree.map(jnp.copy, params)
     opt = tx.init(p)
     curve = [{"step": 0, **{k: float(v) for k, v in evaluate(p).items()}}]
