@@ -28,7 +28,7 @@ Every command takes ``--mesh SPEC`` (e.g. ``fsdp=4,tp=2``; one size may be ``-1`
 rest"): the parameters are sharded on that device mesh by
 :func:`jaxunlearn.sharding.partition_rules`, batches are split over its data-parallel axes,
 and in a multi-process run (:func:`jaxunlearn.multihost.initialize`) only process 0 writes
-results.
+results. Commands that load a checkpoint take ``--param-dtype bfloat16`` and ``--remat full|dots_saveable``.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ import time
 
 from jaxunlearn.outputs import check_disjoint, check_output_dir, check_output_file, staged_dir
 from jaxunlearn.own_data import add_init_parser, add_own_data_arguments, init_command
-from jaxunlearn.durability_cli import add_durability_parser, run_durability_cli
 from jaxunlearn.method_configs_cli import adapter_from_args, add_adapter_argument
+from jaxunlearn.model_options_cli import add_model_options, apply_model_options, load_kwargs
 from jaxunlearn.plan_cli import add_plan_parser, run_plan
 from jaxunlearn.quant import SCHEMES as QUANT_SCHEMES
+from jaxunlearn.subcommands import EXTRA_COMMANDS
 from jaxunlearn.tree import check_finite
 
 __all__ = ["main", "build_parser"]
@@ -200,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_init_parser(sub, _add_mesh)
     add_plan_parser(sub)
-    add_durability_parser(sub)
+    for add_parser, _ in EXTRA_COMMANDS.values():
+        add_parser(sub)
     return p
 
 
@@ -256,13 +258,15 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--separator", default=None,
                    help="text between question and answer (default: the tokenizer's sep token)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_model_options(p)  # --param-dtype, --remat
 
 
 def _load_model_and_data(args):
     from jaxunlearn.data import load_benchmark, load_tofu
     from jaxunlearn.models import check_tokenizer, from_pretrained
 
-    model, tok = from_pretrained(args.model)
+    model, tok = from_pretrained(args.model, **load_kwargs(args))
+    apply_model_options(model, args)
     if tok is None:
         raise FileNotFoundError(f"no tokenizer files in {args.model}")
     check_tokenizer(tok, model.config)
@@ -313,13 +317,10 @@ def _check_checkpoint_out(args) -> None:
 def _train(args, mesh) -> int:
     from flax import nnx
 
-    from jaxunlearn.multihost import gather_to_host
-
     from jaxunlearn.models import save_pretrained
+    from jaxunlearn.multihost import gather_to_host
     from jaxunlearn.pipeline import concat_encoded
-    from jaxunlearn.train import train
-
-    from jaxunlearn.train import TrainConfig
+    from jaxunlearn.train import TrainConfig, train
 
     _check_checkpoint_out(args)
     flags = {"steps": "--steps", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
@@ -528,9 +529,8 @@ def _eval(args, mesh) -> int:
 
 def _demo(args, mesh) -> int:
     from jaxunlearn.demo import run_demo
-    from jaxunlearn.pipeline import DemoConfig
-
     from jaxunlearn.own_data import demo_flags, run_own_demo_args
+    from jaxunlearn.pipeline import DemoConfig
 
     _seeds(args)
     cfg = DemoConfig()
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         with _mesh_context(mesh):
             commands = {"demo": _demo, "train": _train, "unlearn": _unlearn, "bench": _bench, "eval": _eval,
                         "init": lambda a, _: init_command(a, _is_main()),
-                        "durability": lambda a, _: run_durability_cli(a)}
+                        **{k: (lambda a, _, run=run: run(a)) for k, (_, run) in EXTRA_COMMANDS.items()}}
             return commands[args.command](args, mesh)
     except (OSError, ValueError, KeyError, TypeError, FloatingPointError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

@@ -60,10 +60,11 @@ def test_benchmark_end_to_end_toy(tmp_path, configs_dir, tiny_pair):
     assert table["target"]["muse_auc"] > table["reference"]["muse_auc"]
     assert saved["muse_eval"] == {"knowmem_max_new_tokens": 32, "verbmem_max_new_tokens": 64}
     # the probes' columns (relearning attack, overlap splits) for every model and seed
-    assert saved["probes"] == ["relearn", "overlap"] and saved["probes_not_available"] == {}
+    assert saved["probes"] == ["relearn", "overlap", "remind"] and saved["probes_not_available"] == {}
     for name in ("reference", "target", "npo", "ga_proj"):
         for row in per_seed[name]:
-            for key in ("relearn_p0", "relearn_p", "mixed_forget_fa", "mixed_retain_fa", "retain_shared_fa"):
+            for key in ("relearn_p0", "relearn_p", "mixed_forget_fa", "mixed_retain_fa", "retain_shared_fa",
+                        "remind_auc"):
                 assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
     assert np.isnan(per_seed["target"][0]["relearn_rec"])  # the target has no gap to recover
     assert per_seed["target"][0]["relearn_p0"] > per_seed["reference"][0]["relearn_p0"]

@@ -12,7 +12,9 @@
 - ``quant_recovery``: the forget metrics again after int8 / int4 / nf4 fake quantisation;
 - ``durability``: FA / RA at each deployment precision (bf16, int8, int4, ...), the INT4
   recovery ratio, the (epsilon, P) durability certificate and its table;
-- ``relearn``: the relearning attack (fine-tune on part of the forget set, measure the rest).
+- ``relearn``: the relearning attack (fine-tune on part of the forget set, measure the rest);
+- ``remind``: REMIND, the input-loss-landscape detector of residual memorisation;
+- ``probes``: per-model extra evaluations the benchmark runs (relearning, overlap splits, REMIND).
 
 >>> from jaxunlearn.eval import evaluate_model, forget_quality
 >>> # ref = evaluate_model(reference_model, tok, dd, forget="forget10", retain="retain90",
@@ -65,7 +67,18 @@ from jaxunlearn.eval.muse import (
     verbmem,
 )
 from jaxunlearn.eval.quant_recovery import QUANT_SCHEMES, forget_metrics, quantization_recovery
+from jaxunlearn.eval.probes import benchmark_probes, fact_scores, overlap_probe, relearn_probe, remind_probe
 from jaxunlearn.eval.relearn import RelearnConfig, recovered_fraction, relearn, split_for_relearning
+from jaxunlearn.eval.remind import (
+    REMIND_FEATURES,
+    RemindConfig,
+    embedding_neighbours,
+    landscape_features,
+    landscape_losses,
+    neighbourhood,
+    remind_auc,
+    remind_evaluate,
+)
 from jaxunlearn.eval.rouge import (
     RougeScore,
     lcs_length,
@@ -111,6 +124,9 @@ __all__ = [
     "RelearnConfig",
     "recovered_fraction",
     "relearn",
+    "REMIND_FEATURES", "RemindConfig", "embedding_neighbours", "landscape_features", "landscape_losses",
+    "neighbourhood", "remind_auc", "remind_evaluate",
+    "benchmark_probes", "fact_scores", "overlap_probe", "relearn_probe", "remind_probe",
     "split_for_relearning",
     "verbmem",
     "passage_min_k",

@@ -3,7 +3,7 @@
 A probe is a function ``probe(params) -> {column: float}`` built once per benchmark (data
 encoded, jitted passes compiled once) and called on the reference's, the target's and every
 unlearned model's parameters; its numbers join that model's table row
-(:func:`jaxunlearn.benchmark.compare_methods` ``probes=``). Two are here:
+(:func:`jaxunlearn.benchmark.compare_methods` ``probes=``). Three are here:
 
 - :func:`relearn_probe` -- the relearning attack (:mod:`jaxunlearn.eval.relearn`): fine-tune on
   the forget rows of half the forget people, measure the other half. Columns
@@ -15,10 +15,14 @@ unlearned model's parameters; its numbers join that model's table row
 - :func:`overlap_probe` -- the BLUR-style overlap splits (:mod:`jaxunlearn.data.overlap`):
   for each split, the fact probability ``<split>_fp`` (``exp`` of minus the mean NLL of the
   tokens carrying the fact) and the fact accuracy ``<split>_fa`` (teacher-forced argmax on them).
+- :func:`remind_probe` -- REMIND (:mod:`jaxunlearn.eval.remind`): ``remind_auc``, how well the
+  input-loss-landscape features of the forget examples separate them from never-seen ones.
 
 References:
   Hu, Fu, Wu, Smith, "Jogging the Memory of Unlearned LLMs Through Targeted Relearning Attacks",
-  2024; Hu et al., "BLUR: A Benchmark for LLM Unlearning Robust to Forget-Retain Overlap", 2025.
+  2024; Hu et al., "BLUR: A Benchmark for LLM Unlearning Robust to Forget-Retain Overlap", 2025;
+  Cohen, Nemcovesky, Mendelson, "REMIND: Input Loss Landscapes Reveal Residual Memorization in
+  Post-Unlearning LLMs", 2025.
 """
 
 from __future__ import annotations
@@ -27,14 +31,17 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import datasets
+import jax
 import numpy as np
 
 from jaxunlearn.data import encode_split
 from jaxunlearn.data.overlap import OVERLAP_COLUMNS, overlap_splits
 from jaxunlearn.eval.relearn import BATCH_KEYS, RelearnConfig, recovered_fraction, relearn, split_for_relearning
+from jaxunlearn.eval.remind import RemindConfig, embedding_neighbours, find_embedding, remind_evaluate
 from jaxunlearn.eval.runner import evaluate_encoded
 
-__all__ = ["Probe", "PROBES", "RELEARN_DEFAULT", "relearn_probe", "overlap_probe", "fact_scores", "benchmark_probes"]
+__all__ = ["Probe", "PROBES", "RELEARN_DEFAULT", "REMIND_DEFAULT", "relearn_probe", "overlap_probe", "remind_probe",
+           "fact_scores", "benchmark_probes"]
 
 Probe = Callable[[Any], dict[str, float]]
 
@@ -135,7 +142,35 @@ def overlap_probe(apply_fn: Callable, tokenizer, splits: Mapping[str, datasets.D
     return probe
 
 
-PROBES = ("relearn", "overlap")
+PROBES = ("relearn", "overlap", "remind")
+# the benchmark's REMIND: 8 variants (2 per strength level), up to 96 examples a side (AUC over 5 folds)
+REMIND_DEFAULT = RemindConfig(num_variants=8)
+REMIND_MAX_EXAMPLES = 96
+
+
+def _subset(data: Mapping[str, np.ndarray], n: int, seed: int) -> dict[str, np.ndarray]:
+    rows = np.arange(len(data["input_ids"]))
+    if len(rows) > n:
+        rows = np.sort(np.random.default_rng(seed).permutation(len(rows))[:n])
+    return {k: np.asarray(data[k])[rows] for k in BATCH_KEYS}
+
+
+def remind_probe(apply_fn: Callable, forget: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray],
+                 neighbours: np.ndarray, *, cfg: RemindConfig = REMIND_DEFAULT,
+                 max_examples: int = REMIND_MAX_EXAMPLES, seed: int = 0, batch_size: int = 16) -> Probe:
+    """REMIND's detection AUC as a probe: :func:`jaxunlearn.eval.remind.remind_evaluate` of the
+    forget rows against ``other`` (e.g. the never-trained holdout), at most ``max_examples`` of each
+    (a seeded subset), every model on the same neighbourhoods (``neighbours``, one table, and the key
+    of ``seed``). Column ``remind_auc``: 0.5 = the forget examples' input loss landscapes look like
+    the unseen ones' (forgotten, as the reference never learnt them), 1 = fully detectable."""
+    f, o = _subset(forget, max_examples, seed), _subset(other, max_examples, seed + 1)
+
+    def probe(params: Any) -> dict[str, float]:
+        res = remind_evaluate(apply_fn, params, f, o, key=jax.random.key(seed), cfg=cfg, batch_size=batch_size,
+                              neighbours=neighbours, seed=seed)
+        return {"remind_auc": float(res["auc"])}
+
+    return probe
 
 
 def benchmark_probes(data, apply_fn: Callable, target_params: Any, names: Sequence[str] = PROBES, *,
@@ -147,7 +182,8 @@ def benchmark_probes(data, apply_fn: Callable, target_params: Any, names: Sequen
     (with a single person, by rows: the attack then sees some of that person's facts and the
     held-out part asks the others); ``"overlap"``: :func:`overlap_probe` on
     :func:`jaxunlearn.data.overlap.overlap_splits` of the forget and retain splits (needs the
-    ``person`` / ``attribute`` / ``fact`` columns).
+    ``person`` / ``attribute`` / ``fact`` columns); ``"remind"``: :func:`remind_probe` of the forget
+    split against the holdout split, on the neighbour table of the target's input embedding.
 
     Returns:
       ``(probes, not_available)``: ``{name: probe}`` and ``{name: why}`` for each named probe the
@@ -179,4 +215,12 @@ def benchmark_probes(data, apply_fn: Callable, target_params: Any, names: Sequen
         else:
             probes["overlap"] = overlap_probe(apply_fn, data.tokenizer,
                                               overlap_splits(data.dataset, fs, rs, seed=seed))
+    if "remind" in names:
+        hs = data.holdout_split
+        if hs is None:
+            missing["remind"] = "needs a holdout split (never-trained rows: REMIND's negatives)"
+        else:
+            nb = embedding_neighbours(find_embedding(target_params), REMIND_DEFAULT.max_rank,
+                                      special_ids=list(data.tokenizer.all_special_ids))
+            probes["remind"] = remind_probe(apply_fn, data.encoded[fs], data.encoded[hs], nb, seed=seed)
     return probes, missing

@@ -129,3 +129,19 @@ def test_mixed_rows_round_trip_a_dataset():
     out = overlap_splits({"f": ds, "r": ds}, "f", "r")
     assert "mixed_forget" not in out  # the only partner is the same person with the same value
     assert len(out["retain_shared"]) == 1 and "retain_unshared" not in out
+
+
+def test_remind_probe_is_remind_evaluate_on_seeded_subsets():
+    from jaxunlearn.eval.probes import remind_probe
+    from jaxunlearn.eval.remind import RemindConfig, embedding_neighbours, remind_evaluate
+
+    params = bigram_params(12, 4, seed=3)
+    f, o = lm_batch(14, 1, vocab=12, seq=6, prompt=3), lm_batch(11, 2, vocab=12, seq=6, prompt=3)
+    nb = embedding_neighbours(params["E"], 1)
+    cfg = RemindConfig(num_variants=4, strengths=(0.2, 0.4))
+    got = remind_probe(bigram_apply, f, o, nb, cfg=cfg, max_examples=10, seed=5, batch_size=3)(params)
+    fr = np.sort(np.random.default_rng(5).permutation(14)[:10])
+    orows = np.sort(np.random.default_rng(6).permutation(11)[:10])
+    want = remind_evaluate(bigram_apply, params, {k: v[fr] for k, v in f.items()}, {k: v[orows] for k, v in o.items()},
+                           key=jax.random.key(5), cfg=cfg, neighbours=nb, seed=5)["auc"]
+    assert got == {"remind_auc": pytest.approx(want, abs=1e-12)}
