@@ -65,7 +65,8 @@ from jaxunlearn.methods import UnlearnContext, run_method
 from jaxunlearn.models import DecoderFn
 from jaxunlearn.outputs import check_output_dir, staged_dir, write_json_atomic
 from jaxunlearn.pipeline import DemoConfig, prepare_data, train_pair, unlearning_sets
-from jaxunlearn.results_table import failed_row, format_results_table, plot_forget_vs_utility, summarize
+from jaxunlearn.results_table import (failed_row, format_results_table, plot_forget_vs_utility, plot_relearn,
+                                     summarize)
 from jaxunlearn.stats import DEFAULT_SEEDS, aggregate_rows
 from jaxunlearn.tree import check_finite
 
@@ -189,10 +190,14 @@ def run_benchmark(
 
 
 def write_benchmark(out_dir: str | os.PathLike, results: dict[str, Any]) -> None:
-    """Write ``results.json`` (complete) and ``forget_vs_utility.png`` into ``out_dir`` (created)."""
+    """Write ``results.json`` (complete), ``forget_vs_utility.png`` and, when the rows have the relearning
+    curve, ``relearn.png`` into ``out_dir`` (created)."""
     out_dir = Path(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     results["plot"] = os.path.basename(plot_forget_vs_utility(results["table"], out_dir / "forget_vs_utility.png"))
+    relearn_plot = plot_relearn(results["table"], out_dir / "relearn.png")
+    if relearn_plot is not None:
+        results["relearn_plot"] = os.path.basename(relearn_plot)
     results["complete"] = True
     write_json_atomic(out_dir / "results.json", results)
 

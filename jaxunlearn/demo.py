@@ -45,7 +45,7 @@ from jaxunlearn.benchmark import (
     seed_list,
 )
 from jaxunlearn.data import save_benchmark
-from jaxunlearn.results_table import format_probe_table
+from jaxunlearn.results_table import format_probe_table, plot_relearn
 from jaxunlearn.data.muse import save_muse
 from jaxunlearn.models import count_params, save_pretrained
 from jaxunlearn.method_configs import method_config_to_dict
@@ -195,6 +195,9 @@ def _run(out_dir, cfg: DemoConfig, configs, progress: bool, rouge_examples: int,
         results["benchmark"] = bench
         plot = plot_forget_vs_utility(bench["table"], os.path.join(out_dir, "forget_vs_utility.png"))
         results["plot"] = os.path.basename(plot)
+        relearn_plot = plot_relearn(bench["table"], os.path.join(out_dir, "relearn.png"))
+        if relearn_plot is not None:
+            results["relearn_plot"] = os.path.basename(relearn_plot)
         varied = "training and unlearning" if train_seeds else "unlearning"
         what = f"{len(data.dataset[data.forget_split])} QA pairs"
         if data.muse is not None:

@@ -23,7 +23,7 @@ from jaxunlearn.eval.quant_recovery import forget_metrics
 from jaxunlearn.eval.runner import EvalResult
 from jaxunlearn.stats import format_interval, interval_of
 
-__all__ = ["summarize", "failed_row", "format_results_table", "format_probe_table", "plot_forget_vs_utility", "plot_pareto", "MUSE_ROW_KEYS",
+__all__ = ["summarize", "failed_row", "format_results_table", "format_probe_table", "plot_forget_vs_utility", "plot_relearn", "plot_pareto", "MUSE_ROW_KEYS",
            "row_not_available"]
 
 #: Row key -> :func:`~jaxunlearn.eval.muse.muse_eval` key of the MUSE columns: KnowMem on the
@@ -248,11 +248,7 @@ def plot_forget_vs_utility(rows: Mapping[str, Mapping[str, Any]], path: str | os
                  f"{'model utility' if y_key == 'model_utility' else 'retain probability'} (mean, 95% interval over seeds)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return os.fspath(path)
+    return _save_figure(fig, path, dpi=120)
 
 
 def plot_pareto(sweep: Mapping[str, Any], path: str | os.PathLike, *, epsilon: float | None = None,
@@ -310,8 +306,59 @@ def plot_pareto(sweep: Mapping[str, Any], path: str | os.PathLike, *, epsilon: f
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
     fig.suptitle(f"durability sweep (seed {sweep.get('seed')}): FA / RA / Q-INT4 vs each method's knob", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> str:
+    """Write ``fig`` to ``path`` atomically (a temporary name, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
     return os.fspath(path)
+
+
+def plot_relearn(rows: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> str | None:
+    """The relearning attack's curves: held-out forget answer probability against attack steps.
+
+    One line per row that has the curve columns ``relearn_p_step<s>``
+    (:func:`jaxunlearn.eval.probes.relearn_probe`): the mean over seeds, with its 95% interval as a
+    band where the row has one. The reference's line is what the fine-tune alone teaches about
+    the held-out people; a method whose line climbs toward the target's only suppressed them.
+
+    Args:
+      rows: ``{name: row}`` (aggregated or plain rows).
+      path: the PNG to write (atomically).
+
+    Returns:
+      ``path`` as a string, or None (nothing written) when no row has the curve.
+    """
+    prefix = "relearn_p_step"
+    curves = {}
+    for name, row in rows.items():
+        steps = sorted(int(k[len(prefix):]) for k in row if k.startswith(prefix) and k[len(prefix):].isdigit())
+        if steps:
+            curves[name] = steps
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, steps in curves.items():
+        ivs = [interval_of(rows[name], f"{prefix}{s}") for s in steps]
+        mean = np.array([iv.mean for iv in ivs])
+        style = {"reference": dict(color="black", ls="--"), "target": dict(color="gray", ls=":")}.get(name, {})
+        ax.plot(steps, mean, marker="o", ms=3, label=name, **style)
+        half = np.array([iv.half_width for iv in ivs])
+        if np.all(np.isfinite(half)):
+            ax.fill_between(steps, mean - half, mean + half, alpha=0.15, color=ax.lines[-1].get_color())
+    ax.set_xlabel("relearning attack steps (AdamW on half of the forget people)")
+    ax.set_ylabel("held-out forget answer probability")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save_figure(fig, path)

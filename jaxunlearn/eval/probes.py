@@ -40,13 +40,15 @@ from jaxunlearn.eval.relearn import BATCH_KEYS, RelearnConfig, recovered_fractio
 from jaxunlearn.eval.remind import RemindConfig, embedding_neighbours, find_embedding, remind_evaluate
 from jaxunlearn.eval.runner import evaluate_encoded
 
-__all__ = ["Probe", "PROBES", "RELEARN_DEFAULT", "REMIND_DEFAULT", "relearn_probe", "overlap_probe", "remind_probe",
+__all__ = ["Probe", "PROBES", "RELEARN_DEFAULT", "RELEARN_CURVE", "REMIND_DEFAULT", "relearn_probe", "overlap_probe", "remind_probe",
            "fact_scores", "benchmark_probes"]
 
 Probe = Callable[[Any], dict[str, float]]
 
 # 10 AdamW steps at the demo's training learning rate / 3 on 8 rows of the attack people
-RELEARN_DEFAULT = RelearnConfig(steps=10, learning_rate=1e-3, batch_size=8, fraction=0.5, eval_every=10)
+RELEARN_DEFAULT = RelearnConfig(steps=10, learning_rate=1e-3, batch_size=8, fraction=0.5, eval_every=2)
+#: the column of the held-out probability after ``s`` attack steps (the curve :func:`relearn_probe` records)
+RELEARN_CURVE = "relearn_p_step{}"
 
 
 def _mean_probability(apply_fn: Callable, params: Any, data: Mapping[str, np.ndarray], batch_size: int) -> float:
@@ -71,7 +73,9 @@ def relearn_probe(apply_fn: Callable, forget: Mapping[str, np.ndarray], groups: 
       batch_size: rows per evaluation call.
 
     Returns:
-      ``probe(params) -> {"relearn_p0", "relearn_p", "relearn_rec"}``.
+      ``probe(params) -> {"relearn_p0", "relearn_p", "relearn_rec", "relearn_p_step<s>" ...}``, the
+      last the held-out probability at every evaluated step ``s`` (0, ``cfg.eval_every``, ...,
+      ``cfg.steps``: the attack's curve, :func:`jaxunlearn.results_table.plot_relearn`).
 
     Raises:
       KeyError: ``forget`` lacks a batch key. ValueError: fewer than two groups (rows).
@@ -89,7 +93,8 @@ def relearn_probe(apply_fn: Callable, forget: Mapping[str, np.ndarray], groups: 
         curve = relearn(apply_fn, params, attack, cfg,
                         lambda p: {"p": _mean_probability(apply_fn, p, held, batch_size)})
         p0, p1 = curve[0]["p"], curve[-1]["p"]
-        return {"relearn_p0": p0, "relearn_p": p1, "relearn_rec": recovered_fraction(p0, p1, p_target)}
+        return {"relearn_p0": p0, "relearn_p": p1, "relearn_rec": recovered_fraction(p0, p1, p_target),
+                **{RELEARN_CURVE.format(c["step"]): c["p"] for c in curve}}
 
     return probe
 

@@ -145,3 +145,23 @@ def test_remind_probe_is_remind_evaluate_on_seeded_subsets():
     want = remind_evaluate(bigram_apply, params, {k: v[fr] for k, v in f.items()}, {k: v[orows] for k, v in o.items()},
                            key=jax.random.key(5), cfg=cfg, neighbours=nb, seed=5)["auc"]
     assert got == {"remind_auc": pytest.approx(want, abs=1e-12)}
+
+
+def test_relearn_curve_columns_and_plot(tmp_path):
+    from jaxunlearn.results_table import plot_relearn
+
+    target = bigram_params(8, 4, seed=0)
+    data = lm_batch(12, 0, vocab=8, seq=6, prompt=2)
+    cfg = RelearnConfig(steps=4, learning_rate=1e-2, batch_size=3, fraction=0.5, eval_every=2, seed=1)
+    row = relearn_probe(bigram_apply, data, [i // 3 for i in range(12)], target, cfg)(
+        jax.tree.map(lambda x: x * 0.5, target))
+    assert [k for k in row if k.startswith("relearn_p_step")] == ["relearn_p_step0", "relearn_p_step2",
+                                                                  "relearn_p_step4"]
+    assert row["relearn_p_step0"] == row["relearn_p0"] and row["relearn_p_step4"] == row["relearn_p"]
+    from jaxunlearn.stats import aggregate_rows
+
+    agg = aggregate_rows([row, {k: v + 0.01 for k, v in row.items()}])  # a row with intervals: a band
+    path = plot_relearn({"m": row, "reference": agg}, tmp_path / "r.png")
+    assert path is not None and (tmp_path / "r.png").stat().st_size > 1000
+    assert plot_relearn({"m": {"forget_quality": 1.0}}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
