@@ -14,6 +14,7 @@
     jaxunlearn eval    --model DIR --data PATH --forget SPLIT [--retain ...] [--general ...] [--holdout SPLIT]
                        [--reference DIR] --out FILE.json
     jaxunlearn durability --out DIR [--methods ...] [--seeds 3] [--epsilon 0.047] [--quick]   (adapter regime)
+    jaxunlearn stream  --out DIR [--requests 5] [--methods npo grad_diff saf npo+lwf] [--quick] [--relearn-steps N]
 
 Outputs are safe: every output path is checked before any work (writable, not a file where a directory is
 wanted, ``--resume-dir`` separate from ``--out``); a non-empty directory that jaxunlearn did not write is never
@@ -40,12 +41,13 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
-from jaxunlearn.outputs import check_disjoint, check_output_dir, check_output_file, staged_dir
+from jaxunlearn.cli_common import (add_mesh, add_model_data, add_resume, add_seeds, check_checkpoint_out,
+                                   format_failures, is_main, load_model_and_data, mesh_of, seeds_of, shard_model,
+                                   split_of, encode_splits)
+from jaxunlearn.outputs import check_output_file
 from jaxunlearn.own_data import add_init_parser, add_own_data_arguments, init_command
 from jaxunlearn.method_configs_cli import adapter_from_args, add_adapter_argument
-from jaxunlearn.model_options_cli import add_model_options, apply_model_options, load_kwargs
 from jaxunlearn.plan_cli import add_plan_parser, run_plan
 from jaxunlearn.quant import SCHEMES as QUANT_SCHEMES
 from jaxunlearn.subcommands import EXTRA_COMMANDS
@@ -63,7 +65,6 @@ def _set_offline_env() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxunlearn.stats import DEFAULT_SEEDS  # light: the parser does not import the benchmark
     from jaxunlearn.train import TrainConfig
 
     """The argument parser (one sub-command per job)."""
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--forget-split", default=None, choices=["forget01", "forget05", "forget10"])
     d.add_argument("--seed", type=int, default=None,
                    help="seeds the benchmark data, the models' initialisation and the first unlearning seed")
-    _add_seeds(d, 1, ", to keep the demo short: pass 3 to compare methods")  # jaxunlearn.demo.DEMO_SEEDS
+    add_seeds(d, 1, ", to keep the demo short: pass 3 to compare methods")  # jaxunlearn.demo.DEMO_SEEDS
     d.add_argument("--train-seeds", action="store_true",
                    help="also train the target and reference once per seed (initialisation and batch order; "
                         "each seed costs about one more training of the pair)")
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_own_data_arguments(d)  # --data, --size, split names, --quick
     add_adapter_argument(d)
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_mesh(d)
+    add_mesh(d)
 
     u = sub.add_parser(
         "unlearn",
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "method (its hyperparameters from <configs>/<method>.json or --config) and writes the unlearned model "
         "with its tokenizer to --out in the same format.",
     )
-    _add_model_data(u)
+    add_model_data(u)
     u.add_argument("--forget", required=True, help="forget split name (e.g. forget10)")
     u.add_argument("--retain", required=True, help="retain split name (e.g. retain90)")
     u.add_argument("--method", required=True, help="method config name (e.g. npo, npo_proj, perta_fisher)")
@@ -117,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     u.add_argument("--seed", type=int, default=0)
     add_adapter_argument(u)
-    _add_resume(u, "gradient methods: keep the run state here (orbax) and resume from it when it holds a "
+    add_resume(u, "gradient methods: keep the run state here (orbax) and resume from it when it holds a "
                    "checkpoint of the same run")
-    _add_mesh(u)
+    add_mesh(u)
 
     t = sub.add_parser(
         "train",
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a model on the answer tokens of one or more QA splits (AdamW, warmup + cosine; "
                     "resumable with --resume-dir) and save it as a Hugging Face checkpoint.",
     )
-    _add_model_data(t)
+    add_model_data(t)
     t.add_argument("--splits", nargs="+", required=True, help="split names to train on (rows concatenated)")
     t.add_argument("--out", required=True, help="output checkpoint directory")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -141,39 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     t.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip)
     t.add_argument("--seed", type=int, default=0)
-    _add_resume(t, "keep the run state here (orbax) and resume from its latest step")
-    _add_mesh(t)
-
-    b = sub.add_parser(
-        "bench",
-        help="run unlearning methods on a trained target and compare them in one table (TOFU-style "
-             "metrics, MIA, quantisation recovery)",
-        description="Run each method (a config under --configs) on the target, evaluate every result against "
-                    "the reference, and write results.json, forget_vs_utility.png and the printed table to --out.",
-    )
-    _add_model_data(b)
-    b.add_argument("--reference", default=None, help="reference checkpoint (never trained on the forget split)")
-    b.add_argument("--forget", required=True, help="forget split: trained on by the methods and evaluated "
-                   "(forget quality needs paraphrased/perturbed answers, else n/a)")
-    b.add_argument("--retain", required=True, help="retain split: the methods' retain data and evaluated")
-    b.add_argument("--general", nargs="*", default=[], help="further retain-side sets for model utility")
-    b.add_argument("--holdout", default=None, help="never-trained split for membership inference")
-    b.add_argument("--methods", nargs="*", default=None,
-                   help="config names under --configs (default: the demo's 14 methods)")
-    b.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
-    b.add_argument("--quant", nargs="*", default=["int4"], choices=list(QUANT_SCHEMES),
-                   help="fake-quantisation schemes for the recovery columns (default: int4)")
-    b.add_argument("--rouge-examples", type=int, default=32, help="generate for the first N rows per split")
-    b.add_argument("--muse", default=None, help="a MUSE corpus directory (jaxunlearn.data.muse.load_muse layout, "
-                   "e.g. the demo's <out>/muse): add MUSE's KnowMem, VerbMem and PrivLeak columns")
-    b.add_argument("--verbmem-tokens", type=int, default=128,
-                   help="VerbMem generation budget with --muse (default 128, MUSE's; the demo uses 64)")
-    b.add_argument("--seed", type=int, default=0, help="the first unlearning seed (default 0)")
-    _add_seeds(b, DEFAULT_SEEDS)
-    add_adapter_argument(b)
-    b.add_argument("--out", required=True, help="results directory")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
-    _add_mesh(b)
+    add_resume(t, "keep the run state here (orbax) and resume from its latest step")
+    add_mesh(t)
 
     e = sub.add_parser(
         "eval",
@@ -182,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "strength, MIA (LOSS, zlib, Min-k, Min-k++); with --reference (a model never trained on the forget set) "
         "also forget quality and privleak; with --quant the forget metrics after fake quantisation.",
     )
-    _add_model_data(e)
+    add_model_data(e)
     e.add_argument("--forget", required=True, help="forget split (question/answer; its truth ratio and forget "
                    "quality need paraphrased_answer/perturbed_answer, else n/a)")
     e.add_argument("--retain", nargs="*", default=[], help="retain split(s) for model utility")
@@ -197,121 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rouge-examples", type=int, default=None, help="generate only for the first N rows per split")
     e.add_argument("--out", required=True, help="output JSON file")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    _add_mesh(e)
+    add_mesh(e)
 
-    add_init_parser(sub, _add_mesh)
+    add_init_parser(sub, add_mesh)
     add_plan_parser(sub)
     for add_parser, _ in EXTRA_COMMANDS.values():
         add_parser(sub)
     return p
-
-
-def _add_seeds(p: argparse.ArgumentParser, default: int, why: str = "") -> None:
-    p.add_argument("--seeds", type=int, default=default, metavar="N",
-                   help=f"run each method with N seeds (--seed, --seed + 1, ...) and report means with 95%% "
-                        f"t-intervals over them; the seeds change the batch order and importance subsets "
-                        f"(default {default}{why}; 1: one run, no intervals)")
-
-
-def _add_resume(p: argparse.ArgumentParser, resume_help: str) -> None:
-    p.add_argument("--resume-dir", default=None, help=resume_help)
-    p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="with --resume-dir: save the run state every N steps (default 0: only at the end)")
-
-
-def _add_mesh(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mesh", default=None, metavar="SPEC",
-                   help="device mesh, e.g. 'fsdp=4,tp=2' or 'fsdp=-1' (axes data, fsdp, tp; -1: the rest); "
-                   "parameters sharded by the partition rules, batches over data/fsdp (default: one device)")
-
-
-def _mesh_of(args):
-    """The mesh of ``--mesh`` (after joining a multi-process run), or None."""
-    if not getattr(args, "mesh", None):
-        return None
-    from jaxunlearn.multihost import initialize
-    from jaxunlearn.sharding import make_mesh
-
-    initialize()
-    return make_mesh(args.mesh)
-
-
-def _shard_model(model, mesh) -> None:
-    """Place ``model``'s parameters on ``mesh`` by the partition rules (in place, ``nnx.update``)."""
-    from flax import nnx
-
-    from jaxunlearn import sharding as sh
-
-    nnx.update(model, sh.shard_params(nnx.state(model, nnx.Param), mesh))
-
-
-def _is_main() -> bool:
-    from jaxunlearn.multihost import is_main_process
-
-    return is_main_process()
-
-
-def _add_model_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json, safetensors, "
-                   "tokenizer)")
-    p.add_argument("--data", required=True, help="saved benchmark directory or TOFU-format file/directory")
-    p.add_argument("--separator", default=None,
-                   help="text between question and answer (default: the tokenizer's sep token)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_model_options(p)  # --param-dtype, --remat
-
-
-def _load_model_and_data(args):
-    from jaxunlearn.data import load_benchmark, load_tofu
-    from jaxunlearn.models import check_tokenizer, from_pretrained
-
-    model, tok = from_pretrained(args.model, **load_kwargs(args))
-    apply_model_options(model, args)
-    if tok is None:
-        raise FileNotFoundError(f"no tokenizer files in {args.model}")
-    check_tokenizer(tok, model.config)
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token  # Llama tokenizers ship without one; padding is masked out anyway
-    try:
-        dd, _ = load_benchmark(args.data)
-    except FileNotFoundError:
-        dd = load_tofu(args.data)
-        if not hasattr(dd, "keys"):
-            raise ValueError(f"--data {args.data} is a single split; pass the directory holding the splits") from None
-    return model, tok, dd
-
-
-def _split(dd, name: str):
-    if name not in dd:
-        raise KeyError(f"no split {name!r} in the data (have {', '.join(sorted(dd))})")
-    return dd[name]
-
-
-def _encode_splits(model, tok, dd, names, separator) -> dict:
-    """``{name: encoded split}``, all padded to one length, refused if longer than the model's context."""
-    from jaxunlearn.data import encode_split
-
-    def enc(n, max_length):
-        return encode_split(tok, _split(dd, n), max_length=max_length, separator=separator, fact_column=None)
-
-    longest = max(enc(n, None)["input_ids"].shape[-1] for n in names)
-    if longest > model.config.max_position_embeddings:
-        raise ValueError(f"the splits have rows of {longest} tokens, longer than the model's context "
-                         f"({model.config.max_position_embeddings})")
-    return {n: enc(n, longest) for n in names}
-
-
-def _check_checkpoint_out(args) -> None:
-    """``--out`` (a model checkpoint) and ``--resume-dir``, checked before any work."""
-    check_output_dir(args.out, overwrite=args.overwrite, what="--out", marker="config.json")
-    if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    if args.checkpoint_every and not args.resume_dir:
-        raise ValueError("--checkpoint-every needs --resume-dir (where to keep the checkpoints)")
-    if args.resume_dir:
-        if os.path.exists(args.resume_dir) and not os.path.isdir(args.resume_dir):
-            raise NotADirectoryError(f"--resume-dir '{args.resume_dir}' is a file")
-        check_disjoint(**{"--out": args.out, "--resume-dir": args.resume_dir, "--model": args.model})
 
 
 def _train(args, mesh) -> int:
@@ -322,7 +184,7 @@ def _train(args, mesh) -> int:
     from jaxunlearn.pipeline import concat_encoded
     from jaxunlearn.train import TrainConfig, train
 
-    _check_checkpoint_out(args)
+    check_checkpoint_out(args)
     flags = {"steps": "--steps", "batch_size": "--batch-size", "learning_rate": "--learning-rate",
              "warmup_steps": "--warmup-steps", "weight_decay": "--weight-decay", "grad_clip": "--grad-clip"}
     try:
@@ -332,16 +194,16 @@ def _train(args, mesh) -> int:
     except (TypeError, ValueError) as e:
         field = str(e).split(" ", 1)[0].removeprefix("TrainConfig.")
         raise ValueError(f"{flags.get(field, field)}: {e}") from None
-    model, tok, dd = _load_model_and_data(args)
-    enc = _encode_splits(model, tok, dd, args.splits, args.separator)
+    model, tok, dd = load_model_and_data(args)
+    enc = encode_splits(model, tok, dd, args.splits, args.separator)
     data = concat_encoded(*enc.values())
     if mesh is not None:
-        _shard_model(model, mesh)
+        shard_model(model, mesh)
     model, hist = train(model, data, cfg, checkpoint_dir=args.resume_dir, progress=not args.no_progress,
                         mesh=mesh)
     check_finite(nnx.state(model, nnx.Param), "the trained parameters (training diverged; nothing written)")
     nnx.update(model, gather_to_host(nnx.state(model, nnx.Param)))
-    if _is_main():
+    if is_main():
         save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
         loss = f", final loss {hist[-1]['loss']:.4f}" if hist else ""
         print(f"trained on {'+'.join(args.splits)} ({len(data['input_ids'])} rows) for {cfg.steps} steps"
@@ -358,7 +220,7 @@ def _unlearn(args, mesh) -> int:
     from jaxunlearn.methods import UnlearnContext, run_method
     from jaxunlearn.models import DecoderFn, save_pretrained
 
-    _check_checkpoint_out(args)
+    check_checkpoint_out(args)
     adapter = adapter_from_args(args)
     if args.config:
         cfg = with_adapter(load_method_config(args.config), adapter, f"--config {args.config}")
@@ -367,112 +229,20 @@ def _unlearn(args, mesh) -> int:
     if args.resume_dir and cfg.kind != "gradient":
         raise ValueError(f"--resume-dir needs a step-wise method (kind 'gradient'); {args.method!r} is kind "
                          f"{cfg.kind!r}")
-    model, tok, dd = _load_model_and_data(args)
-    enc = _encode_splits(model, tok, dd, (args.forget, args.retain), args.separator)
+    model, tok, dd = load_model_and_data(args)
+    enc = encode_splits(model, tok, dd, (args.forget, args.retain), args.separator)
     if mesh is not None:
-        _shard_model(model, mesh)
+        shard_model(model, mesh)
     fn, params = DecoderFn.of(model)  # its Fisher importances take the fused path
     ctx = UnlearnContext(fn, params, enc[args.forget], enc[args.retain], seed=args.seed, mesh=mesh)
     new_params = run_method(ctx, cfg, checkpoint_dir=args.resume_dir, checkpoint_every=args.checkpoint_every)
     check_finite(new_params, f"the parameters method {args.method!r} returned (nothing written)")
     nnx.update(model, gather_to_host(new_params))
-    if _is_main():
+    if is_main():
         save_pretrained(model, args.out, tokenizer=tok, overwrite=True)
         print(f"unlearned {args.forget} ({len(enc[args.forget]['input_ids'])} rows) with {args.method}"
               + (f" on mesh {dict(mesh.shape)}" if mesh is not None else "") + f"; wrote {args.out}")
     return 0
-
-
-def _bench(args, mesh) -> int:
-    from tqdm.auto import tqdm
-
-    from jaxunlearn.benchmark import (DEFAULT_METHODS, MUSE_EVAL, compare_methods, format_results_table,
-                                      load_method_configs, write_benchmark)
-    from jaxunlearn.data.muse import load_muse
-    from jaxunlearn.eval.runner import encode_eval_splits
-    from jaxunlearn.methods import UnlearnContext
-    from jaxunlearn.models import DecoderFn, from_pretrained
-    from jaxunlearn.method_configs import method_config_to_dict
-    from jaxunlearn.outputs import write_json_atomic
-
-    check_output_dir(args.out, overwrite=args.overwrite, what="--out")
-    if args.rouge_examples < 0:
-        raise ValueError(f"--rouge-examples must be >= 0, got {args.rouge_examples}")
-    seeds = _seeds(args)
-    methods = list(DEFAULT_METHODS if args.methods is None else args.methods)
-    configs = load_method_configs(methods, args.configs, adapter_from_args(args))  # bad names fail before loading
-    if args.verbmem_tokens < 1:
-        raise ValueError(f"--verbmem-tokens must be >= 1, got {args.verbmem_tokens}")
-    muse = load_muse(args.muse, raw=False) if args.muse else None
-    muse_kwargs = {**MUSE_EVAL, "verbmem_max_new_tokens": args.verbmem_tokens}
-    model, tok, dd = _load_model_and_data(args)
-    train_enc = _encode_splits(model, tok, dd, (args.forget, args.retain), args.separator)
-    roles = {args.forget: "forget", args.retain: "retain", **{g: "general" for g in args.general}}
-    if args.holdout:
-        roles[args.holdout] = "holdout"
-    enc = encode_eval_splits(tok, {n: _split(dd, n) for n in roles}, roles=roles, separator=args.separator)
-    reference = None
-    if args.reference:
-        reference, _ = from_pretrained(args.reference, load_tokenizer=False)
-    if mesh is not None:
-        _shard_model(model, mesh)
-        if reference is not None:
-            _shard_model(reference, mesh)
-    fn, params = DecoderFn.of(model)
-    ctx = UnlearnContext(fn, params, train_enc[args.forget], train_enc[args.retain],
-                         seed=args.seed, mesh=mesh)
-    ev = dict(forget=args.forget, retain=args.retain, general=args.general or None, holdout=args.holdout,
-              rouge_examples=args.rouge_examples)
-    head = {"model": os.path.abspath(args.model), "reference": args.reference and os.path.abspath(args.reference),
-            "data": os.path.abspath(args.data), "roles": roles, "seed": args.seed, "train_seeds": False,
-            "muse": args.muse and os.path.abspath(args.muse), "muse_eval": muse_kwargs if muse else None,
-            "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
-            "forget_split": args.forget, "retain_split": args.retain}
-    # process 0 writes the results; the others run the same SPMD program and write into a scratch directory
-    out, scratch = args.out, None
-    if not _is_main():
-        out = scratch = tempfile.mkdtemp(prefix="jaxunlearn-bench-")
-    t0 = time.perf_counter()
-    try:
-        with staged_dir(out, overwrite=args.overwrite or scratch is not None, command="bench", what="--out") as tmp:
-            bar = tqdm(total=1 + len(configs) * len(seeds), desc="bench", disable=args.no_progress,
-                       dynamic_ncols=True)
-            res = compare_methods(model, reference, tok, enc, ev, ctx, configs, seeds=seeds, quant_schemes=args.quant,
-                                  bar=bar, muse=muse, muse_kwargs=muse_kwargs,
-                                  on_update=lambda partial: write_json_atomic(
-                                      tmp / "results.json", {**head, **partial, "complete": False}))
-            bar.close()
-            results = {**head, **res, "seconds_total": time.perf_counter() - t0}
-            write_benchmark(tmp, results)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if not _is_main():
-        return 0
-    print(format_results_table(results["table"], results.get("not_available")))
-    print(f"wrote {os.path.join(args.out, 'results.json')}")
-    if results["failed"]:
-        print(f"jaxunlearn bench: {len(results['failed'])} method(s) failed: {_failures(results['failed'])} "
-              "(reasons in the table and results.json)", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _failures(failed: dict) -> str:
-    """``"ga (seed 1), npo (seeds 0, 1)"`` from ``results["failed"]``."""
-    return ", ".join(f"{m} (seed{'s' if len(by_seed) > 1 else ''} {', '.join(by_seed)})"
-                     for m, by_seed in failed.items())
-
-
-def _seeds(args) -> list[int]:
-    """``--seeds`` seeds from ``--seed`` (checked before any work)."""
-    from jaxunlearn.benchmark import seed_list
-
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.seed is not None and args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    return seed_list(args.seed or 0, args.seeds)
 
 
 def _eval(args, mesh) -> int:
@@ -486,20 +256,20 @@ def _eval(args, mesh) -> int:
         raise ValueError(f"--rouge-examples must be >= 0, got {args.rouge_examples}")
     if args.precisions and not args.retain:
         raise ValueError("--precisions needs --retain (RA, the retain answers reproduced, at each precision)")
-    model, tok, dd = _load_model_and_data(args)
+    model, tok, dd = load_model_and_data(args)
     if mesh is not None:
-        _shard_model(model, mesh)
+        shard_model(model, mesh)
     roles = {args.forget: "forget", **{r: "retain" for r in args.retain}, **{g: "general" for g in args.general}}
     if args.holdout:
         roles[args.holdout] = "holdout"
-    enc = encode_eval_splits(tok, {n: _split(dd, n) for n in roles}, roles=roles, separator=args.separator)
+    enc = encode_eval_splits(tok, {n: split_of(dd, n) for n in roles}, roles=roles, separator=args.separator)
     kw = dict(forget=args.forget, retain=args.retain or None, general=args.general or None, holdout=args.holdout,
               rouge_examples=args.rouge_examples)
     ref = None
     if args.reference:
         ref_model, _ = from_pretrained(args.reference, load_tokenizer=False)
         if mesh is not None:
-            _shard_model(ref_model, mesh)
+            shard_model(ref_model, mesh)
         ref = evaluate_model(ref_model, tok, enc, **kw)
     res = evaluate_model(model, tok, enc, reference=ref, **kw)
     out = {"model": os.path.abspath(args.model), "data": os.path.abspath(args.data), "roles": roles,
@@ -512,7 +282,7 @@ def _eval(args, mesh) -> int:
         from jaxunlearn.eval.durability import evaluate_precisions
         out["deployment"] = evaluate_precisions(model, tok, enc, forget=args.forget, retain=args.retain,
                                                 precisions=args.precisions, reference=ref)
-    if not _is_main():
+    if not is_main():
         return 0
     write_json_atomic(args.out, out)
     for p, row in out.get("deployment", {}).get("precisions", {}).items():
@@ -532,7 +302,7 @@ def _demo(args, mesh) -> int:
     from jaxunlearn.own_data import demo_flags, run_own_demo_args
     from jaxunlearn.pipeline import DemoConfig
 
-    _seeds(args)
+    seeds_of(args)
     cfg = DemoConfig()
     changes = demo_flags(args, cfg)  # checks --data against the synthetic flags; --quick
     if args.people is not None:
@@ -548,7 +318,7 @@ def _demo(args, mesh) -> int:
     cfg = dataclasses.replace(cfg, **changes)
     # process 0 writes the results; the others run the same SPMD program and write into a scratch directory
     out, scratch = args.out, None
-    if not _is_main():
+    if not is_main():
         out = scratch = tempfile.mkdtemp(prefix="jaxunlearn-demo-")
     try:
         run = run_demo if args.data is None else run_own_demo_args(args)
@@ -560,7 +330,7 @@ def _demo(args, mesh) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     failed = results.get("benchmark", {}).get("failed", {})
     if failed:
-        print(f"jaxunlearn demo: {len(failed)} method(s) failed: {_failures(failed)}", file=sys.stderr)
+        print(f"jaxunlearn demo: {len(failed)} method(s) failed: {format_failures(failed)}", file=sys.stderr)
         return 1
     return 0
 
@@ -581,13 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plan":  # its --mesh is the target's (virtual) mesh, not this host's devices
             return run_plan(args)
-        mesh = _mesh_of(args)
+        mesh = mesh_of(args)
         # under jax.set_mesh, arrays the commands create land on the mesh, the demo's models are sharded
         # on it (pipeline.train_pair) and the unlearning methods split their batches over it
         with _mesh_context(mesh):
-            commands = {"demo": _demo, "train": _train, "unlearn": _unlearn, "bench": _bench, "eval": _eval,
-                        "init": lambda a, _: init_command(a, _is_main()),
-                        **{k: (lambda a, _, run=run: run(a)) for k, (_, run) in EXTRA_COMMANDS.items()}}
+            commands = {"demo": _demo, "train": _train, "unlearn": _unlearn, "eval": _eval,
+                        "init": lambda a, _: init_command(a, is_main()),
+                        **{k: run for k, (_, run) in EXTRA_COMMANDS.items()}}
             return commands[args.command](args, mesh)
     except (OSError, ValueError, KeyError, TypeError, FloatingPointError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

@@ -59,8 +59,8 @@ def test_eval_reads_tofu_format_files(demo_dir, tmp_path):
 def test_bad_input_is_named(demo_dir, tmp_path, capsys):
     common = ["--data", str(demo_dir / "data"), "--forget", "forget10", "--retain", "retain90",
               "--out", str(tmp_path / "x")]
-    assert main(["unlearn", "--model", str(demo_dir / "models" / "target"), "--method", "rmu", *common]) == 2
-    assert "unknown method 'rmu'" in capsys.readouterr().err
+    assert main(["unlearn", "--model", str(demo_dir / "models" / "target"), "--method", "no_such_method", *common]) == 2
+    assert "unknown method 'no_such_method'" in capsys.readouterr().err
     assert main(["unlearn", "--model", str(tmp_path / "missing"), "--method", "npo", *common]) == 2
     assert "missing" in capsys.readouterr().err
     bad = ["--data", str(demo_dir / "data"), "--forget", "forget99", "--retain", "retain90", "--method", "npo",

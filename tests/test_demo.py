@@ -51,8 +51,8 @@ def test_demo_refuses_to_overwrite(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="not written by jaxunlearn"):
         run_demo(str(out), cfg=TINY, progress=False, methods=[], overwrite=True)
     assert (out / "results.json").read_text() == "{}"
-    with pytest.raises(ValueError, match="unknown method 'rmu'"):
-        run_demo(str(tmp_path / "other"), cfg=TINY, progress=False, methods=["rmu"])
+    with pytest.raises(ValueError, match="unknown method 'no_such_method'"):
+        run_demo(str(tmp_path / "other"), cfg=TINY, progress=False, methods=["no_such_method"])
     assert not (tmp_path / "other").exists()
     assert main(["demo", "--out", str(out), "--steps", "2", "--overwrite"]) == 2
     assert "not written by jaxunlearn" in capsys.readouterr().err
