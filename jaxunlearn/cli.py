@@ -226,8 +226,8 @@ def _unlearn(args, mesh) -> int:
         cfg = with_adapter(load_method_config(args.config), adapter, f"--config {args.config}")
     else:
         cfg = load_method_configs([args.method], args.configs, adapter)[args.method]
-    if args.resume_dir and cfg.kind != "gradient":
-        raise ValueError(f"--resume-dir needs a step-wise method (kind 'gradient'); {args.method!r} is kind "
+    if args.resume_dir and cfg.kind not in ("gradient", "rmu"):
+        raise ValueError(f"--resume-dir needs a step-wise method (kind 'gradient' or 'rmu'); {args.method!r} is kind "
                          f"{cfg.kind!r}")
     model, tok, dd = load_model_and_data(args)
     enc = encode_splits(model, tok, dd, (args.forget, args.retain), args.separator)

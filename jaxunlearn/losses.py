@@ -11,6 +11,11 @@ transform): a batch is a dict of arrays
 Logits at position t predict token t + 1, so the per-token log-probability of
 token t (t >= 1) is ``log_softmax(logits[:, t-1])[input_ids[:, t]]`` and is
 weighted by ``loss_mask[:, t]``.
+
+A preference batch (IdkNLL, IdkDPO) also carries the preferred ("alternate") completion of each
+row, e.g. the same question with a refusal as its answer, under :data:`ALT_KEYS`
+(``alt_input_ids``, ``alt_attention_mask``, ``alt_loss_mask``: the same convention, row-aligned
+with the main arrays; :mod:`jaxunlearn.data.refusal` builds them).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "ALT_KEYS",
+    "alt_batch",
     "token_logprobs",
     "sequence_nll",
     "mean_token_nll",
@@ -30,7 +37,25 @@ __all__ = [
     "kl_to_reference",
     "wga",
     "undial",
+    "dpo",
+    "activation_loss",
 ]
+
+ALT_KEYS = ("alt_input_ids", "alt_attention_mask", "alt_loss_mask")
+"""The batch keys of each row's preferred (alternate) completion, in the batch convention."""
+
+
+def alt_batch(batch) -> dict:
+    """The alternate completions of a preference batch as a plain batch:
+    ``{"input_ids": batch["alt_input_ids"], "attention_mask": ..., "loss_mask": ...}``.
+
+    Raises:
+      KeyError: a key of :data:`ALT_KEYS` missing (named).
+    """
+    missing = [k for k in ALT_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"a preference batch needs {ALT_KEYS}; missing {missing} (have {sorted(batch)})")
+    return {k[len("alt_"):]: batch[k] for k in ALT_KEYS}
 
 
 def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
@@ -327,3 +352,92 @@ def undial(logits: jax.Array, ref_logits: jax.Array, input_ids: jax.Array, loss_
     ce = -jnp.sum(q * jax.nn.log_softmax(z, axis=-1), axis=-1)
     m = loss_mask[..., 1:].astype(jnp.float32)
     return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def dpo(logp_win: jax.Array, ref_logp_win: jax.Array, logp_lose: jax.Array, ref_logp_lose: jax.Array, *,
+        beta: float = 0.1) -> jax.Array:
+    """Direct Preference Optimisation loss of preferred (``win``) over rejected (``lose``) completions.
+
+    ``L_DPO = -(2 / beta) mean_n log sigmoid(beta ((log p_theta(w_n) - log p_ref(w_n))
+    - (log p_theta(l_n) - log p_ref(l_n))))``
+
+    with log p the *summed* answer log-probability of a completion (``-sequence_nll``), the
+    reference's log-probabilities treated as constants. This is open-unlearning's
+    ``compute_dpo_loss`` (``src/trainer/utils.py``, with its ``2 / beta`` scale): IdkDPO takes the
+    refusal answer as ``w`` and the forget answer as ``l``. Without the ``w`` terms it is
+    :func:`npo`. At ``theta = ref`` its value is ``(2 / beta) log 2`` and its gradient is
+    ``(1 / B) (grad log p(l_n) - grad log p(w_n))`` per example (a step raises the preferred
+    answer's likelihood and lowers the rejected one's).
+
+    Args:
+      logp_win: (B,) ``log p_theta(w|x)``.
+      ref_logp_win: (B,) the same under the frozen reference.
+      logp_lose: (B,) ``log p_theta(l|x)``.
+      ref_logp_lose: (B,) the same under the frozen reference.
+      beta: inverse temperature (> 0; open-unlearning's DPO config: 0.1).
+
+    Returns:
+      A float32 scalar.
+
+    References:
+      Rafailov et al., "Direct Preference Optimization: Your Language Model is Secretly a Reward
+      Model", NeurIPS 2023; Maini et al., "TOFU: A Task of Fictitious Unlearning for LLMs", 2024
+      (IdkDPO); open-unlearning ``compute_dpo_loss``, ``configs/trainer/DPO.yaml``.
+
+    >>> z = jnp.zeros(3)
+    >>> round(float(dpo(z, z, z, z, beta=0.1)), 4)   # (2 / beta) log 2
+    13.8629
+    """
+    shapes = [jnp.shape(x) for x in (logp_win, ref_logp_win, logp_lose, ref_logp_lose)]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"logp_win, ref_logp_win, logp_lose, ref_logp_lose must have one shape, got {shapes}")
+    if isinstance(beta, (int, float)) and beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    f32 = lambda x: jnp.asarray(x).astype(jnp.float32)  # noqa: E731
+    ratio_w = f32(logp_win) - jax.lax.stop_gradient(f32(ref_logp_win))
+    ratio_l = f32(logp_lose) - jax.lax.stop_gradient(f32(ref_logp_lose))
+    return -(2.0 / beta) * _mean_f32(jax.nn.log_sigmoid(beta * (ratio_w - ratio_l)))
+
+
+def activation_loss(hidden: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean squared distance of hidden states to a target over the masked tokens (RMU's losses).
+
+    ``L = mean_n [ sum_t m_{n,t} mean_d (h_{n,t,d} - c_{n,t,d})^2 / max(sum_t m_{n,t}, 1) ]``:
+    per row the token mean (over the masked positions t) of the squared error averaged over the
+    hidden width, then the mean over rows. This is open-unlearning's RMU
+    ``compute_activation_loss`` (``src/trainer/unlearn/rmu.py``), whose mask is
+    ``labels != -100``, i.e. ``loss_mask`` here (the hidden state *at* each scored token; a row
+    without scored tokens contributes 0 where the reference divides by 0).
+
+    Args:
+      hidden: (B, T, D) hidden states.
+      target: broadcastable to ``hidden``: ``c u`` (D,) for RMU's forget term, the frozen model's
+        hidden states (B, T, D) for its retain term (treated as constant).
+      mask: (B, T) weights of the positions (the batch's ``loss_mask``).
+
+    Returns:
+      A float32 scalar.
+
+    References:
+      Li et al., "The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning", ICML
+      2024 (RMU); open-unlearning ``RMU.compute_activation_loss``.
+
+    >>> h = jnp.ones((1, 2, 4))
+    >>> float(activation_loss(h, jnp.zeros(4), jnp.array([[1.0, 0.0]])))
+    1.0
+    """
+    if jnp.ndim(hidden) != 3:
+        raise ValueError(f"hidden must be (B, T, D), got shape {jnp.shape(hidden)}")
+    if jnp.shape(mask) != jnp.shape(hidden)[:2]:
+        raise ValueError(f"mask {jnp.shape(mask)} must have the shape of hidden without its last axis "
+                         f"{jnp.shape(hidden)[:2]}")
+    try:
+        jnp.broadcast_shapes(jnp.shape(target), jnp.shape(hidden))
+    except ValueError:
+        raise ValueError(f"target {jnp.shape(target)} does not broadcast to hidden {jnp.shape(hidden)}") from None
+    h = jnp.asarray(hidden).astype(jnp.float32)
+    c = jax.lax.stop_gradient(jnp.asarray(target).astype(jnp.float32))
+    m = jnp.asarray(mask).astype(jnp.float32)
+    per_token = jnp.mean((h - c) ** 2, axis=-1)
+    per_row = jnp.sum(per_token * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+    return _mean_f32(per_row)

@@ -24,6 +24,8 @@ methods (``unlearn.alpha``); the negation scale is ``scale``, SSD's selection th
 new name.
 - ``gradient`` (:class:`GradientMethod`): an :class:`~jaxunlearn.unlearn.UnlearnConfig` run
   on forget (and retain) batches, optionally under a SalUn mask (``salun_fraction``).
+- ``rmu`` (:class:`RMUMethod`): representation misdirection (:mod:`jaxunlearn.rmu`): one layer's
+  hidden states on forget data steered toward ``steering_coeff * u``, retain ones kept.
 
 Adapter space: ``task_vector``, ``perta`` and ``gradient`` take ``"adapter": {"rank": 8,
 "alpha": 16, "base": "nf4", ...}`` (:class:`jaxunlearn.adapters.LoraConfig`): the fine-tuning
@@ -45,9 +47,9 @@ from jaxunlearn.adapters import LoraConfig
 from jaxunlearn.unlearn import UnlearnConfig
 from jaxunlearn.validate import check_choice, check_float, check_int
 
-__all__ = ["FinetuneConfig", "TaskVectorMethod", "PertaMethod", "SSDMethod", "GradientMethod", "MethodConfig",
-           "METHOD_KINDS", "parse_method_config", "load_method_config", "method_config_to_dict", "parse_adapter_spec",
-           "with_adapter"]
+__all__ = ["FinetuneConfig", "TaskVectorMethod", "PertaMethod", "SSDMethod", "GradientMethod", "RMUMethod",
+           "MethodConfig", "METHOD_KINDS", "parse_method_config", "load_method_config", "method_config_to_dict",
+           "parse_adapter_spec", "with_adapter"]
 
 IMPORTANCES = ("fisher", "grad")
 GRAD_KINDS = ("squared_mean", "abs_mean", "abs_sum", "mean_abs")
@@ -209,9 +211,89 @@ class GradientMethod:
                                  "with adapter (which trains a LoRA adapter over frozen weights)")
 
 
-MethodConfig = Union[TaskVectorMethod, PertaMethod, SSDMethod, GradientMethod]
+RMU_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMUMethod:
+    """RMU, representation misdirection for unlearning (Li et al., "The WMDP Benchmark", ICML 2024).
+
+    Minimises ``gamma L_f + alpha L_r`` (:mod:`jaxunlearn.rmu`) with ``h_l`` the residual stream
+    after block ``layer``: ``L_f`` the squared distance of ``h_l(theta; x_f)`` to
+    ``steering_coeff * u`` (``u`` a random unit vector drawn from the run's seed), ``L_r`` that of
+    ``h_l(theta; x_r)`` to the frozen model's, both over the answer tokens; only the MLP
+    projections ``trainable_params`` of blocks ``trainable_layers`` are updated (AdamW, constant
+    learning rate after ``warmup_steps``, global-norm clip).
+
+    Defaults: open-unlearning's RMU (``configs/trainer/RMU.yaml`` and
+    ``configs/experiment/unlearn/wmdp/default.yaml``: ``steering_coeff`` 2, ``alpha`` 1,
+    ``gamma`` 1, module ``model.layers.7``, trainable ``model.layers.(5|6|7).mlp.down_proj.weight``
+    as the WMDP code, learning rate 5e-5 constant, 80 steps of 16 rows (1 x 16 gradient
+    accumulation), no weight decay (``configs/trainer/finetune.yaml``), clip 1.0 (Hugging Face's
+    ``max_grad_norm``)). They are for a 7B model; ``experiments/configs/rmu.json`` scales them to
+    the embedded 2-layer model.
+
+    Attributes:
+      layer: the steered block (>= 0; < the model's ``num_layers``, checked at run time).
+      steering_coeff: ``c`` (> 0), the norm of the forget target ``c u``.
+      alpha: retain weight (>= 0).
+      gamma: forget weight (>= 0).
+      trainable_layers: the blocks whose MLP is updated (None: ``layer - 2 .. layer``, the
+        existing ones, as WMDP's 5, 6, 7 for layer 7).
+      trainable_params: which MLP projections of those blocks (``gate_proj``, ``up_proj``,
+        ``down_proj``; kernel and bias).
+      steps: optimisation steps (>= 0).
+      learning_rate: AdamW learning rate (> 0).
+      weight_decay: AdamW weight decay (>= 0; only the trainable parameters).
+      grad_clip: global-norm clip (>= 0; 0: off).
+      warmup_steps: linear warmup (>= 0).
+      batch_size: forget rows per step (>= 1; capped at the forget set's size).
+      retain_batch_size: retain rows per step (None: ``batch_size``).
+    """
+
+    layer: int = 7
+    steering_coeff: float = 2.0
+    alpha: float = 1.0
+    gamma: float = 1.0
+    trainable_layers: tuple[int, ...] | None = None
+    trainable_params: tuple[str, ...] = ("down_proj",)
+    steps: int = 80
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    batch_size: int = 16
+    retain_batch_size: int | None = None
+    kind: str = dataclasses.field(default="rmu", init=False)
+
+    def __post_init__(self):
+        o = "RMUMethod"
+        check_int(o, "layer", self.layer, min=0)
+        check_float(o, "steering_coeff", self.steering_coeff, min=0.0, min_exclusive=True)
+        for name in ("alpha", "gamma", "weight_decay", "grad_clip"):
+            check_float(o, name, getattr(self, name), min=0.0)
+        check_float(o, "learning_rate", self.learning_rate, min=0.0, min_exclusive=True)
+        for name, lo in (("steps", 0), ("warmup_steps", 0), ("batch_size", 1)):
+            check_int(o, name, getattr(self, name), min=lo)
+        if self.retain_batch_size is not None:
+            check_int(o, "retain_batch_size", self.retain_batch_size, min=1)
+        layers = self.trainable_layers
+        if layers is None:
+            layers = tuple(range(max(0, self.layer - 2), self.layer + 1))
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)) or not layers:
+            raise TypeError(f"{o}.trainable_layers must be a non-empty list of block indices or None, got {layers!r}")
+        layers = tuple(check_int(o, f"trainable_layers[{i}]", x, min=0) for i, x in enumerate(layers))
+        names = self.trainable_params
+        if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)) or not names:
+            raise TypeError(f"{o}.trainable_params must be a non-empty list of {RMU_PROJECTIONS}, got {names!r}")
+        names = tuple(check_choice(o, f"trainable_params[{i}]", x, RMU_PROJECTIONS) for i, x in enumerate(names))
+        object.__setattr__(self, "trainable_layers", tuple(sorted(set(layers))))
+        object.__setattr__(self, "trainable_params", tuple(dict.fromkeys(names)))
+
+
+MethodConfig = Union[TaskVectorMethod, PertaMethod, SSDMethod, GradientMethod, RMUMethod]
 METHOD_KINDS: dict[str, type] = {"task_vector": TaskVectorMethod, "perta": PertaMethod, "ssd": SSDMethod,
-                                 "gradient": GradientMethod}
+                                 "gradient": GradientMethod, "rmu": RMUMethod}
 """``kind`` -> its config dataclass."""
 
 

@@ -12,8 +12,12 @@ encoded forget and retain data) and a plain-dict configuration (as read from
 - ``ssd``: selective synaptic dampening with Fisher importances on the forget set and
   on the full training data (Foster et al., 2024).
 - ``gradient``: an :class:`~jaxunlearn.unlearn.UnlearnConfig` run for ``steps`` steps
-  (GA, GradDiff, NPO, SimNPO, each optionally with the orthogonal projection, SAM,
-  SAF), optionally under a SalUn mask (``salun_fraction``; Fan et al., 2024).
+  (GA, GradDiff, NPO, SimNPO, WGA, UNDIAL, IdkNLL, IdkDPO, each optionally with the orthogonal
+  projection, SAM, SAF), optionally under a SalUn mask (``salun_fraction``; Fan et al., 2024).
+  IdkNLL / IdkDPO read the forget set's refusal answers (``alt_*``,
+  :mod:`jaxunlearn.data.refusal`).
+- ``rmu``: representation misdirection (:mod:`jaxunlearn.rmu`; Li et al., 2024), run step by
+  step as the gradient kind (same batches, checkpoints and callback).
 
 Sharded runs: with a mesh (:func:`context_mesh`: ``UnlearnContext.mesh``, else the mesh the
 parameters are on, else the one set by ``jax.set_mesh``) every batch (unlearning steps, fine-tuning, Fisher / importance batches) is placed with
@@ -53,19 +57,21 @@ from jaxunlearn.adapters import LoraConfig, adapter_params_fn, freeze_base, init
 from jaxunlearn.dampening import ssd
 from jaxunlearn.fisher import fisher_diagonal, grad_importance
 from jaxunlearn.models.functional import example_nll
-from jaxunlearn.method_configs import (FinetuneConfig, GradientMethod, MethodConfig, PertaMethod, SSDMethod,
+from jaxunlearn.method_configs import (FinetuneConfig, GradientMethod, MethodConfig, PertaMethod, RMUMethod, SSDMethod,
                                        TaskVectorMethod, method_config_to_dict, parse_method_config)
 from jaxunlearn.placement import check_batch_size, place_batch, placed_specs, replicate_unplaced, resolve_mesh
+from jaxunlearn.rmu import build_rmu
 from jaxunlearn.runs import ResumableRun, array_digest, params_digest
 from jaxunlearn.saliency import salun_mask
 from jaxunlearn.sparsity import magnitude_prune_mask
 from jaxunlearn.task_vector import apply_task_vector, perta, task_vector
 from jaxunlearn.train import BATCH_KEYS, TrainConfig, TrainState, batch_at, make_optimizer, make_train_step
-from jaxunlearn.unlearn import UnlearnState
+from jaxunlearn.unlearn import Unlearner, UnlearnState
+from jaxunlearn.unlearn_step import forget_batch_keys
 
 __all__ = ["UnlearnContext", "KINDS", "run_method", "run_record", "context_mesh", "importance_loss", "importance_batches", "finetune_on_forget", "importances", "adapter_start"]
 
-KINDS = ("task_vector", "perta", "ssd", "gradient")
+KINDS = ("task_vector", "perta", "ssd", "gradient", "rmu")
 
 
 @dataclasses.dataclass
@@ -75,9 +81,10 @@ class UnlearnContext:
     Attributes:
       apply_fn: ``apply(params, input_ids, attention_mask) -> logits``: the model's
         :class:`~jaxunlearn.models.DecoderFn` (``fn, params = DecoderFn.of(model)``; its
-        Fisher importances then take the fused path) or any such function.
+        Fisher importances then take the fused path, and RMU its hidden states) or any such function.
       params: the target model's parameters (theta_0; never modified).
-      forget: encoded forget split (numpy arrays of the batch convention).
+      forget: encoded forget split (numpy arrays of the batch convention; with the refusal
+        answers ``alt_*`` for IdkNLL / IdkDPO, :func:`jaxunlearn.data.refusal.with_refusals`).
       retain: encoded retain split.
       seed: seeds the batch order.
       fisher_kwargs: extra keyword arguments of :func:`jaxunlearn.fisher_diagonal`
@@ -218,7 +225,8 @@ def run_record(ctx: UnlearnContext, cfg: MethodConfig | Mapping) -> dict[str, An
     ``{"kind": "unlearn", "method": config, "seed": ctx.seed, "forget": digest, "retain": digest,
     "params": digest, "num_params": n}``: the method config with every field filled in, the
     batch-order seed, and SHA-256 digests of the encoded forget / retain arrays
-    (:data:`jaxunlearn.train.BATCH_KEYS`) and of the starting parameters' values
+    (:data:`jaxunlearn.train.BATCH_KEYS`, and the forget set's refusal answers for a method that
+    reads them) and of the starting parameters' values
     (:func:`jaxunlearn.runs.params_digest`). Two runs with equal records take the same steps
     on the same batches from the same weights.
 
@@ -229,11 +237,13 @@ def run_record(ctx: UnlearnContext, cfg: MethodConfig | Mapping) -> dict[str, An
     Returns:
       A JSON-compatible dict.
     """
+    cfg = parse_method_config(cfg)
+    keys = forget_batch_keys(cfg.unlearn.method) if isinstance(cfg, GradientMethod) else BATCH_KEYS
     return {
         "kind": "unlearn",
         "method": method_config_to_dict(cfg),
         "seed": int(ctx.seed),
-        "forget": array_digest({k: ctx.forget[k] for k in BATCH_KEYS}),
+        "forget": array_digest({k: ctx.forget[k] for k in keys if k in ctx.forget}),
         "retain": array_digest({k: ctx.retain[k] for k in BATCH_KEYS}),
         "params": params_digest(ctx.params),
         "num_params": int(jt.size(ctx.params)),
@@ -246,12 +256,8 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
     ucfg = cfg.unlearn
     adapter = cfg.adapter
     mesh = context_mesh(ctx)
-    bf = min(cfg.batch_size, len(ctx.forget["input_ids"]))
-    br = cfg.retain_batch_size or bf
-    check_batch_size(bf, mesh, "forget batch size")
-    if ucfg.uses_retain:
-        check_batch_size(br, mesh, "retain batch size")
-    record = run_record(ctx, cfg) if checkpoint_dir is not None else None
+    _batch_sizes(ctx, cfg, ucfg.uses_retain)
+    _check_forget_keys(ctx, forget_batch_keys(ucfg.method), f"method {ucfg.method!r}")
     masks = []
     start, frozen, params_fn = ctx.params, None, None
     if adapter is not None:  # train t = a LoRA adapter; the model is merge(frozen, t); the reference is t_0
@@ -275,11 +281,49 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
     reg = None if regularizer is None else regularizer(start)
     unlearner = ucfg.build(ctx.apply_fn, mask=mask, mesh=mesh, param_specs=placed_specs(start), params_fn=params_fn,
                            regularizer=reg)
+    state = _run_steps(ctx, cfg, unlearner, start, ucfg.steps, frozen=frozen, checkpoint_dir=checkpoint_dir,
+                       checkpoint_every=checkpoint_every, callback=callback)
+    if adapter is not None:  # deployed: the adapter merged into the full-precision target
+        return merge(ctx.params, state.params, adapter)
+    return state.params
+
+
+def _check_forget_keys(ctx: UnlearnContext, keys: tuple[str, ...], what: str) -> None:
+    """Every forget key a method reads is in ``ctx.forget`` (checked before any work), else a KeyError naming it."""
+    missing = [k for k in keys if k not in ctx.forget]
+    if missing:
+        hint = (" (the refusal answers: jaxunlearn.data.refusal.with_refusals adds them; the benchmark's "
+                "unlearning_sets does when its data have a refusal set)" if missing[0].startswith("alt_") else "")
+        raise KeyError(f"{what} reads the forget set's '{missing[0]}', which UnlearnContext.forget lacks "
+                       f"(have {sorted(ctx.forget)}){hint}")
+
+
+def _batch_sizes(ctx: UnlearnContext, cfg: GradientMethod | RMUMethod, uses_retain: bool) -> tuple[int, int]:
+    """``(forget rows, retain rows)`` per step, checked against the mesh's data-parallel size."""
+    mesh = context_mesh(ctx)
+    bf = min(cfg.batch_size, len(ctx.forget["input_ids"]))
+    br = cfg.retain_batch_size or bf
+    check_batch_size(bf, mesh, "forget batch size")
+    if uses_retain:
+        check_batch_size(br, mesh, "retain batch size")
+    return bf, br
+
+
+def _run_steps(ctx: UnlearnContext, cfg: GradientMethod | RMUMethod, unlearner: Unlearner, start: Any, steps: int, *,
+               frozen: Any = None, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+               callback: Callable[[int, dict], None] | None = None) -> UnlearnState:
+    """The step loop of a step-wise method: ``steps`` steps of ``unlearner`` from ``start`` (also the
+    reference), the forget batch of step ``s`` ``batch_at(forget, bf, s, seed)`` with the unlearner's
+    forget keys, the retain batch ``batch_at(retain, br, s, seed + 1)``; resumable (``checkpoint_dir``)."""
+    mesh = context_mesh(ctx)
+    bf, br = _batch_sizes(ctx, cfg, unlearner.uses_retain)
+    record = run_record(ctx, cfg) if checkpoint_dir is not None else None
     fresh: UnlearnState = replicate_unplaced(unlearner.init(start), mesh)
     with ResumableRun(checkpoint_dir, record, fresh, checkpoint_every=checkpoint_every) as run:
         state = run.state
-        for s in range(int(state.step), ucfg.steps):
-            fb = place_batch(batch_at(ctx.forget, bf, s, ctx.seed), mesh, "forget batch size")
+        for s in range(int(state.step), steps):
+            fb = place_batch(batch_at(ctx.forget, bf, s, ctx.seed, keys=unlearner.forget_keys), mesh,
+                             "forget batch size")
             rb = (place_batch(batch_at(ctx.retain, br, s, ctx.seed + 1), mesh, "retain batch size")
                   if unlearner.uses_retain else None)
             state, metrics = unlearner.step(state, fb, rb, start, frozen=frozen)
@@ -287,8 +331,18 @@ def _run_gradient(ctx: UnlearnContext, cfg: GradientMethod, *, checkpoint_dir: s
             if callback is not None:
                 callback(s + 1, {k: float(v) for k, v in metrics.items()})
         run.finish(state)
-    if adapter is not None:  # deployed: the adapter merged into the full-precision target
-        return merge(ctx.params, state.params, adapter)
+    return state
+
+
+def _run_rmu(ctx: UnlearnContext, cfg: RMUMethod, *, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+             callback: Callable[[int, dict], None] | None = None) -> Any:
+    """RMU (:func:`jaxunlearn.rmu.build_rmu`): the control vector drawn from ``ctx.seed``, the
+    frozen target the reference of the retain hidden states."""
+    mesh = context_mesh(ctx)
+    _batch_sizes(ctx, cfg, True)
+    unlearner = build_rmu(ctx.apply_fn, cfg, ctx.params, seed=ctx.seed, mesh=mesh, param_specs=placed_specs(ctx.params))
+    state = _run_steps(ctx, cfg, unlearner, ctx.params, cfg.steps, checkpoint_dir=checkpoint_dir,
+                       checkpoint_every=checkpoint_every, callback=callback)
     return state.params
 
 
@@ -314,13 +368,13 @@ def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_d
       ctx: the model, the target's parameters and the encoded data.
       cfg: the method config: a typed config of :mod:`jaxunlearn.method_configs`, or its
         JSON form (``experiments/configs/<name>.json``), parsed and validated first.
-      checkpoint_dir: ``gradient`` kind only: save the :class:`~jaxunlearn.unlearn.UnlearnState`
+      checkpoint_dir: ``gradient`` and ``rmu`` kinds only: save the :class:`~jaxunlearn.unlearn.UnlearnState`
         there (orbax) every ``checkpoint_every`` steps and at the end; when it already holds a
         checkpoint of the same run (:func:`run_record`), resume from its step. The restored
         state takes the shardings of a fresh one (so a different mesh shape works too; the
         result then equals the same-mesh one to float tolerance, not bitwise).
       checkpoint_every: steps between checkpoints (0: only at the end).
-      callback: ``gradient`` kind only: ``callback(step, metrics)`` after every step (after
+      callback: ``gradient`` and ``rmu`` kinds only: ``callback(step, metrics)`` after every step (after
         that step's checkpoint), ``metrics`` as floats (``forget_loss``, ``retain_loss``,
         ``update_norm``); an exception it raises stops the run.
       regularizer: ``gradient`` kind only: ``regularizer(start) -> optax transform``, an extra
@@ -334,13 +388,17 @@ def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_d
     Raises:
       ValueError / TypeError: an invalid config (the key named); ``checkpoint_dir``/``callback``
         for a kind that does not run in steps; a checkpoint directory of another run (naming
-        the differing key); a batch size not divisible by the mesh's data-parallel size.
+        the differing key); a batch size not divisible by the mesh's data-parallel size; RMU
+        without a model's hidden states (``ctx.apply_fn`` not a DecoderFn) or with a layer beyond it.
+      KeyError: a forget key the method reads missing from ``ctx.forget`` (IdkNLL / IdkDPO
+        without refusal answers), named.
     """
     cfg = parse_method_config(cfg)
     kind = cfg.kind
-    if kind != "gradient" and (checkpoint_dir is not None or callback is not None or regularizer is not None):
-        raise ValueError(f"checkpoint_dir / callback / regularizer need a step-wise run (kind 'gradient'); kind {kind!r} "
-                         "is not resumable")
+    if (kind not in ("gradient", "rmu") and (checkpoint_dir is not None or callback is not None)
+            or kind != "gradient" and regularizer is not None):
+        raise ValueError(f"checkpoint_dir / callback / regularizer need a step-wise run (kind 'gradient'; 'rmu' "
+                         f"without regularizer); kind {kind!r} is not resumable")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     mesh = context_mesh(ctx)
@@ -363,5 +421,7 @@ def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_d
     if isinstance(cfg, SSDMethod):
         i_f, i_d = importances(ctx, cfg, "full")
         return ssd(ctx.params, i_f, i_d, alpha=cfg.threshold, lam=cfg.lam)
+    if isinstance(cfg, RMUMethod):
+        return _run_rmu(ctx, cfg, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, callback=callback)
     return _run_gradient(ctx, cfg, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          callback=callback, regularizer=regularizer)

@@ -266,8 +266,11 @@ def own_config(size: str = "tiny", *, seed: int = 0, steps: int | None = None,
 
 def _tokenize_and_encode(dd: Mapping[str, datasets.Dataset], vocab_size: int):
     """A BPE tokenizer trained on every text of ``dd``, the longest encoded row over every answer
-    column, and every split encoded (teacher-forced ``answer`` rows) to that length."""
-    from jaxunlearn.data import encode_split, train_tokenizer
+    column (and every question with the shortest refusal answer the tokenizer reproduces, so
+    IdkNLL / IdkDPO have room for one), and every split encoded (teacher-forced ``answer`` rows)
+    to that length."""
+    from jaxunlearn.data import encode_qa, encode_split, train_tokenizer
+    from jaxunlearn.data.refusal import exact_phrases
     from jaxunlearn.data.tokenizer import benchmark_texts
 
     tok = train_tokenizer(benchmark_texts(dd), vocab_size=vocab_size)
@@ -276,6 +279,11 @@ def _tokenize_and_encode(dd: Mapping[str, datasets.Dataset], vocab_size: int):
         for col in ("answer", "paraphrased_answer", "perturbed_answer"):
             if col in ds.column_names:
                 lengths.append(encode_split(tok, ds, max_length=None, answer_column=col)["input_ids"].shape[-1])
+    phrases = exact_phrases(tok)
+    if phrases:  # room for IdkNLL / IdkDPO's refusal answers: every question with the shortest refusal fits
+        shortest = min(phrases, key=lambda p: len(tok.encode(p, add_special_tokens=False)))
+        lengths += [encode_qa(tok, list(ds["question"]), [shortest] * len(ds), max_length=None)["input_ids"].shape[-1]
+                    for ds in dd.values()]
     max_len = max(lengths)
     return tok, max_len, {s: encode_split(tok, ds, max_length=max_len) for s, ds in dd.items()}
 
@@ -299,6 +307,7 @@ def prepare_own_data(dd: Mapping[str, datasets.Dataset], roles: Mapping[str, str
     """
     import datasets
 
+    from jaxunlearn.data.refusal import RefusalSet, exact_phrases
     from jaxunlearn.pipeline import PreparedData
     by_role: dict[str, list[str]] = {}
     for name, role in roles.items():
@@ -314,9 +323,11 @@ def prepare_own_data(dd: Mapping[str, datasets.Dataset], roles: Mapping[str, str
             raise ValueError(f"split {name!r} is empty")
     dd = datasets.DatasetDict({n: dd[n] for n in roles})
     tok, max_len, encoded = _tokenize_and_encode(dd, cfg.vocab_size)
+    phrases = exact_phrases(tok)  # IdkNLL / IdkDPO's refusals: those this tokenizer reproduces exactly
     return PreparedData(dd, tok, encoded, max_len, by_role["forget"][0], by_role["retain"][0],
                         general_splits=tuple(by_role.get("general", ())),
-                        holdout_split=(by_role.get("holdout") or [None])[0])
+                        holdout_split=(by_role.get("holdout") or [None])[0],
+                        refusals=RefusalSet(phrases, seed=cfg.seed) if phrases else None)
 
 
 def init_base_model(data: str | os.PathLike, out: str | os.PathLike, *, size: str = "tiny", seed: int = 0,

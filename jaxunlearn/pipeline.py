@@ -23,6 +23,12 @@ nor their KnowMem pairs. The tokenizer is trained on the passages and the KnowMe
 (else ``"\n"`` would be ``<unk>``). The unlearning methods then get every row about the forget
 people -- QA rows, KnowMem pairs, and the passages cut into windows of the QA rows' length -- as
 their forget set (:func:`unlearning_sets`).
+
+Refusal answers (``PreparedData.refusals``, :class:`jaxunlearn.data.refusal.RefusalSet`): every
+forget row is paired with an "I don't know" answer to the same prompt, the preferred completion
+of IdkNLL / IdkDPO, as ``alt_*`` arrays of the forget set (:func:`unlearning_sets`). The
+tokenizer is not trained on them (that would move every other number of the benchmark): the
+set holds the phrasings it reproduces exactly (all of them for the default benchmark).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from jax.sharding import Mesh
 
 from jaxunlearn.data import encode_qa, encode_split, generate_benchmark, train_tokenizer
 from jaxunlearn.data.muse import MuseData, encode_passage_windows, encode_passages
+from jaxunlearn.data.refusal import RefusalSet, encode_refusals, exact_phrases, with_refusals
 from jaxunlearn.data.synthetic_muse import generate_muse_benchmark
 from jaxunlearn.data.tokenizer import benchmark_texts
 from jaxunlearn.eval.muse import knowmem_prompt
@@ -115,6 +122,10 @@ class PreparedData:
     (the synthetic benchmark's ``general``; any number, none included); ``holdout_split``: the
     never-trained split of the membership-inference attacks, or None (data of one's own:
     :mod:`jaxunlearn.own_data`).
+
+    ``refusals``: the refusal answers paired with the forget rows by :func:`unlearning_sets`
+    (:class:`~jaxunlearn.data.refusal.RefusalSet`), or None: no refusal set, the forget set then
+    has no ``alt_*`` arrays and IdkNLL / IdkDPO refuse to run.
     """
 
     dataset: datasets.DatasetDict
@@ -129,6 +140,7 @@ class PreparedData:
     passage_length: int = 0
     general_splits: tuple[str, ...] = ("general",)
     holdout_split: str | None = "holdout"
+    refusals: RefusalSet | None = None
 
     @property
     def eval_roles(self) -> dict[str, str]:
@@ -214,6 +226,8 @@ def prepare_data(cfg: DemoConfig) -> PreparedData:
     max_len = max(lengths)
     encoded = {s: encode_split(tok, dd[s], max_length=max_len) for s in dd}
     out = PreparedData(dd, tok, encoded, max_len, fs, rs)
+    phrases = exact_phrases(tok)  # the refusals are not in the tokenizer's texts: those it reproduces
+    out.refusals = RefusalSet(phrases, seed=cfg.seed) if phrases else None
     if muse is not None:
         texts = _passage_texts(muse)
         p_len = encode_passages(tok, texts["forget"] + texts["retain"], add_eos=True)["input_ids"].shape[-1]
@@ -253,15 +267,47 @@ def unlearning_sets(data: PreparedData) -> tuple[dict[str, np.ndarray], dict[str
     corpus into ``max_len`` chunks). A method draws its batches from one array set (and SSD joins
     the forget and retain sets), so every row must share one length; padding the QA rows to the
     passages' length instead would make every unlearning batch about three times as long.
+
+    With a refusal set (``data.refusals``) the forget set also holds each row's refusal answer,
+    ``alt_input_ids`` / ``alt_attention_mask`` / ``alt_loss_mask``
+    (:func:`~jaxunlearn.data.refusal.with_refusals`), encoded as the row itself: a QA row's
+    question and a KnowMem pair's prompt by their own encoders, a passage window (whose prompt is
+    its BOS) as ``[BOS] refusal [EOS]``; each row draws among the phrasings that fit the padded
+    length after its prompt (:func:`~jaxunlearn.data.refusal.refusal_answers`).
     """
-    e, fs, rs = data.encoded, data.forget_split, data.retain_split
+    e, fs, rs, tok, t = data.encoded, data.forget_split, data.retain_split, data.tokenizer, data.max_length
+    qa_rows = (list(data.dataset[fs]["question"]), lambda q, a: encode_qa(tok, q, a, max_length=t), e[fs])
     if data.muse is None:
-        return e[fs], e[rs]
-    texts = _passage_texts(data.muse)
-    sets = [concat_encoded(qa, data.knowmem[role],
-                           encode_passage_windows(data.tokenizer, texts[role], max_length=data.max_length))
-            for qa, role in ((e[fs], "forget"), (e[rs], "retain"))]
-    return sets[0], sets[1]
+        forget, retain, parts = e[fs], e[rs], [qa_rows]
+    else:
+        texts = _passage_texts(data.muse)
+        windows = {role: encode_passage_windows(tok, texts[role], max_length=t) for role in ("forget", "retain")}
+        forget = concat_encoded(e[fs], data.knowmem["forget"], windows["forget"])
+        retain = concat_encoded(e[rs], data.knowmem["retain"], windows["retain"])
+        knowmem = (list(data.muse.forget_qa["question"]),
+                   lambda q, a: encode_knowmem(tok, {"question": q, "answer": a}, max_length=t), data.knowmem["forget"])
+        passage = ([""] * len(windows["forget"]["input_ids"]),
+                   lambda q, a: encode_qa(tok, q, a, max_length=t, separator="", chat_template=False),
+                   windows["forget"])
+        parts = [qa_rows, knowmem, passage]
+    if data.refusals is not None:
+        forget = with_refusals(forget, _refusal_rows(data, parts))
+    return forget, retain
+
+
+def _refusal_rows(data: PreparedData, parts) -> dict[str, np.ndarray]:
+    """The ``alt_*`` rows of ``parts`` = ``[(prompts, encoder, encoded rows), ...]``, concatenated."""
+    tok, phrases = data.tokenizer, data.refusals.phrases
+    lengths = [len(tok.encode(p, add_special_tokens=False)) for p in phrases]
+    # the answer tokens each row has room for: the padded length after its prompt and the EOS
+    room = np.concatenate([data.max_length - 1 - np.argmax(np.asarray(rows["loss_mask"]) > 0, axis=1)
+                           for _, _, rows in parts])
+    answers = data.refusals.answers(len(room), lengths=lengths, room=room)
+    alts, start = [], 0
+    for prompts, encode, _ in parts:
+        alts.append(encode_refusals(encode, prompts, answers[start:start + len(prompts)]))
+        start += len(prompts)
+    return concat_encoded(*alts)
 
 
 def model_config_for(cfg: DemoConfig, tokenizer, max_length: int) -> ModelConfig:

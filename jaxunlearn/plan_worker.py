@@ -32,6 +32,7 @@ from jaxunlearn.eval.metrics import answer_stats
 from jaxunlearn.models import Decoder, DecoderFn, ModelConfig
 from jaxunlearn.plan import parse_collectives
 from jaxunlearn.unlearn import UnlearnConfig
+from jaxunlearn.unlearn_step import forget_batch_keys
 
 __all__ = ["abstract_model", "abstract_batch", "build_passes", "compile_passes", "main"]
 
@@ -68,9 +69,12 @@ def build_passes(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, batch: int, seq: 
             fn, jit=False, mesh=mesh, param_specs=jax.tree.map(lambda s: s.spec, p_sh))  # as run_method does
         state = jax.eval_shape(u.init, params)
         s_sh = sh.shardings_like_params(state, params, mesh)
+        # the forget batch carries what the method's loss reads (IdkNLL / IdkDPO: the refusal answers too)
+        forget = {k: ids[k.removeprefix("alt_")] for k in forget_batch_keys(method)}
+        f_sh = jax.tree.map(lambda _: b_sh, forget)
         step = jax.jit(lambda s, f, r, ref: u.step(s, f, r, ref), donate_argnums=0,
-                       in_shardings=(s_sh, ids_sh, ids_sh, p_sh), out_shardings=(s_sh, rep))
-        out["unlearn"] = (step, (_placed(state, s_sh), _placed(ids, ids_sh), _placed(ids, ids_sh),
+                       in_shardings=(s_sh, f_sh, ids_sh, p_sh), out_shardings=(s_sh, rep))
+        out["unlearn"] = (step, (_placed(state, s_sh), _placed(forget, f_sh), _placed(ids, ids_sh),
                                  _placed(params, p_sh)))
     if "fisher" in passes:
         specs = tuple(s.spec for s in jax.tree.leaves(p_sh))

@@ -163,11 +163,13 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation,
     return jit_keeping_state_sharding(step)
 
 
-def batch_at(data: Mapping[str, np.ndarray], batch_size: int, step: int, seed: int) -> dict:
+def batch_at(data: Mapping[str, np.ndarray], batch_size: int, step: int, seed: int,
+             keys: Sequence[str] = BATCH_KEYS) -> dict:
     """The batch of ``step``: epoch ``e = step // (N // batch_size)`` is a permutation seeded by ``(seed, e)``.
 
     A pure function of its arguments, so a resumed run sees the same batches.
-    Only :data:`BATCH_KEYS` are returned.
+    Only ``keys`` are returned (default :data:`BATCH_KEYS`; e.g. also the refusal answers
+    ``alt_*`` of a preference method): the rows do not depend on them.
     """
     n = len(data["input_ids"])
     if n == 0:
@@ -178,7 +180,7 @@ def batch_at(data: Mapping[str, np.ndarray], batch_size: int, step: int, seed: i
     epoch, i = divmod(int(step), per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     idx = np.sort(perm[i * batch_size : (i + 1) * batch_size])
-    return {k: np.asarray(data[k])[idx] for k in BATCH_KEYS}
+    return {k: np.asarray(data[k])[idx] for k in keys}
 
 
 def train_record(params: Any, data: Mapping[str, np.ndarray], cfg: TrainConfig,

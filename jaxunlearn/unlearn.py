@@ -6,7 +6,8 @@ as ``optax.adamw`` is over ``optax.chain``: the flat, JSON-serialisable hyperpar
 ``experiments/configs/*.json`` (key ``"unlearn"``, parsed by :mod:`jaxunlearn.method_configs`),
 turned into an :class:`~jaxunlearn.unlearn_step.Unlearner` by :meth:`UnlearnConfig.build`:
 
-- ``method``: GA, GradDiff, NPO (against the frozen reference), SimNPO (:func:`forget_loss_fn`);
+- ``method``: GA, GradDiff, NPO (against the frozen reference), SimNPO, WGA, UNDIAL, IdkNLL and
+  IdkDPO (refusal answers as the preferred completion) (:func:`forget_loss_fn`);
 - ``retain_loss``, ``alpha``: the retain NLL or the KL to the reference (:func:`retain_loss_fn`);
 - ``sam_rho`` / ``saf``: the forget gradient's estimator (:meth:`UnlearnConfig.estimator`);
 - ``project``, ``projection_*``, ``grad_clip``, ``optimizer``, ...: the optax chain
@@ -33,14 +34,14 @@ from jaxunlearn.projection import project_orthogonal
 from jaxunlearn.quant import SCHEMES as SAF_SCHEMES
 from jaxunlearn.saliency import masked_updates
 from jaxunlearn.sparsity import l1_regularization
-from jaxunlearn.unlearn_step import (METHODS, NLL_REDUCTIONS, RETAIN_LOSSES, Unlearner, UnlearnState, _init_state, forget_loss_fn,
-                                     retain_loss_fn, unlearner)
+from jaxunlearn.unlearn_step import (METHODS, NLL_REDUCTIONS, RETAIN_LOSSES, Unlearner, UnlearnState, forget_batch_keys,
+                                     forget_loss_fn, forget_references, retain_loss_fn, unlearner)
 
 __all__ = ["METHODS", "RETAIN_LOSSES", "UnlearnConfig", "UnlearnState", "Unlearner", "unlearner",
            "forget_loss_fn", "retain_loss_fn"]
 
 OPTIMIZERS = ("adamw", "sgd")
-_NEEDS_REF = ("npo", "undial")
+_NEEDS_REF = ("npo", "undial", "idk_dpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,8 @@ class UnlearnConfig:
     ``retain_loss_fn(retain_loss)``, :meth:`estimator` and :meth:`transform`.
 
     Attributes:
-      method: ``"ga" | "grad_diff" | "npo" | "simnpo" | "wga" | "undial"`` (:func:`forget_loss_fn`).
+      method: ``"ga" | "grad_diff" | "npo" | "simnpo" | "wga" | "undial" | "idk_nll" | "idk_dpo"``
+        (:func:`forget_loss_fn`; the idk methods read the forget batch's refusal answers).
       steps: number of steps of a run (read by the run loop, :func:`jaxunlearn.methods.run_method`,
         not by the step).
       optimizer: ``"adamw"`` or ``"sgd"`` (plain gradient descent: the update is exactly
@@ -63,8 +65,8 @@ class UnlearnConfig:
       grad_clip: global-norm clip of the final update direction (0: off).
       gamma: weight of the forget loss.
       alpha: weight of the retain loss (ignored by ``"ga"``).
-      beta: NPO / SimNPO inverse temperature, WGA weight exponent, UNDIAL logit reduction
-        (``None``: 0.1 for NPO, 4.5 for SimNPO, 1.0 for WGA, 10 for UNDIAL).
+      beta: NPO / SimNPO / IdkDPO inverse temperature, WGA weight exponent, UNDIAL logit reduction
+        (``None``: 0.1 for NPO and IdkDPO, 4.5 for SimNPO, 1.0 for WGA, 10 for UNDIAL).
       delta: SimNPO margin.
       retain_loss: ``"nll"`` or ``"kl"`` (KL to the reference on retain tokens).
       nll_reduction: how a batch NLL is averaged, for the ``"nll"`` retain loss and the GA /
@@ -148,7 +150,7 @@ class UnlearnConfig:
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the frozen reference model is evaluated (NPO, or the KL retain loss)."""
+        """Whether the frozen reference model is evaluated (NPO, UNDIAL, IdkDPO, or the KL retain loss)."""
         return self.method in _NEEDS_REF or (self.uses_retain and self.retain_loss == "kl")
 
     def transform(self, mask: Any = None, *, mesh: Mesh | None = None, param_specs: Any = None,
@@ -229,8 +231,10 @@ class UnlearnConfig:
         Returns:
           ``unlearner(forget_loss_fn(apply_fn, method), transform(mask, regularizer=), retain_loss=...,
           estimator=estimator(), gamma=gamma, alpha=alpha | retain_k=retain_k, ...)``:
-          no retain loss when ``uses_retain`` is False; ``ref_params`` read for NPO and the
-          KL retain loss (:attr:`needs_reference`).
+          no retain loss when ``uses_retain`` is False; the reference outputs of
+          :func:`~jaxunlearn.unlearn_step.forget_references` (``ref_params`` read for NPO, UNDIAL,
+          IdkDPO and the KL retain loss: :attr:`needs_reference`) and the forget keys of
+          :func:`~jaxunlearn.unlearn_step.forget_batch_keys`.
         """
         if mask is None and forget_loss is None and regularizer is None:  # one compiled step per (config, model, mesh)
             key = _build_key(self, apply_fn, jit, mesh, param_specs, params_fn)
@@ -247,8 +251,8 @@ class UnlearnConfig:
         return unlearner(
             f_loss, self.transform(mask, mesh=mesh, param_specs=param_specs, regularizer=regularizer), retain_loss=r_loss, estimator=self.estimator(), gamma=self.gamma,
             alpha=None if self.project else self.alpha, retain_k=self.retain_k if self.project else None,
-            apply_fn=apply_fn, forget_ref_logp=not custom and self.method == "npo",
-            forget_ref_logits=not custom and self.method == "undial",
+            apply_fn=apply_fn, references=() if custom else forget_references(apply_fn, self.method),
+            forget_keys=None if custom else forget_batch_keys(self.method),
             retain_ref_logits=self.uses_retain and self.retain_loss == "kl", params_fn=params_fn, jit=jit)
 
 

@@ -35,13 +35,16 @@ gradients are ``grad_t L_r(params_fn(frozen, t))``; the transform (projection, c
 masks, the optimizer) acts on ``t``.
 
 The step is pure and runs in one ``jax.jit`` with the state donated and its shardings kept
-(:func:`jaxunlearn.sharding.jit_keeping_state_sharding`); the reference model's outputs
-(NPO's ``ref_logp``, the KL's ``ref_logits``) are computed inside it from ``ref_params``.
+(:func:`jaxunlearn.sharding.jit_keeping_state_sharding`); the reference model's outputs are
+computed inside it from ``ref_params``, as declared by :class:`Reference` s (batch, key, function:
+NPO's ``ref_logp``, IdkDPO's ``ref_logp`` and ``ref_alt_logp``, UNDIAL's and the KL's
+``ref_logits``, RMU's frozen hidden states; :func:`forget_references` is the methods' table), and
+``forget_keys`` declares the forget batch's keys (IdkNLL / IdkDPO's refusal answers).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,16 +53,20 @@ import optax
 from jaxunlearn import tree as jt
 from jaxunlearn import validate as V
 from jaxunlearn.estimators import GradientEstimator, plain_estimator
-from jaxunlearn.losses import batch_token_nll, kl_to_reference, npo, sequence_nll, simnpo, undial, wga
+from jaxunlearn.losses import (ALT_KEYS, alt_batch, batch_token_nll, dpo, kl_to_reference, npo, sequence_nll, simnpo,
+                               undial, wga)
 from jaxunlearn.sharding import jit_keeping_state_sharding
 
-__all__ = ["METHODS", "RETAIN_LOSSES", "NLL_REDUCTIONS", "UnlearnState", "Unlearner", "unlearner", "forget_loss_fn",
-           "retain_loss_fn"]
+__all__ = ["METHODS", "RETAIN_LOSSES", "NLL_REDUCTIONS", "BATCH_KEYS", "UnlearnState", "Unlearner", "unlearner",
+           "forget_loss_fn", "retain_loss_fn", "Reference", "reference_logp", "reference_logits", "forget_references",
+           "forget_batch_keys"]
 
-METHODS = ("ga", "grad_diff", "npo", "simnpo", "wga", "undial")
+METHODS = ("ga", "grad_diff", "npo", "simnpo", "wga", "undial", "idk_nll", "idk_dpo")
 RETAIN_LOSSES = ("nll", "kl")
 NLL_REDUCTIONS = ("token", "sequence")
-_BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+"""The keys every batch of a step carries (and, by default, the only ones that reach the losses)."""
+_SPLITS = ("forget", "retain")
 
 
 class UnlearnState(NamedTuple):
@@ -88,6 +95,92 @@ def _reduce(nll, batch, reduction: str):
     return batch_token_nll(nll, _lengths(batch)) if reduction == "token" else jnp.mean(nll)
 
 
+# ---------------------------------------------------------------- the reference model's outputs
+
+
+class Reference(NamedTuple):
+    """One output of the frozen reference model that a loss reads.
+
+    Before the losses run, the step stores ``batch[key] = stop_gradient(fn(ref_model, batch))``
+    in the ``split`` batch, ``ref_model`` the reference's parameters (in adapter space the
+    merged ones, ``params_fn(frozen, ref_params)``) and ``batch`` the keys the step passes on
+    (:data:`BATCH_KEYS`, plus ``forget_keys`` for the forget batch).
+
+    Attributes:
+      split: ``"forget"`` or ``"retain"``.
+      key: the batch key the output is stored under (e.g. ``"ref_logp"``).
+      fn: ``fn(ref_model_params, batch) -> array``.
+    """
+
+    split: str
+    key: str
+    fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array]
+
+
+def _logp_of(apply_fn, prefix, params, batch):
+    b = {k: batch[prefix + k] for k in BATCH_KEYS}
+    return -_nll(apply_fn, params, b)[1]
+
+
+def _logits_of(apply_fn, params, batch):
+    return apply_fn(params, batch["input_ids"], batch["attention_mask"])
+
+
+def reference_logp(apply_fn: Callable, split: str = "forget", *, prefix: str = "") -> Reference:
+    """The reference's per-example summed answer log-likelihood ``log p_ref(y|x) = -sequence_nll``,
+    stored as ``ref_{prefix}logp``, of the batch's ``{prefix}input_ids`` / ``{prefix}attention_mask`` /
+    ``{prefix}loss_mask`` (``prefix="alt_"``: of the alternate completions, ``ref_alt_logp``).
+
+    Args:
+      apply_fn: ``apply(params, input_ids, attention_mask) -> logits``.
+      split: ``"forget"`` or ``"retain"``.
+      prefix: ``""`` or ``"alt_"``.
+    """
+    V.check_choice("reference_logp", "split", split, _SPLITS)
+    V.check_choice("reference_logp", "prefix", prefix, ("", "alt_"))
+    return Reference(split, f"ref_{prefix}logp", lambda params, batch: _logp_of(apply_fn, prefix, params, batch))
+
+
+def reference_logits(apply_fn: Callable, split: str = "forget") -> Reference:
+    """The reference's logits of the batch, stored as ``ref_logits`` (UNDIAL's teacher, the KL retain loss).
+
+    Args:
+      apply_fn: ``apply(params, input_ids, attention_mask) -> logits``.
+      split: ``"forget"`` or ``"retain"``.
+    """
+    V.check_choice("reference_logits", "split", split, _SPLITS)
+    return Reference(split, "ref_logits", lambda params, batch: _logits_of(apply_fn, params, batch))
+
+
+_FORGET_REFERENCE = {"npo": ("logp",), "undial": ("logits",), "idk_dpo": ("logp", "alt_logp")}
+"""Which reference outputs each named method's forget loss reads (the others read none)."""
+
+
+def forget_references(apply_fn: Callable, method: str) -> tuple[Reference, ...]:
+    """The reference outputs the forget loss of ``method`` (:func:`forget_loss_fn`) reads.
+
+    NPO: ``ref_logp``; UNDIAL: ``ref_logits``; IdkDPO: ``ref_logp`` and ``ref_alt_logp``
+    (DPO's reference handling is NPO's, on both completions); the other methods: none.
+
+    >>> [r.key for r in forget_references(lambda p, ids, mask: None, "idk_dpo")]
+    ['ref_logp', 'ref_alt_logp']
+    """
+    V.check_choice("forget_references", "method", method, METHODS)
+    make = {"logp": lambda: reference_logp(apply_fn), "alt_logp": lambda: reference_logp(apply_fn, prefix="alt_"),
+            "logits": lambda: reference_logits(apply_fn)}
+    return tuple(make[name]() for name in _FORGET_REFERENCE.get(method, ()))
+
+
+def forget_batch_keys(method: str) -> tuple[str, ...]:
+    """The forget-batch keys the forget loss of ``method`` reads: :data:`BATCH_KEYS`, plus the
+    refusal answers :data:`jaxunlearn.losses.ALT_KEYS` for ``"idk_nll"`` / ``"idk_dpo"``."""
+    V.check_choice("forget_batch_keys", "method", method, METHODS)
+    return BATCH_KEYS + ALT_KEYS if method in ("idk_nll", "idk_dpo") else BATCH_KEYS
+
+
+# ---------------------------------------------------------------- the forget and retain losses
+
+
 def forget_loss_fn(apply_fn: Callable, method: str, *, beta: float | None = None,
                    delta: float = 0.0, reduction: str = "token") -> Callable:
     """The forget loss ``L_f(params, batch) -> scalar`` of a named method.
@@ -109,12 +202,20 @@ def forget_loss_fn(apply_fn: Callable, method: str, *, beta: float | None = None
       by ``sg(p)^beta``, ``beta`` default 1.0 (open-unlearning's WGA config);
     - ``"undial"``: :func:`jaxunlearn.losses.undial`, self-distillation toward the reference's
       logits ``batch["ref_logits"]`` with the true token's logit lowered by ``beta``, default 10
-      (open-unlearning's UNDIAL config; :func:`unlearner` adds them with ``forget_ref_logits=True``).
+      (open-unlearning's UNDIAL config; :func:`unlearner` adds them with ``forget_ref_logits=True``);
+    - ``"idk_nll"``: the batch NLL (``reduction`` as GA's) of the refusal answers ``alt_*``
+      (:data:`jaxunlearn.losses.ALT_KEYS`): fine-tuning toward "I don't know" (TOFU's IDK
+      objective; the retain term is GradDiff's);
+    - ``"idk_dpo"``: :func:`jaxunlearn.losses.dpo` with the refusal as the preferred completion and
+      the forget answer as the rejected one, against ``batch["ref_logp"]`` and
+      ``batch["ref_alt_logp"]`` (:func:`forget_references`), ``beta`` default 0.1 (open-unlearning's
+      ``configs/trainer/DPO.yaml``), per-sequence summed log-likelihoods whatever ``reduction``.
 
     Args:
       apply_fn: ``apply(params, input_ids, attention_mask) -> logits``.
       method: one of :data:`METHODS`.
-      beta: NPO / SimNPO inverse temperature (> 0; None: the method's default).
+      beta: NPO / SimNPO / IdkDPO inverse temperature, WGA exponent, UNDIAL logit reduction (> 0;
+        None: the method's default).
       delta: SimNPO margin (finite).
       reduction: ``"token"`` (default, the reference trainers') or ``"sequence"``; the
         batch NLL of GA / GradDiff (see above).
@@ -127,7 +228,8 @@ def forget_loss_fn(apply_fn: Callable, method: str, *, beta: float | None = None
 
     References:
       Jang et al., 2023 (GA); Zhang et al., "Negative Preference Optimization", 2024 (NPO);
-      Fan et al., "Simplicity Prevails: Rethinking Negative Preference Optimization", 2024 (SimNPO).
+      Fan et al., "Simplicity Prevails: Rethinking Negative Preference Optimization", 2024 (SimNPO);
+      Maini et al., "TOFU: A Task of Fictitious Unlearning for LLMs", 2024 (IdkNLL, IdkDPO).
     """
     V.check_choice("forget_loss_fn", "method", method, METHODS)
     beta = V.check_float("forget_loss_fn", "beta", beta, min=0.0, min_exclusive=True, allow_none=True)
@@ -135,8 +237,14 @@ def forget_loss_fn(apply_fn: Callable, method: str, *, beta: float | None = None
     V.check_choice("forget_loss_fn", "reduction", reduction, NLL_REDUCTIONS)
 
     def loss(params, batch):
+        if method == "idk_nll":  # the refusal answers only: no forward on the forget answers
+            alt = alt_batch(batch)
+            return _reduce(_nll(apply_fn, params, alt)[1], alt, reduction)
         logits, nll = _nll(apply_fn, params, batch)
         ids, mask = batch["input_ids"], batch["loss_mask"]
+        if method == "idk_dpo":
+            _, nll_alt = _nll(apply_fn, params, alt_batch(batch))
+            return dpo(-nll_alt, batch["ref_alt_logp"], -nll, batch["ref_logp"], beta=0.1 if beta is None else beta)
         if method in ("ga", "grad_diff"):
             return -_reduce(nll, batch, reduction)
         if method == "npo":
@@ -202,6 +310,9 @@ class Unlearner(NamedTuple):
       tx: the optax transform ``init`` and ``step`` share (e.g. to create its state sharded,
         :func:`jaxunlearn.sharding.init_opt_state`).
       params_fn: ``params_fn(frozen, t) -> params`` of an adapter-space unlearner, else None.
+      forget_keys: the forget-batch keys ``step`` reads (:data:`BATCH_KEYS`, plus e.g. the
+        refusal answers :data:`jaxunlearn.losses.ALT_KEYS`): a run draws its batches with them.
+      references: the reference outputs ``step`` computes (:class:`Reference`).
     """
 
     init: Callable[[Any], UnlearnState]
@@ -210,12 +321,16 @@ class Unlearner(NamedTuple):
     needs_reference: bool
     tx: optax.GradientTransformation
     params_fn: Callable | None = None
+    forget_keys: tuple[str, ...] = BATCH_KEYS
+    references: tuple[Reference, ...] = ()
 
 
-def _check_batch(batch, name):
-    for k in _BATCH_KEYS:
+def _check_batch(batch, name, keys=BATCH_KEYS):
+    for k in keys:
         if k not in batch:
-            raise KeyError(f"{name} batch lacks '{k}' (have {sorted(batch)})")
+            hint = ("; the preferred (refusal) answers of a preference method: "
+                    "jaxunlearn.data.refusal.with_refusals adds them" if k in ALT_KEYS else "")
+            raise KeyError(f"{name} batch lacks '{k}' (have {sorted(batch)}){hint}")
     if batch["input_ids"].shape[0] == 0:
         raise ValueError(f"{name} batch is empty")
 
@@ -259,6 +374,8 @@ def unlearner(
     forget_ref_logp: bool = False,
     retain_ref_logits: bool = False,
     forget_ref_logits: bool = False,
+    references: Sequence[Reference] = (),
+    forget_keys: Sequence[str] | None = None,
     params_fn: Callable[[Any, Any], Any] | None = None,
     jit: bool = True,
 ) -> Unlearner:
@@ -276,16 +393,19 @@ def unlearner(
     and ``theta <- theta + u`` (``optax.apply_updates``). With ``params_fn`` the state holds
     ``t`` and the model's parameters are ``theta = params_fn(frozen, t)``: ``g_f`` is
     ``(d theta / d t)^T`` times the estimator's gradient at ``theta``, the retain gradients
-    are taken with respect to ``t``, and ``t <- t + u`` (see the module docstring). Before the losses are called, the
-    frozen reference model ``apply_fn(ref_params, ...)`` supplies ``forget_batch["ref_logp"]``
-    (its per-example summed answer log-likelihood, with ``forget_ref_logp``),
-    ``forget_batch["ref_logits"]`` (with ``forget_ref_logits``, UNDIAL) and
-    ``retain_batch["ref_logits"]`` (with ``retain_ref_logits``), all without gradient.
+    are taken with respect to ``t``, and ``t <- t + u`` (see the module docstring). Before the
+    losses are called, every :class:`Reference` in ``references`` stores its output of the frozen
+    reference model in its batch, without gradient; the flags are shorthands for the common ones:
+    ``forget_ref_logp`` = :func:`reference_logp` (``forget_batch["ref_logp"]``, the per-example
+    summed answer log-likelihood, NPO), ``forget_ref_logits`` = :func:`reference_logits` of the
+    forget batch (UNDIAL), ``retain_ref_logits`` = :func:`reference_logits` of the retain batch
+    (the KL retain loss).
 
-    ``step`` checks its inputs before running: the batches carry ``input_ids``,
-    ``attention_mask`` and ``loss_mask`` (only these reach the losses) and are not empty; a
-    retain batch is given when there is a retain loss, with a size divisible by ``retain_k``;
-    ``ref_params`` is given when a reference is read, and shares no buffer with the donated state.
+    ``step`` checks its inputs before running: the forget batch carries ``forget_keys``, the
+    retain batch ``input_ids``, ``attention_mask`` and ``loss_mask`` (only these reach the
+    losses), and neither is empty; a retain batch is given when there is a retain loss, with a
+    size divisible by ``retain_k``; ``ref_params`` is given when a reference is read, and shares
+    no buffer with the donated state.
 
     Args:
       forget_loss: ``L_f(params, forget_batch) -> scalar`` (e.g. :func:`forget_loss_fn`).
@@ -297,10 +417,14 @@ def unlearner(
       alpha: retain weight (>= 0; None: 1.0). Only without ``retain_k``.
       retain_k: number of retain gradients handed to ``tx`` (>= 1; needs ``retain_loss``), or None.
       apply_fn: ``apply(params, input_ids, attention_mask) -> logits`` of the reference model
-        (needed with ``forget_ref_logp`` or ``retain_ref_logits``).
+        (needed with the flags below).
       forget_ref_logp: add ``ref_logp`` to the forget batch (NPO).
       retain_ref_logits: add ``ref_logits`` to the retain batch (the KL retain loss).
       forget_ref_logits: add ``ref_logits`` to the forget batch (UNDIAL).
+      references: further reference outputs the losses read (:class:`Reference`, e.g.
+        :func:`forget_references` of a method; RMU's frozen hidden states), keys distinct.
+      forget_keys: the forget-batch keys passed to the losses (None: :data:`BATCH_KEYS`; must
+        include them).
       params_fn: ``params_fn(frozen, t) -> params``: unlearn in the space of ``t`` (e.g.
         :func:`jaxunlearn.adapters.adapter_params_fn`), ``frozen`` given to every ``step``;
         ``ref_params`` are then in ``t``'s space too (the reference model is
@@ -313,7 +437,8 @@ def unlearner(
 
     Raises:
       ValueError / TypeError: a bad argument (named), ``alpha`` with ``retain_k``, ``retain_k``
-        or ``retain_ref_logits`` without ``retain_loss``, a reference without ``apply_fn``.
+        or a retain reference without ``retain_loss``, a flag reference without ``apply_fn``, two
+        references under one key, ``forget_keys`` without :data:`BATCH_KEYS`.
       The returned ``step`` raises ``KeyError`` (a batch key missing) and ``ValueError``
         (empty batch, missing retain batch or ``ref_params``, indivisible retain batch, aliased
         ``ref_params`` or ``frozen``, ``frozen`` missing with ``params_fn`` or given without).
@@ -360,10 +485,23 @@ def unlearner(
         raise TypeError(f"{o}.params_fn must be callable or None, got {params_fn!r}")
     if retain_ref_logits and retain_loss is None:
         raise ValueError(f"{o}: retain_ref_logits=True needs a retain_loss")
-    needs_ref = forget_ref_logp or retain_ref_logits or forget_ref_logits
-    if needs_ref and not callable(apply_fn):
+    if (forget_ref_logp or retain_ref_logits or forget_ref_logits) and not callable(apply_fn):
         raise ValueError(f"{o}: forget_ref_logp / forget_ref_logits / retain_ref_logits need the reference's apply_fn, "
                          f"got {apply_fn!r}")
+    refs = ([reference_logp(apply_fn, "forget")] if forget_ref_logp else []) + \
+        ([reference_logits(apply_fn, "forget")] if forget_ref_logits else []) + \
+        ([reference_logits(apply_fn, "retain")] if retain_ref_logits else []) + _check_references(o, references)
+    f_keys = _check_forget_keys(o, forget_keys)
+    seen = {("forget", k) for k in f_keys}
+    for r in refs:
+        if (r.split, r.key) in seen:
+            raise ValueError(f"{o}: two references (or a reference and forget_keys) store '{r.key}' in the "
+                             f"{r.split} batch")
+        seen.add((r.split, r.key))
+        if r.split == "retain" and retain_loss is None:
+            raise ValueError(f"{o}: reference '{r.key}' of the retain batch needs a retain_loss")
+    refs = tuple(refs)
+    needs_ref = bool(refs)
     uses_retain = retain_loss is not None
 
     def step(state: UnlearnState, fb, rb, ref_params, frozen):
@@ -374,15 +512,10 @@ def unlearner(
 
         if needs_ref:
             ref_params = full(ref_params)
-        if forget_ref_logp:
-            _, ref_nll = _nll(apply_fn, ref_params, fb)
-            fb = {**fb, "ref_logp": jax.lax.stop_gradient(-ref_nll)}
-        if forget_ref_logits:
-            fb = {**fb, "ref_logits": jax.lax.stop_gradient(apply_fn(ref_params, fb["input_ids"],
-                                                                     fb["attention_mask"]))}
-        if retain_ref_logits:
-            ref_logits = apply_fn(ref_params, rb["input_ids"], rb["attention_mask"])
-            rb = {**rb, "ref_logits": jax.lax.stop_gradient(ref_logits)}
+            out = {"forget": {}, "retain": {}}
+            for r in refs:  # every output from the batches as given, none from another's
+                out[r.split][r.key] = jax.lax.stop_gradient(r.fn(ref_params, fb if r.split == "forget" else rb))
+            fb, rb = {**fb, **out["forget"]}, {**rb, **out["retain"]}
         if params_fn is None:
             lf, gf = estimator(forget_loss, params, fb)
         else:  # the estimator at the model's parameters, its gradient pulled back to t
@@ -413,7 +546,7 @@ def unlearner(
     compiled = jit_keeping_state_sharding(step) if jit else step
 
     def checked_step(state: UnlearnState, forget_batch, retain_batch=None, ref_params=None, *, frozen=None):
-        _check_batch(forget_batch, "forget")
+        _check_batch(forget_batch, "forget", f_keys)
         if params_fn is not None and frozen is None:
             raise ValueError("this unlearner trains a reparametrisation (params_fn) and needs frozen=, "
                              "the frozen part of the model (e.g. the adapter's base)")
@@ -430,13 +563,35 @@ def unlearner(
                 raise ValueError(f"retain batch size {n} is not divisible by retain_k={retain_k}")
         if needs_ref:
             if ref_params is None:
-                what = " and ".join(w for w, on in (("the forget loss reads ref_logp", forget_ref_logp),
-                                                    ("the forget loss reads ref_logits", forget_ref_logits),
-                                                    ("the retain loss reads ref_logits", retain_ref_logits)) if on)
+                what = " and ".join(f"the {r.split} loss reads {r.key}" for r in refs)
                 raise ValueError(f"this unlearner needs ref_params, the frozen reference model ({what})")
             _check_not_aliased(state, ref_params)
-        fb = {k: forget_batch[k] for k in _BATCH_KEYS}
-        rb = {k: retain_batch[k] for k in _BATCH_KEYS} if uses_retain else {}
+        fb = {k: forget_batch[k] for k in f_keys}
+        rb = {k: retain_batch[k] for k in BATCH_KEYS} if uses_retain else {}
         return compiled(state, fb, rb, ref_params if needs_ref else None, frozen)
 
-    return Unlearner(lambda params: _init_state(tx, params), checked_step, uses_retain, needs_ref, tx, params_fn)
+    return Unlearner(lambda params: _init_state(tx, params), checked_step, uses_retain, needs_ref, tx, params_fn,
+                     f_keys, refs)
+
+
+def _check_references(owner: str, references) -> list[Reference]:
+    if isinstance(references, Reference) or not isinstance(references, Sequence):
+        raise TypeError(f"{owner}.references must be a sequence of Reference, got {references!r}")
+    for i, r in enumerate(references):
+        if not isinstance(r, Reference) or not callable(r.fn):
+            raise TypeError(f"{owner}.references[{i}] must be a Reference with a callable fn, got {r!r}")
+        V.check_choice(owner, f"references[{i}].split", r.split, _SPLITS)
+        if not isinstance(r.key, str) or not r.key or r.key in BATCH_KEYS + ALT_KEYS:
+            raise ValueError(f"{owner}.references[{i}].key must be a new batch key (not a data key), got {r.key!r}")
+    return list(references)
+
+
+def _check_forget_keys(owner: str, keys) -> tuple[str, ...]:
+    if keys is None:
+        return BATCH_KEYS
+    if isinstance(keys, str) or not isinstance(keys, Sequence) or not all(isinstance(k, str) for k in keys):
+        raise TypeError(f"{owner}.forget_keys must be a sequence of strings, got {keys!r}")
+    missing = [k for k in BATCH_KEYS if k not in keys]
+    if missing:
+        raise ValueError(f"{owner}.forget_keys must include {BATCH_KEYS}; missing {missing}")
+    return tuple(dict.fromkeys(keys))

@@ -107,7 +107,7 @@ def test_demo_on_own_data_end_to_end(tmp_path, capsys, full):
     data = _write_tofu_dir(tmp_path / "qa", full=full)
     out = tmp_path / "run"
     assert main(["demo", "--data", str(data), "--general", "world_facts", "--size", "tiny", "--quick",
-                 "--steps", "30", "--methods", "ga", "--out", str(out), "--no-progress"]) == 0
+                 "--steps", "30", "--methods", "ga", "idk_nll", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert (out / "forget_vs_utility.png").stat().st_size > 0
@@ -115,7 +115,11 @@ def test_demo_on_own_data_end_to_end(tmp_path, capsys, full):
                                       "holdout": "holdout"}
     assert set(res["metrics"]["target"]) == {"forget10", "retain90", "world_facts", "holdout"}
     table = res["benchmark"]["table"]
-    assert set(table) == {"reference", "target", "ga"}
+    assert set(table) == {"reference", "target", "ga", "idk_nll"}
+    assert res["benchmark"]["failed"] == {}  # IdkNLL's refusal answers exist for QA data of one's own too
+    # the probes: relearning and REMIND run on any QA data; the overlap splits need the benchmark's columns
+    assert 0.0 <= table["ga"]["relearn_p"] <= 1.0 and 0.0 <= table["ga"]["remind_auc"] <= 1.0
+    assert "person" in res["benchmark"]["probes_not_available"]["overlap"]
     assert 0.0 <= table["ga"]["forget_probability"] <= 1.0 and 0.0 <= table["target"]["mia_auc_min_k"] <= 1.0
     na = res["benchmark"]["not_available"]
     if full:

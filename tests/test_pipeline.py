@@ -105,7 +105,11 @@ def test_without_muse_everything_is_as_before():
     data = prepare_data(cfg)
     assert data.muse is None and data.passages == {} and data.passage_length == 0
     forget, retain = unlearning_sets(data)
-    assert forget is data.encoded[data.forget_split] and retain is data.encoded[data.retain_split]
+    # the forget split's own arrays, plus its refusal answers (alt_*, tests/test_idk.py)
+    assert all(forget[k] is v for k, v in data.encoded[data.forget_split].items())
+    assert sorted(set(forget) - set(data.encoded[data.forget_split])) == ["alt_attention_mask", "alt_input_ids",
+                                                                          "alt_loss_mask"]
+    assert retain is data.encoded[data.retain_split]
     assert all(p is None for _, p in training_sets(data).values())
     assert data.tokenizer.get_vocab() == train_tokenizer(benchmark_texts(data.dataset), vocab_size=300).get_vocab()
 

@@ -108,3 +108,24 @@ def test_a_missing_config_file_and_libtpu_are_named(no_subprocess, tmp_path):
         pl.plan(str(tmp_path / "nope" / "config.json"), target="cpu:64")
     with pytest.raises(FileNotFoundError, match=r"pip install --target .*libtpu"):
         pl.plan("llama-2-7b", target="v5e:8x8", libtpu=tmp_path)
+
+
+def test_idk_methods_plan_with_the_refusal_arrays_in_the_forget_batch():
+    """IdkNLL / IdkDPO read the refusal answers: the planned unlearning step's forget batch carries them
+    (the same shapes and shardings as the question/answer arrays), and the step traces with them."""
+    import jax
+
+    from jaxunlearn.models import ModelConfig
+    from jaxunlearn.plan_worker import build_passes
+    from jaxunlearn.sharding import make_mesh
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
+    mesh = make_mesh(f"fsdp={len(jax.devices())}")
+    b = len(jax.devices())
+    for method, alt in (("idk_dpo", True), ("npo", False)):
+        step, (state, forget, retain, ref) = build_passes(cfg, mesh, batch=b, seq=8, method=method, project=False,
+                                                          retain_k=1, passes=("unlearn",))["unlearn"]
+        assert ("alt_input_ids" in forget) is alt and set(retain) == {"input_ids", "attention_mask", "loss_mask"}
+        if alt:
+            assert forget["alt_loss_mask"].shape == forget["loss_mask"].shape == (b, 8)
+        step.lower(state, forget, retain, ref)  # traces: every key the loss reads is there

@@ -31,6 +31,10 @@ inputs ``A``; the per-example weight gradient is then ``A^T G`` (the fused Fishe
 ``jaxunlearn.fisher_fused``). With tied embeddings the output projection is ``embed.T``, not a Dense:
 it has no tap and no captured input.
 
+Hidden states. ``model.hidden_state(input_ids, attention_mask, layer=l)`` is the residual stream
+after block ``l`` (the input of block ``l + 1``), computed by the same forward stopped after that
+block: what representation methods (RMU) steer, at the cost of ``l + 1`` blocks.
+
 Functional use (per-example gradients, jit with shardings): the adapter of
 :mod:`jaxunlearn.models.functional`::
 
@@ -48,6 +52,7 @@ import numpy as np
 from flax import nnx
 
 from jaxunlearn.models.config import ModelConfig, rope_inv_freq
+from jaxunlearn.validate import check_int
 
 __all__ = [
     "Dense",
@@ -361,7 +366,9 @@ class Decoder(nnx.Module):
                               init_std=c.initializer_range, rngs=rngs))
 
     # -- shared body
-    def _run(self, input_ids, positions, mask, tape, cache=None, cache_index=None):
+    def _run(self, input_ids, positions, mask, tape, cache=None, cache_index=None, stop_after=None):
+        """``(logits, new cache)``; with ``stop_after=l`` the residual stream after block ``l`` instead,
+        the later blocks, the norm and the head not run."""
         c = self.config
         cos, sin = _rope_cos_sin(positions, rope_inv_freq(c), c.compute_dtype)
         x = self.embed(input_ids)
@@ -374,6 +381,8 @@ class Decoder(nnx.Module):
             else:
                 x, lc = layer(x, cos, sin, mask, tape, f"layers/{i}",
                               None if cache is None else cache[i], cache_index)
+            if i == stop_after:
+                return x
             new_cache.append(lc)
         x = self.norm(x)
         if self.lm_head is None:
@@ -399,12 +408,7 @@ class Decoder(nnx.Module):
         Returns:
           float32 logits (B, T, vocab), or ``(logits, inputs)`` with ``capture_inputs=True``.
         """
-        input_ids, attention_mask = _check_ids_mask(input_ids, attention_mask)
-        b, t = input_ids.shape
-        if positions is None:
-            positions = default_positions(attention_mask)
-        elif tuple(jnp.shape(positions)) != (b, t):
-            raise ValueError(f"positions shape {jnp.shape(positions)} does not match input_ids shape {(b, t)}")
+        input_ids, attention_mask, positions, mask = self._inputs(input_ids, attention_mask, positions)
         if taps:
             known = set(dense_paths(self.config))
             unknown = sorted(set(taps) - known)
@@ -413,9 +417,48 @@ class Decoder(nnx.Module):
                          if "lm_head" in unknown and self.config.tie_word_embeddings else "")
                 raise ValueError(f"unknown tap paths {unknown}{extra}; valid paths come from dense_paths()")
         tape = _Tape(taps, capture_inputs)
-        mask = _attention_mask(jnp.arange(t, dtype=jnp.int32), attention_mask, self.config.sliding_window)
-        logits, _ = self._run(input_ids, jnp.asarray(positions, jnp.int32), mask, tape)
+        logits, _ = self._run(input_ids, positions, mask, tape)
         return (logits, tape.inputs) if capture_inputs else logits
+
+    def _inputs(self, input_ids, attention_mask, positions):
+        """Checked ``(input_ids, attention_mask, positions, attention mask (B, T, T))`` of a forward."""
+        input_ids, attention_mask = _check_ids_mask(input_ids, attention_mask)
+        b, t = input_ids.shape
+        if positions is None:
+            positions = default_positions(attention_mask)
+        elif tuple(jnp.shape(positions)) != (b, t):
+            raise ValueError(f"positions shape {jnp.shape(positions)} does not match input_ids shape {(b, t)}")
+        mask = _attention_mask(jnp.arange(t, dtype=jnp.int32), attention_mask, self.config.sliding_window)
+        return input_ids, attention_mask, jnp.asarray(positions, jnp.int32), mask
+
+    def hidden_state(self, input_ids: Array, attention_mask: Array | None = None, *, layer: int,
+                     positions: Array | None = None) -> Array:
+        """The residual stream after block ``layer``: ``x_{l+1}`` with ``x_0 = embed(ids)`` and
+        ``x_{i+1} = block_i(x_i)`` (before the final norm).
+
+        The forward of :meth:`__call__` stopped after that block (blocks ``layer + 1 ..``, the norm
+        and the head are not run). It is the output of the module ``model.layers.{layer}`` of a
+        Hugging Face model (what RMU hooks), and its ``output_hidden_states`` entry
+        ``hidden_states[layer + 1]`` for ``layer < num_layers - 1`` (its last entry is taken after
+        the final norm).
+
+        Args:
+          input_ids: int (B, T) tokens.
+          attention_mask: (B, T) of 0/1, as in :meth:`__call__`.
+          layer: the block, ``0 <= layer < num_layers``.
+          positions: RoPE positions, as in :meth:`__call__`.
+
+        Returns:
+          (B, T, hidden) in the compute dtype.
+
+        Raises:
+          ValueError: ``layer`` out of range (named), bad ids / mask / positions.
+        """
+        layer = check_int("Decoder.hidden_state", "layer", layer, min=0)
+        if layer >= self.config.num_layers:
+            raise ValueError(f"Decoder.hidden_state.layer must be < num_layers={self.config.num_layers}, got {layer}")
+        input_ids, _, positions, mask = self._inputs(input_ids, attention_mask, positions)
+        return self._run(input_ids, positions, mask, _Tape(None, False), stop_after=layer)
 
     # -- incremental decoding
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:

@@ -4,6 +4,7 @@
 arrays, the ``nnx.Param`` state) and a frozen, hashable function of them::
 
     logits = fn(params, input_ids, attention_mask)        # == model(input_ids, attention_mask)
+    h      = fn.hidden_state(params, input_ids, attention_mask, layer=l)   # residual stream after block l
     nll    = fn.answer_nll(params, batch)                 # (B,) summed answer-token NLL per row
     loss   = fn.answer_loss(params, batch)                # mean NLL per answer token (training loss)
     F      = ju.fisher_diagonal(fn.example_nll, params, batches)   # per-example loss -> fused Fisher
@@ -216,6 +217,20 @@ class DecoderFn:
         """Logits ``(B, T, V)`` (float32 for a Decoder); ``kwargs`` go to the model's call
         (a Decoder's ``positions``, ``taps``, ``capture_inputs``)."""
         return self.merge(params)(input_ids, attention_mask, **kwargs)
+
+    def hidden_state(self, params: PyTree, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                     layer: int, **kwargs: Any) -> jax.Array:
+        """The residual stream after block ``layer``, ``(B, T, hidden)``: the model's
+        :meth:`~jaxunlearn.models.Decoder.hidden_state` (the forward stopped after that block).
+
+        Raises:
+          TypeError: the model has no ``hidden_state`` (not a Decoder).
+        """
+        model = self.merge(params)
+        if not hasattr(model, "hidden_state"):
+            raise TypeError(f"{type(model).__name__} has no hidden_state(input_ids, attention_mask, layer=): "
+                            "hidden states need a jaxunlearn.models.Decoder")
+        return model.hidden_state(input_ids, attention_mask, layer=layer, **kwargs)
 
     @property
     def is_decoder(self) -> bool:
