@@ -46,7 +46,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--general", nargs="*", default=[], help="further retain-side sets for model utility")
     b.add_argument("--holdout", default=None, help="never-trained split for membership inference")
     b.add_argument("--methods", nargs="*", default=None,
-                   help="config names under --configs (default: the demo's 14 methods)")
+                   help="config names under --configs (default: the demo's methods, jaxunlearn.benchmark.DEFAULT_METHODS)")
     b.add_argument("--configs", default=None, help="method configs directory (default: experiments/configs)")
     b.add_argument("--quant", nargs="*", default=["int4"], choices=list(QUANT_SCHEMES),
                    help="fake-quantisation schemes for the recovery columns (default: int4)")

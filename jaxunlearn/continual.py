@@ -65,7 +65,7 @@ import optax
 
 from jaxunlearn import tree as jt
 from jaxunlearn.fisher import fisher_diagonal
-from jaxunlearn.methods import UnlearnContext, importance_batches, importance_loss
+from jaxunlearn.context import UnlearnContext, importance_batches, importance_loss
 from jaxunlearn.models.functional import answer_loss
 from jaxunlearn.train import BATCH_KEYS
 from jaxunlearn.validate import check_bool, check_choice, check_float, check_int

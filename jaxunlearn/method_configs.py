@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 from jaxunlearn.adapters import LoraConfig
+from jaxunlearn.continual import ContinualConfig
 from jaxunlearn.unlearn import UnlearnConfig
 from jaxunlearn.validate import check_choice, check_float, check_int
 
@@ -184,6 +185,11 @@ class GradientMethod:
         adapter over the frozen target (held as NF4 with ``base="nf4"``) is trained, the
         reference model is the frozen base, SalUn saliency and masks are over the adapter, and
         the result is the adapter merged into the full-precision target. None: every weight.
+      continual: a continual method's importance-aware update (:class:`~jaxunlearn.continual.ContinualConfig`):
+        ``"lwf"`` adds the Fisher-weighted anchor ``strength sum_i F_i (theta_i - theta*_i)^2``
+        (EWC's penalty; F the retain Fisher at the target, theta* the target: one request of
+        :mod:`jaxunlearn.stream`), ``"fit"`` updates only FIT's top attributed layers. None: off.
+        Not with ``adapter``.
     """
 
     unlearn: UnlearnConfig
@@ -192,6 +198,7 @@ class GradientMethod:
     salun_fraction: float | None = None
     prune_sparsity: float | None = None
     adapter: LoraConfig | None = None
+    continual: ContinualConfig | None = None
     kind: str = dataclasses.field(default="gradient", init=False)
 
     def __post_init__(self):
@@ -209,6 +216,9 @@ class GradientMethod:
             if self.adapter is not None:
                 raise ValueError("GradientMethod.prune_sparsity prunes the model's weights and cannot be combined "
                                  "with adapter (which trains a LoRA adapter over frozen weights)")
+        if self.continual is not None and self.adapter is not None:
+            raise ValueError("GradientMethod.continual weighs the model's weights and cannot be combined with "
+                             "adapter (which trains a LoRA adapter over frozen weights)")
 
 
 RMU_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")

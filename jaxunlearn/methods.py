@@ -49,17 +49,16 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from jaxunlearn import tree as jt
 from jaxunlearn.adapters import LoraConfig, adapter_params_fn, freeze_base, init_lora, lora_delta, merge, scale_lora
-
+from jaxunlearn.context import UnlearnContext, context_mesh, importance_batches, importance_loss
+from jaxunlearn.continual import plan_request, start_state
 from jaxunlearn.dampening import ssd
 from jaxunlearn.fisher import fisher_diagonal, grad_importance
-from jaxunlearn.models.functional import example_nll
 from jaxunlearn.method_configs import (FinetuneConfig, GradientMethod, MethodConfig, PertaMethod, RMUMethod, SSDMethod,
                                        TaskVectorMethod, method_config_to_dict, parse_method_config)
-from jaxunlearn.placement import check_batch_size, place_batch, placed_specs, replicate_unplaced, resolve_mesh
+from jaxunlearn.placement import check_batch_size, place_batch, placed_specs, replicate_unplaced
 from jaxunlearn.rmu import build_rmu
 from jaxunlearn.runs import ResumableRun, array_digest, params_digest
 from jaxunlearn.saliency import salun_mask
@@ -72,72 +71,6 @@ from jaxunlearn.unlearn_step import forget_batch_keys
 __all__ = ["UnlearnContext", "KINDS", "run_method", "run_record", "context_mesh", "importance_loss", "importance_batches", "finetune_on_forget", "importances", "adapter_start"]
 
 KINDS = ("task_vector", "perta", "ssd", "gradient", "rmu")
-
-
-@dataclasses.dataclass
-class UnlearnContext:
-    """What every method needs.
-
-    Attributes:
-      apply_fn: ``apply(params, input_ids, attention_mask) -> logits``: the model's
-        :class:`~jaxunlearn.models.DecoderFn` (``fn, params = DecoderFn.of(model)``; its
-        Fisher importances then take the fused path, and RMU its hidden states) or any such function.
-      params: the target model's parameters (theta_0; never modified).
-      forget: encoded forget split (numpy arrays of the batch convention; with the refusal
-        answers ``alt_*`` for IdkNLL / IdkDPO, :func:`jaxunlearn.data.refusal.with_refusals`).
-      retain: encoded retain split.
-      seed: seeds the batch order.
-      fisher_kwargs: extra keyword arguments of :func:`jaxunlearn.fisher_diagonal`
-        (``chunk_size``, ``method``).
-      mesh: device mesh whose data-parallel axes split every batch (None: the mesh set
-        by ``jax.set_mesh``, if any, else unsharded batches). Shard ``params`` on it
-        beforehand (:func:`jaxunlearn.sharding.shard_params`); leaves not on a mesh are
-        replicated over it.
-    """
-
-    apply_fn: Callable
-    params: Any
-    forget: Mapping[str, np.ndarray]
-    retain: Mapping[str, np.ndarray]
-    seed: int = 0
-    fisher_kwargs: dict = dataclasses.field(default_factory=dict)
-    mesh: Mesh | None = None
-
-
-def context_mesh(ctx: UnlearnContext) -> Mesh | None:
-    """The mesh a run uses (:func:`jaxunlearn.placement.resolve_mesh`): ``ctx.mesh``, else the
-    mesh the parameters are sharded on, else the one set by ``jax.set_mesh``, else None."""
-    return resolve_mesh(ctx.mesh, ctx.params)
-
-
-def importance_loss(ctx: UnlearnContext) -> Callable:
-    """The per-example loss of every importance a method computes (Fisher, gradient, SalUn saliency).
-
-    :func:`jaxunlearn.models.example_nll` of ``ctx.apply_fn``: one example's summed answer NLL.
-    For a :class:`~jaxunlearn.models.DecoderFn` of a Decoder it is the adapter's
-    ``example_nll``, which offers the fused Fisher, so :func:`jaxunlearn.fisher.fisher_diagonal`
-    (``method="auto"``) computes PerTA-fisher's and SSD's Fisher by one forward and backward
-    pass per batch; any other apply function gets the chunked ``vmap`` path.
-    """
-    return example_nll(ctx.apply_fn)
-
-
-def importance_batches(data: Mapping[str, np.ndarray], batch_size: int, max_examples: int | None = None,
-                       seed: int = 0) -> list[dict]:
-    """Fixed-size batches over (a seeded subset of) ``data`` with ``example_weight`` 0 on padding rows."""
-    n = len(data["input_ids"])
-    idx = np.arange(n)
-    if max_examples is not None and max_examples < n:
-        idx = np.sort(np.random.default_rng(seed).permutation(n)[:max_examples])
-    out = []
-    for s in range(0, len(idx), batch_size):
-        rows = idx[s:s + batch_size]
-        w = np.ones(batch_size, np.float32)
-        if len(rows) < batch_size:
-            w[len(rows):] = 0.0
-            rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
-        out.append({**{k: np.asarray(data[k])[rows] for k in BATCH_KEYS}, "example_weight": w})
-    return out
 
 
 def adapter_start(ctx: UnlearnContext, adapter: LoraConfig) -> tuple[Any, Any]:
@@ -404,6 +337,14 @@ def run_method(ctx: UnlearnContext, cfg: MethodConfig | Mapping, *, checkpoint_d
     mesh = context_mesh(ctx)
     if mesh is not None:
         ctx = dataclasses.replace(ctx, params=replicate_unplaced(ctx.params, mesh))
+    if isinstance(cfg, GradientMethod) and cfg.continual is not None:  # one request of a continual method
+        if regularizer is not None or checkpoint_dir is not None:
+            raise ValueError("a method with 'continual' builds its own regularizer and is not resumable: "
+                             "regularizer= and checkpoint_dir= must be None")
+        c = cfg.continual
+        ctx, plain, regularizer, _ = plan_request(ctx, method_config_to_dict(dataclasses.replace(cfg, continual=None)),
+                                                  c, start_state(ctx, c))
+        cfg = parse_method_config(plain)
     if isinstance(cfg, TaskVectorMethod):
         if cfg.adapter is not None:  # negate the adapter's update: b -> -scale b
             lora = finetune_on_forget(ctx, cfg.finetune, cfg.adapter)

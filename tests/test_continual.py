@@ -279,3 +279,35 @@ def test_the_penalty_keeps_parameters_important_to_request_1_near_their_anchor()
     # and request 2 was still unlearned (the forget NLL rose)
     nll = lambda p: float(ju.models.functional.answer_loss(bigram_apply, p, {k: jnp.asarray(v) for k, v in req2.items()}))  # noqa: E731
     assert nll(held) > nll(theta1)
+
+
+def test_continual_method_config_is_one_request_of_the_stream_protocol():
+    """A gradient config with ``continual`` = the stream's first request by hand: plan_request on the
+    start state, then run_method with that regularizer (the same parameters, bitwise); bad combinations
+    are refused before any work."""
+    from jaxunlearn.continual import plan_request, start_state
+    from jaxunlearn.method_configs import parse_method_config
+    from jaxunlearn.methods import UnlearnContext, run_method
+
+    v = 9
+    params = bigram_params(v, 4, seed=0)
+    forget, retain = lm_batch(8, 1, vocab=v, seq=6, prompt=2), lm_batch(16, 2, vocab=v, seq=6, prompt=2)
+    ctx = UnlearnContext(bigram_apply, params, forget, retain, seed=0)
+    plain = {"kind": "gradient", "batch_size": 4, "unlearn": {"method": "npo", "steps": 3, "learning_rate": 1e-2}}
+    cont = {"kind": "lwf", "strength": 50.0, "fisher_examples": 8, "fisher_batch_size": 4}
+    got = run_method(ctx, {**plain, "continual": cont})
+    c = parse_method_config({**plain, "continual": cont}).continual
+    ctx2, cfg2, reg, info = plan_request(ctx, plain, c, start_state(ctx, c))
+    assert info["anchored"] and reg is not None
+    want = run_method(ctx2, cfg2, regularizer=reg)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    free = run_method(ctx, plain)
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(got),
+                                                                              jax.tree.leaves(free)))
+    with pytest.raises(ValueError, match="adapter"):
+        parse_method_config({**plain, "continual": cont, "adapter": {"rank": 2}})
+    with pytest.raises(ValueError, match="not resumable"):
+        run_method(ctx, {**plain, "continual": cont}, checkpoint_dir="/nonexistent/x")
+    with pytest.raises(ValueError, match="continual.kind"):
+        parse_method_config({**plain, "continual": {"kind": "ewc"}})
