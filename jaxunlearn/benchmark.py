@@ -74,9 +74,12 @@ __all__ = ["DEFAULT_METHODS", "load_method_configs", "summarize", "failed_row", 
            "run_benchmark", "benchmark_methods", "compare_methods", "write_benchmark", "default_configs_dir",
            "seed_list", "seeded_config", "DEFAULT_SEEDS", "MUSE_EVAL"]
 
-DEFAULT_METHODS = ("task_vector", "perta_grad", "perta_fisher", "ssd", "ga", "ga_proj", "grad_diff",
-                   "grad_diff_proj", "npo", "npo_proj", "simnpo", "simnpo_proj", "saf", "salun", "wga", "undial",
-                   "idk_nll", "idk_dpo", "rmu", "npo_pruned", "npo_lwf", "npo_fit")
+DEFAULT_METHODS = ("task_vector", "perta_fisher", "ssd", "ga", "grad_diff", "grad_diff_proj", "npo", "npo_proj",
+                   "simnpo", "saf", "salun", "wga", "undial", "idk_nll", "idk_dpo", "rmu", "npo_pruned", "npo_lwf",
+                   "npo_fit")
+#: Configs shipped beside the defaults, run on request (``--methods``): variants close to a default
+#: (PerTA with gradient importances, GA and SimNPO with the projection), left out of ``make demo``'s budget.
+EXTRA_METHODS = ("perta_grad", "ga_proj", "simnpo_proj")
 #: ``muse_eval`` keywords of the benchmark on the synthetic MUSE data: MUSE's 32-token KnowMem
 #: budget, and 64 VerbMem tokens instead of 128 (the synthetic continuations are at most 45 tokens,
 #: so the cut targets are whole; decoding stops at the EOS the passages were trained with).

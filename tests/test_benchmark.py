@@ -165,11 +165,15 @@ def test_unknown_method_and_bad_config(tmp_path, configs_dir):
 
 
 def test_shipped_configs_are_all_loadable():
-    from jaxunlearn.benchmark import DEFAULT_METHODS
+    from pathlib import Path
+
+    from jaxunlearn.benchmark import DEFAULT_METHODS, EXTRA_METHODS, default_configs_dir
     from jaxunlearn.methods import KINDS
     from jaxunlearn.unlearn import UnlearnConfig
 
-    cfgs = load_method_configs(DEFAULT_METHODS)  # parsed and validated (unknown keys, types, ranges)
+    shipped = sorted(p.stem for p in Path(default_configs_dir()).glob("*.json"))
+    assert shipped == sorted(DEFAULT_METHODS + EXTRA_METHODS)  # every shipped config is run or listed
+    cfgs = load_method_configs(shipped)  # parsed and validated (unknown keys, types, ranges)
     for name, c in cfgs.items():
         assert c.kind in KINDS, name
         if c.kind == "gradient":

@@ -56,7 +56,8 @@ def _mean_probability(apply_fn: Callable, params: Any, data: Mapping[str, np.nda
 
 
 def relearn_probe(apply_fn: Callable, forget: Mapping[str, np.ndarray], groups: Sequence[Any] | None,
-                  target_params: Any, cfg: RelearnConfig = RELEARN_DEFAULT, *, batch_size: int = 64) -> Probe:
+                  target_params: Any, cfg: RelearnConfig = RELEARN_DEFAULT, *, batch_size: int = 64,
+                  min_gap: float = 0.05) -> Probe:
     """The relearning attack as a probe (module docstring).
 
     The forget rows are split by :func:`~jaxunlearn.eval.relearn.split_for_relearning`
@@ -71,6 +72,9 @@ def relearn_probe(apply_fn: Callable, forget: Mapping[str, np.ndarray], groups: 
       target_params: the model before unlearning (``p_target`` of ``relearn_rec``).
       cfg: the attack.
       batch_size: rows per evaluation call.
+      min_gap: ``relearn_rec`` is NaN when unlearning lowered the held-out probability by less than
+        this (``p_target - p0 < min_gap``: nothing was forgotten to recover, and the ratio of two
+        small differences would be noise).
 
     Returns:
       ``probe(params) -> {"relearn_p0", "relearn_p", "relearn_rec", "relearn_p_step<s>" ...}``, the
@@ -93,7 +97,8 @@ def relearn_probe(apply_fn: Callable, forget: Mapping[str, np.ndarray], groups: 
         curve = relearn(apply_fn, params, attack, cfg,
                         lambda p: {"p": _mean_probability(apply_fn, p, held, batch_size)})
         p0, p1 = curve[0]["p"], curve[-1]["p"]
-        return {"relearn_p0": p0, "relearn_p": p1, "relearn_rec": recovered_fraction(p0, p1, p_target),
+        rec = recovered_fraction(p0, p1, p_target) if p_target - p0 >= min_gap else float("nan")
+        return {"relearn_p0": p0, "relearn_p": p1, "relearn_rec": rec,
                 **{RELEARN_CURVE.format(c["step"]): c["p"] for c in curve}}
 
     return probe
@@ -116,11 +121,12 @@ def fact_scores(apply_fn: Callable, params: Any, data: Mapping[str, np.ndarray],
 
 
 def overlap_probe(apply_fn: Callable, tokenizer, splits: Mapping[str, datasets.Dataset], *,
-                  batch_size: int = 64) -> Probe:
+                  batch_size: int = 64, max_rows: int | None = None, seed: int = 0) -> Probe:
     """Fact probability and accuracy on each overlap split (module docstring).
 
     The splits (e.g. :func:`jaxunlearn.data.overlap.overlap_splits`) are encoded once, padded to
-    one length (one compilation), with their ``fact`` column as the fact mask.
+    one length (one compilation), with their ``fact`` column as the fact mask; a split longer than
+    ``max_rows`` is a seeded subset of that many rows (None: all).
 
     Returns:
       ``probe(params) -> {"<split>_fp", "<split>_fa" for each split}``.
@@ -133,6 +139,9 @@ def overlap_probe(apply_fn: Callable, tokenizer, splits: Mapping[str, datasets.D
     for name, ds in splits.items():
         if "fact" not in ds.column_names:
             raise KeyError(f"overlap split {name!r} has no 'fact' column (columns: {ds.column_names})")
+    splits = {name: ds if max_rows is None or len(ds) <= max_rows else
+              ds.select(np.sort(np.random.default_rng(seed).permutation(len(ds))[:max_rows]))
+              for name, ds in splits.items()}
     length = max(encode_split(tokenizer, ds, max_length=None)["input_ids"].shape[-1] for ds in splits.values())
     encoded = {name: encode_split(tokenizer, ds, max_length=length) for name, ds in splits.items()}
 
@@ -148,6 +157,9 @@ def overlap_probe(apply_fn: Callable, tokenizer, splits: Mapping[str, datasets.D
 
 
 PROBES = ("relearn", "overlap", "remind")
+# the benchmark's overlap splits: at most this many rows each (the shared / unshared retain rows are
+# most of the retain split)
+OVERLAP_MAX_ROWS = 240
 # the benchmark's REMIND: 8 variants (2 per strength level), up to 96 examples a side (AUC over 5 folds)
 REMIND_DEFAULT = RemindConfig(num_variants=8)
 REMIND_MAX_EXAMPLES = 96
@@ -218,8 +230,8 @@ def benchmark_probes(data, apply_fn: Callable, target_params: Any, names: Sequen
         if lacking:
             missing["overlap"] = f"needs columns {lacking} in splits {fs!r} and {rs!r}"
         else:
-            probes["overlap"] = overlap_probe(apply_fn, data.tokenizer,
-                                              overlap_splits(data.dataset, fs, rs, seed=seed))
+            probes["overlap"] = overlap_probe(apply_fn, data.tokenizer, overlap_splits(data.dataset, fs, rs, seed=seed),
+                                              max_rows=OVERLAP_MAX_ROWS, seed=seed)
     if "remind" in names:
         hs = data.holdout_split
         if hs is None:
