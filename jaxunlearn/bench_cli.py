@@ -10,6 +10,7 @@ overlap splits where the data have their columns, REMIND with a ``--holdout``); 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -28,7 +29,7 @@ __all__ = ["add_bench_parser", "run_bench"]
 
 def add_bench_parser(sub) -> argparse.ArgumentParser:
     """Add the ``bench`` sub-command to ``sub`` (an ``argparse`` sub-parsers object)."""
-    from jaxunlearn.eval.probes import PROBES
+    from jaxunlearn.eval.probes import PROBES, RELEARN_DATA, RELEARN_DEFAULT
     from jaxunlearn.stats import DEFAULT_SEEDS
 
     b = sub.add_parser(
@@ -65,6 +66,13 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
                    help="extra evaluations of every model (default: all the data allow, the others named n/a): "
                         "relearn (the relearning attack), overlap (BLUR-style splits; needs person/attribute/fact "
                         "columns), remind (needs --holdout)")
+    b.add_argument("--relearn-data", default="forget", choices=list(RELEARN_DATA),
+                   help="what the relearning attack fine-tunes on: forget (the rows of half the forget people; "
+                        "default), paraphrase (the same rows with paraphrased answers), facts (some attributes of "
+                        "every forget person, the others held out)")
+    b.add_argument("--relearn-steps", type=int, default=RELEARN_DEFAULT.steps,
+                   help="relearning attack steps (AdamW lr %g, batch %d; default %%(default)s)"
+                        % (RELEARN_DEFAULT.learning_rate, RELEARN_DEFAULT.batch_size))
     return b
 
 
@@ -75,7 +83,7 @@ def run_bench(args: argparse.Namespace, mesh) -> int:
     from jaxunlearn.benchmark import (DEFAULT_METHODS, MUSE_EVAL, compare_methods, format_results_table,
                                       load_method_configs, write_benchmark)
     from jaxunlearn.data.muse import load_muse
-    from jaxunlearn.eval.probes import PROBES, benchmark_probes
+    from jaxunlearn.eval.probes import PROBES, RELEARN_DEFAULT, benchmark_probes
     from jaxunlearn.results_table import format_probe_table
     from jaxunlearn.eval.runner import encode_eval_splits
     from jaxunlearn.methods import UnlearnContext
@@ -94,6 +102,8 @@ def run_bench(args: argparse.Namespace, mesh) -> int:
     muse = load_muse(args.muse, raw=False) if args.muse else None
     muse_kwargs = {**MUSE_EVAL, "verbmem_max_new_tokens": args.verbmem_tokens}
     model, tok, dd = load_model_and_data(args)
+    if args.relearn_steps < 1:
+        raise ValueError(f"--relearn-steps must be >= 1, got {args.relearn_steps}")
     if args.probes is not None and "remind" in args.probes and not args.holdout:
         raise ValueError("--probes remind needs --holdout (REMIND's never-trained negatives); drop it with --probes "
                          "relearn overlap")
@@ -116,14 +126,19 @@ def run_bench(args: argparse.Namespace, mesh) -> int:
     ev = dict(forget=args.forget, retain=args.retain, general=args.general or None, holdout=args.holdout,
               rouge_examples=args.rouge_examples)
     data = types.SimpleNamespace(dataset=dd, forget_split=args.forget, retain_split=args.retain,
-                                 holdout_split=args.holdout, encoded=train_enc, tokenizer=tok)
+                                 holdout_split=args.holdout, encoded=train_enc, tokenizer=tok,
+                                 separator=args.separator)
     probe_names = list(PROBES if args.probes is None else args.probes)
-    probes, probes_na = benchmark_probes(data, fn, params, probe_names, seed=args.seed)
+    relearn = dataclasses.replace(RELEARN_DEFAULT, steps=args.relearn_steps,
+                                  eval_every=max(1, min(RELEARN_DEFAULT.eval_every, args.relearn_steps)))
+    probes, probes_na = benchmark_probes(data, fn, params, probe_names, seed=args.seed,
+                                         relearn_data=args.relearn_data, relearn=relearn)
     head = {"model": os.path.abspath(args.model), "reference": args.reference and os.path.abspath(args.reference),
             "data": os.path.abspath(args.data), "roles": roles, "seed": args.seed, "train_seeds": False,
             "muse": args.muse and os.path.abspath(args.muse), "muse_eval": muse_kwargs if muse else None,
             "method_configs": {m: method_config_to_dict(c) for m, c in configs.items()},
             "forget_split": args.forget, "retain_split": args.retain, "probes": probe_names,
+            "relearn": {"data": args.relearn_data, **dataclasses.asdict(relearn)},
             "probes_not_available": probes_na}
     # process 0 writes the results; the others run the same SPMD program and write into a scratch directory
     out, scratch = args.out, None

@@ -54,10 +54,10 @@ from jaxunlearn.pipeline import DemoConfig, PreparedData, evaluate_splits, prepa
 
 __all__ = ["run_demo", "format_table", "DEMO_SEEDS"]
 
-# Unlearning seeds of a plain `jaxunlearn demo` / `make demo`: one, so that `make demo` stays under 8 minutes
-# on a 2-core CPU (measured 2026-11-30 with the MUSE data: 5 min 48 s; 340 s in the demo, 158 s of it training
-# the pair and 175 s unlearning and evaluating the 14 methods; every further seed adds about those 175 s, so
-# 3 seeds take about 12 min). A single-seed table says it has no intervals; compare methods with `--seeds 3`.
+# Unlearning seeds of a plain `jaxunlearn demo` / `make demo`: one, so that `make demo` stays under 10 minutes
+# on a 2-core CPU including the install (measured 2026-12-01 on a fresh clone: 8 min 53 s; 446 s in the demo,
+# 160 s of it training the pair and 279 s unlearning and evaluating the 19 methods with the probes; every
+# further seed adds about those 279 s). A single-seed table says it has no intervals; compare with `--seeds 3`.
 DEMO_SEEDS = 1
 
 SPLITS = ("forget10", "retain90", "general", "holdout")

@@ -134,12 +134,18 @@ def test_bench_rows_equal_unlearn_then_eval(demo_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--model", model, "--reference", ref, "--data", data, *splits, "--methods", "ga",
                  "task_vector", "--configs", str(configs), "--out", str(out), "--no-progress", "--seeds", "2",
-                 "--muse", str(demo_dir / "muse"), "--verbmem-tokens", "64"]) == 0
+                 "--muse", str(demo_dir / "muse"), "--verbmem-tokens", "64", "--relearn-data", "paraphrase",
+                 "--relearn-steps", "4"]) == 0
     printed = capsys.readouterr().out
     assert "task_vector" in printed and "int4_rec" in printed and "VerbMem_f" in printed
+    assert "relearn_rec" in printed and "REMIND_AUC" in printed  # the probes' table
     res = json.loads((out / "results.json").read_text())
     assert list(res["table"]) == ["reference", "target", "ga", "task_vector"]
-    assert (out / "forget_vs_utility.png").is_file()
+    assert (out / "forget_vs_utility.png").is_file() and (out / "relearn.png").is_file()
+    assert res["relearn"]["data"] == "paraphrase" and res["relearn"]["steps"] == 4
+    assert sorted(k for k in res["per_seed"]["ga"][0] if k.startswith("relearn_p_step")) == [
+        "relearn_p_step0", "relearn_p_step2", "relearn_p_step4"]
+    assert res["probes_not_available"] == {}  # the saved benchmark has every column the probes need
 
     unl, ev_out = tmp_path / "ga_model", tmp_path / "ga_eval.json"
     assert main(["unlearn", "--model", model, "--data", data, "--forget", "forget10", "--retain", "retain90",
@@ -169,9 +175,9 @@ def test_bench_rows_equal_unlearn_then_eval(demo_dir, tmp_path, capsys):
     assert res["per_seed"]["reference"][0]["privleak_muse"] == 0.0
     assert res["muse_eval"] == MUSE_EVAL  # --verbmem-tokens 64 is the demo's budget
     # an unknown method is named before any model is loaded; an existing directory is refused
-    assert main(["bench", "--model", model, "--data", data, *splits, "--methods", "rmu", "--configs", str(configs),
-                 "--out", str(tmp_path / "b2")]) == 2
-    assert "unknown method 'rmu'" in capsys.readouterr().err
+    assert main(["bench", "--model", model, "--data", data, *splits, "--methods", "no_such", "--configs",
+                 str(configs), "--out", str(tmp_path / "b2")]) == 2
+    assert "unknown method 'no_such'" in capsys.readouterr().err
     assert main(["bench", "--model", model, "--data", data, *splits, "--methods", "ga", "--configs", str(configs),
                  "--muse", str(demo_dir / "muse"), "--verbmem-tokens", "0", "--out", str(tmp_path / "b3")]) == 2
     assert "--verbmem-tokens must be >= 1, got 0" in capsys.readouterr().err

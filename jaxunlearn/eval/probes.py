@@ -40,7 +40,7 @@ from jaxunlearn.eval.relearn import BATCH_KEYS, RelearnConfig, recovered_fractio
 from jaxunlearn.eval.remind import RemindConfig, embedding_neighbours, find_embedding, remind_evaluate
 from jaxunlearn.eval.runner import evaluate_encoded
 
-__all__ = ["Probe", "PROBES", "RELEARN_DEFAULT", "RELEARN_CURVE", "REMIND_DEFAULT", "relearn_probe", "overlap_probe", "remind_probe",
+__all__ = ["Probe", "PROBES", "RELEARN_DATA", "RELEARN_DEFAULT", "RELEARN_CURVE", "REMIND_DEFAULT", "relearn_probe", "overlap_probe", "remind_probe",
            "fact_scores", "benchmark_probes"]
 
 Probe = Callable[[Any], dict[str, float]]
@@ -57,7 +57,7 @@ def _mean_probability(apply_fn: Callable, params: Any, data: Mapping[str, np.nda
 
 def relearn_probe(apply_fn: Callable, forget: Mapping[str, np.ndarray], groups: Sequence[Any] | None,
                   target_params: Any, cfg: RelearnConfig = RELEARN_DEFAULT, *, batch_size: int = 64,
-                  min_gap: float = 0.05) -> Probe:
+                  min_gap: float = 0.05, attack_source: Mapping[str, np.ndarray] | None = None) -> Probe:
     """The relearning attack as a probe (module docstring).
 
     The forget rows are split by :func:`~jaxunlearn.eval.relearn.split_for_relearning`
@@ -72,6 +72,9 @@ def relearn_probe(apply_fn: Callable, forget: Mapping[str, np.ndarray], groups: 
       target_params: the model before unlearning (``p_target`` of ``relearn_rec``).
       cfg: the attack.
       batch_size: rows per evaluation call.
+      attack_source: the rows the attacker fine-tunes on, row-aligned with ``forget`` (e.g. the same
+        questions with their paraphrased answers); None: ``forget`` itself. Only the attack part's
+        rows of it are used; the held-out part is always ``forget``'s.
       min_gap: ``relearn_rec`` is NaN when unlearning lowered the held-out probability by less than
         this (``p_target - p0 < min_gap``: nothing was forgotten to recover, and the ratio of two
         small differences would be noise).
@@ -88,8 +91,11 @@ def relearn_probe(apply_fn: Callable, forget: Mapping[str, np.ndarray], groups: 
         if k not in forget:
             raise KeyError(f"relearn_probe: the forget set lacks '{k}' (have {sorted(forget)})")
     n = len(forget["input_ids"])
+    source = forget if attack_source is None else attack_source
+    if len(source["input_ids"]) != n or any(k not in source for k in BATCH_KEYS):
+        raise ValueError(f"relearn_probe: attack_source must hold {list(BATCH_KEYS)} for the {n} forget rows")
     attack_rows, held_rows = split_for_relearning(n, cfg.fraction, cfg.seed, groups)
-    attack = {k: np.asarray(forget[k])[attack_rows] for k in BATCH_KEYS}
+    attack = {k: np.asarray(source[k])[attack_rows] for k in BATCH_KEYS}
     held = {k: np.asarray(forget[k])[held_rows] for k in BATCH_KEYS}
     p_target = _mean_probability(apply_fn, target_params, held, batch_size)
 
@@ -157,6 +163,8 @@ def overlap_probe(apply_fn: Callable, tokenizer, splits: Mapping[str, datasets.D
 
 
 PROBES = ("relearn", "overlap", "remind")
+#: what the relearning attacker fine-tunes on (:func:`benchmark_probes`)
+RELEARN_DATA = ("forget", "paraphrase", "facts")
 # the benchmark's overlap splits: at most this many rows each (the shared / unshared retain rows are
 # most of the retain split)
 OVERLAP_MAX_ROWS = 240
@@ -191,13 +199,18 @@ def remind_probe(apply_fn: Callable, forget: Mapping[str, np.ndarray], other: Ma
 
 
 def benchmark_probes(data, apply_fn: Callable, target_params: Any, names: Sequence[str] = PROBES, *,
-                     seed: int = 0) -> tuple[dict[str, Probe], dict[str, str]]:
+                     seed: int = 0, relearn_data: str = "forget",
+                     relearn: RelearnConfig | None = None) -> tuple[dict[str, Probe], dict[str, str]]:
     """The named probes for a prepared benchmark (:class:`jaxunlearn.pipeline.PreparedData`).
 
-    ``"relearn"``: :func:`relearn_probe` on the forget QA split's encoded rows, grouped by its
-    ``person`` column when it has one
-    (with a single person, by rows: the attack then sees some of that person's facts and the
-    held-out part asks the others); ``"overlap"``: :func:`overlap_probe` on
+    ``"relearn"``: :func:`relearn_probe` on the forget QA split's encoded rows; what the attacker
+    fine-tunes on is ``relearn_data`` (:data:`RELEARN_DATA`, the attacks of Hu et al. 2024):
+    ``"forget"`` the rows of a fraction of the forget people (grouped by the ``person`` column;
+    with a single person, or none, by rows), ``"paraphrase"`` the same rows with their
+    ``paraphrased_answer`` instead, ``"facts"`` related-but-different facts about the same people
+    (grouped by the ``attribute`` column: the attack sees some attributes of every forget person,
+    the held-out part asks the others); ``relearn``: the attack (default :data:`RELEARN_DEFAULT`
+    with ``seed``); ``"overlap"``: :func:`overlap_probe` on
     :func:`jaxunlearn.data.overlap.overlap_splits` of the forget and retain splits (needs the
     ``person`` / ``attribute`` / ``fact`` columns); ``"remind"``: :func:`remind_probe` of the forget
     split against the holdout split, on the neighbour table of the target's input embedding.
@@ -216,15 +229,26 @@ def benchmark_probes(data, apply_fn: Callable, target_params: Any, names: Sequen
     forget_ds = data.dataset[fs]
     probes: dict[str, Probe] = {}
     missing: dict[str, str] = {}
+    if relearn_data not in RELEARN_DATA:
+        raise ValueError(f"relearn_data must be one of {RELEARN_DATA}, got {relearn_data!r}")
     if "relearn" in names:
-        groups = list(forget_ds["person"]) if "person" in forget_ds.column_names else None
+        column = "attribute" if relearn_data == "facts" else "person"
+        groups = list(forget_ds[column]) if column in forget_ds.column_names else None
         if groups is not None and len(set(groups)) < 2:  # one subject: held-out facts of the same person
             groups = None
+        need = {"facts": "attribute", "paraphrase": "paraphrased_answer"}.get(relearn_data)
         if len(forget_ds) < 2:
             missing["relearn"] = f"needs at least 2 forget rows, split {fs!r} has {len(forget_ds)}"
+        elif need is not None and need not in forget_ds.column_names:
+            missing["relearn"] = f"relearn_data={relearn_data!r} needs column {need!r} in split {fs!r}"
         else:
-            cfg = dataclasses.replace(RELEARN_DEFAULT, seed=seed)
-            probes["relearn"] = relearn_probe(apply_fn, data.encoded[fs], groups, target_params, cfg)
+            cfg = dataclasses.replace(relearn or RELEARN_DEFAULT, seed=seed)
+            source = None
+            if relearn_data == "paraphrase":
+                source = encode_split(data.tokenizer, forget_ds, max_length=None, answer_column="paraphrased_answer",
+                                      fact_column=None, separator=getattr(data, "separator", None))
+            probes["relearn"] = relearn_probe(apply_fn, data.encoded[fs], groups, target_params, cfg,
+                                              attack_source=source)
     if "overlap" in names:
         lacking = sorted({c for s in (fs, rs) for c in OVERLAP_COLUMNS if c not in data.dataset[s].column_names})
         if lacking:

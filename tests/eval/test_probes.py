@@ -2,6 +2,8 @@
 fact scores against a loop over tokens, the relearning probe against the attack run by hand, and
 the probe table."""
 
+import dataclasses
+
 import datasets
 import jax
 import numpy as np
@@ -83,7 +85,7 @@ def test_relearn_probe_is_the_attack_on_the_held_out_people():
     data = lm_batch(12, 0, vocab=8, seq=6, prompt=2)
     groups = [i // 3 for i in range(12)]
     cfg = RelearnConfig(steps=4, learning_rate=1e-2, batch_size=3, fraction=0.5, eval_every=4, seed=1)
-    got = relearn_probe(bigram_apply, data, groups, target, cfg)(unlearned)
+    got = relearn_probe(bigram_apply, data, groups, target, cfg, min_gap=-np.inf)(unlearned)  # the bare formula
 
     attack, held = split_for_relearning(12, 0.5, 1, groups)
 
@@ -98,6 +100,8 @@ def test_relearn_probe_is_the_attack_on_the_held_out_people():
     assert got["relearn_p"] == pytest.approx(curve[-1]["p"], rel=1e-4)
     want = (curve[-1]["p"] - mean_p(unlearned)) / (mean_p(target) - mean_p(unlearned))
     assert got["relearn_rec"] == pytest.approx(want, rel=1e-3)
+    if mean_p(target) - mean_p(unlearned) < 0.05:  # the default: no ratio of two tiny differences
+        assert np.isnan(relearn_probe(bigram_apply, data, groups, target, cfg)(unlearned)["relearn_rec"])
     with pytest.raises(KeyError, match="loss_mask"):
         relearn_probe(bigram_apply, {k: v for k, v in data.items() if k != "loss_mask"}, groups, target, cfg)
 
@@ -165,3 +169,51 @@ def test_relearn_curve_columns_and_plot(tmp_path):
     assert path is not None and (tmp_path / "r.png").stat().st_size > 1000
     assert plot_relearn({"m": {"forget_quality": 1.0}}, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_relearn_data_modes_choose_the_attack_rows(bench):
+    """``relearn_data``: "facts" holds out whole attributes of the same people, "paraphrase" fine-tunes on
+    the attack rows' paraphrased answers (the probe equals relearn_probe with that attack source), and a
+    missing column is named."""
+    from jaxunlearn.data import encode_split, train_tokenizer
+    from jaxunlearn.data.tokenizer import benchmark_texts
+
+    tok = train_tokenizer(benchmark_texts(bench), vocab_size=256)
+    fs = "forget10"
+    enc = encode_split(tok, bench[fs], max_length=None)
+
+    class Data:
+        dataset, forget_split, retain_split, holdout_split, tokenizer = bench, fs, "retain90", None, tok
+        encoded = {fs: enc}
+
+    params = bigram_params(len(tok), 4, seed=1)
+    cfg = RelearnConfig(steps=2, learning_rate=1e-2, batch_size=4, fraction=0.5, eval_every=2)
+    for mode in ("facts", "paraphrase"):
+        probes, missing = benchmark_probes(Data, bigram_apply, params, ["relearn"], seed=3, relearn_data=mode,
+                                           relearn=cfg)
+        assert missing == {}
+        got = probes["relearn"](params)
+        c = dataclasses.replace(cfg, seed=3)
+        if mode == "facts":
+            attrs = list(bench[fs]["attribute"])
+            a, h = split_for_relearning(len(attrs), 0.5, 3, attrs)
+            assert {attrs[i] for i in a}.isdisjoint({attrs[i] for i in h})
+            people = list(bench[fs]["person"])
+            assert {people[i] for i in a} == {people[i] for i in h}  # the same people on both sides
+            want = relearn_probe(bigram_apply, enc, attrs, params, c)(params)
+        else:
+            para = encode_split(tok, bench[fs], max_length=None, answer_column="paraphrased_answer", fact_column=None)
+            want = relearn_probe(bigram_apply, enc, list(bench[fs]["person"]), params, c, attack_source=para)(params)
+            plain = relearn_probe(bigram_apply, enc, list(bench[fs]["person"]), params, c)(params)
+            assert got["relearn_p"] != plain["relearn_p"]  # the paraphrases are what was fine-tuned on
+        np.testing.assert_equal(got, want)  # NaN-aware: relearn_rec is NaN where nothing was forgotten
+    bare = dict(bench)
+    bare[fs] = bench[fs].remove_columns(["paraphrased_answer"])
+
+    class Bare(Data):
+        dataset = bare
+
+    _, missing = benchmark_probes(Bare, bigram_apply, params, ["relearn"], relearn_data="paraphrase")
+    assert "paraphrased_answer" in missing["relearn"]
+    with pytest.raises(ValueError, match="relearn_data"):
+        benchmark_probes(Data, bigram_apply, params, ["relearn"], relearn_data="other")
