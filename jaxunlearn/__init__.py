@@ -22,8 +22,11 @@ from jaxunlearn.dampening import ssd, ssd_factors
 from jaxunlearn.fisher import fisher_diagonal, grad_importance, mean_grad, per_example_grads, sample_labels_fn
 from jaxunlearn.fisher_fused import fisher_diagonal_fused
 from jaxunlearn.models import DecoderFn
+from jaxunlearn.continual import ContinualConfig, ContinualState, fisher_penalty, fold_fisher, layer_masked_updates
 from jaxunlearn.losses import (
+    activation_loss,
     batch_token_nll,
+    dpo,
     grad_diff,
     gradient_ascent,
     kl_to_reference,
@@ -32,6 +35,8 @@ from jaxunlearn.losses import (
     sequence_nll,
     simnpo,
     token_logprobs,
+    undial,
+    wga,
 )
 from jaxunlearn.projection import ProjectOrthogonalState, orthogonal_projection, project_orthogonal
 from jaxunlearn.quant import NF4_LEVELS, fake_quantize
@@ -46,6 +51,15 @@ from jaxunlearn.unlearn import UnlearnConfig, Unlearner, UnlearnState, forget_lo
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContinualConfig",
+    "ContinualState",
+    "activation_loss",
+    "dpo",
+    "fisher_penalty",
+    "fold_fisher",
+    "layer_masked_updates",
+    "undial",
+    "wga",
     "DecoderFn",
     "NF4_LEVELS",
     "ProjectOrthogonalState",
