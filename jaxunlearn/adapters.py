@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxunlearn import validate as V
+from jaxunlearn.models.scan import check_unrolled
 from jaxunlearn.quant import dequantize_leaf, quantize_leaf
 from jaxunlearn.tree import PyTree, leaves_with_paths, path_str
 
@@ -205,6 +206,7 @@ def lora_paths(params: PyTree, cfg: LoraConfig) -> list[str]:
     Raises:
       ValueError: no leaf matches (the pattern and some of the tree's paths named).
     """
+    check_unrolled(params, "lora_paths")  # stacked (scan_layers) kernels are 3-D: one adapter per layer is not here
     pattern = re.compile(cfg.targets)
     leaves = leaves_with_paths(params)
     paths = [p for p, x in leaves if _is_float2d(x) and pattern.search(p)]

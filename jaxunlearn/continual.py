@@ -67,6 +67,7 @@ from jaxunlearn import tree as jt
 from jaxunlearn.fisher import fisher_diagonal
 from jaxunlearn.context import UnlearnContext, importance_batches, importance_loss
 from jaxunlearn.models.functional import answer_loss
+from jaxunlearn.models.scan import check_unrolled
 from jaxunlearn.train import BATCH_KEYS
 from jaxunlearn.validate import check_bool, check_choice, check_float, check_int
 
@@ -341,6 +342,8 @@ def layer_attribution(apply_fn: Callable, params: Any, batch: Mapping[str, Any],
     References:
       Xu et al., "FIT: Defying Catastrophic Forgetting in Continual LLM Unlearning", 2026.
     """
+    if layer_part is decoder_layer_part:
+        check_unrolled(params, "layer_attribution")
     paths = [jt.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     layers = sorted({lp[0] for lp in map(layer_part, paths) if lp is not None})
     if not layers:
@@ -379,6 +382,8 @@ def layer_mask(params: Any, layers: Sequence[int], *, parts: Sequence[str] = ("a
     Raises:
       ValueError: the mask selects nothing.
     """
+    if layer_part is decoder_layer_part:
+        check_unrolled(params, "layer_mask")
     chosen, parts = set(int(x) for x in layers), set(parts)
 
     def one(path, x):

@@ -37,6 +37,12 @@ parameter gradients are then formed from them:
   ``sum_n w_n H_n**2`` is ``dense_fisher(G^l, X)`` and the cross term uses
   ``H_n[x_n,t] = sum_s G^l_n,s,x_n,t X_n,s``, gathered per position.
 
+Scanned decoders (``ModelConfig(scan_layers=True)``, block leaves stacked ``(L, ...)``): the
+taps of the blocks are stacked ``(L, B, T, out)`` scan inputs and their captured inputs come back
+as stacked ``(L, B, T, in)`` scan outputs (``model(..., stacked=True)``); each stacked kernel's
+Fisher is ``dense_fisher`` per layer under one ``lax.map`` (``(L, in, out)``), biases and scales
+the rules above per layer. The result is the unrolled model's, stacked (tested).
+
 Every rule is exact, so the result equals the ``vmap`` path up to floating-point
 round-off (tested: float32 to ``rtol 1e-4``). The embedding hook replaces
 ``model.embed`` of the merged (per-call) model by a wrapper that adds the taps; the
@@ -76,6 +82,7 @@ from jaxunlearn import tree as jt
 from jaxunlearn.kernels import fisher as kf
 from jaxunlearn.losses import sequence_nll
 from jaxunlearn.models.decoder import Decoder, dense_shapes
+from jaxunlearn.models.scan import stacked_dense_shapes
 
 PyTree = Any
 SampleFn = Callable[[PyTree, PyTree, jax.Array], PyTree]
@@ -115,8 +122,9 @@ def _leaf_name(path: str) -> str:
     return path.removesuffix("/value")
 
 
-def _classify(params: PyTree, graphdef: nnx.GraphDef) -> tuple[list[tuple[str, str]], Any]:
-    """``[(kind, name)]`` per params leaf (kind: kernel / bias / scale / embedding) and the config.
+def _classify(params: PyTree, graphdef: nnx.GraphDef) -> tuple[list[tuple[str, str, bool]], Any]:
+    """``[(kind, name, stacked)]`` per params leaf (kind: kernel / bias / scale / embedding; stacked:
+    a block leaf of a scanned model, leading layer axis) and the config.
 
     Raises:
       ValueError: a leaf the fused rules do not cover, or a kernel of the wrong shape.
@@ -124,20 +132,23 @@ def _classify(params: PyTree, graphdef: nnx.GraphDef) -> tuple[list[tuple[str, s
     model = nnx.merge(graphdef, params)
     if not isinstance(model, Decoder):
         raise TypeError(f"the graphdef describes a {type(model).__name__}, not a jaxunlearn.models.Decoder")
-    shapes = dense_shapes(model.config)
+    c = model.config
+    shapes = stacked_dense_shapes(c) if c.scan_layers else dense_shapes(c)
     kinds = []
     for path, x in jt.leaves_with_paths(params):
         name = _leaf_name(path)
         head, _, last = name.rpartition("/")
+        stacked = c.scan_layers and name.startswith("layers/")
+        lead = (c.num_layers,) if stacked else ()
         if name == "embed/embedding":
-            kinds.append(("embedding", name))
+            kinds.append(("embedding", name, False))
         elif head in shapes and last in ("kernel", "bias"):
-            want = shapes[head] if last == "kernel" else shapes[head][1:]
+            want = lead + (shapes[head] if last == "kernel" else shapes[head][1:])
             if tuple(jnp.shape(x)) != want:
                 raise ValueError(f"params leaf '{name}' has shape {jnp.shape(x)}, the decoder expects {want}")
-            kinds.append((last, head))
-        elif last == "scale" and jnp.ndim(x) == 1:
-            kinds.append(("scale", name))
+            kinds.append((last, head, stacked))
+        elif last == "scale" and jnp.ndim(x) == 1 + len(lead) and tuple(jnp.shape(x))[:len(lead)] == lead:
+            kinds.append(("scale", name, stacked))
         else:
             raise ValueError(
                 f"the fused Fisher has no rule for params leaf '{name}' (shape {jnp.shape(x)}); "
@@ -201,6 +212,13 @@ def _embedding_fisher(ids, g_emb, w, vocab, g_logits=None, head_in=None, *, impl
     return out.at[ids.reshape(-1)].add(contrib.reshape(-1, contrib.shape[-1]))
 
 
+def _kernel_fisher(a: jax.Array, g: jax.Array, sw: jax.Array, stacked: bool, impl: str) -> jax.Array:
+    """``dense_fisher(a, g, sqrt w)``; stacked ``(L, B, T, .)`` operands: per layer, under one ``lax.map``."""
+    if not stacked:
+        return kf.dense_fisher(*_kernel_operands(a, g), sw, impl=impl)
+    return jax.lax.map(lambda ag: kf.dense_fisher(*_kernel_operands(*ag), sw, impl=impl), (a, g))
+
+
 def _fused_sums(params, examples, weight, *, graphdef, impl) -> list[jax.Array]:
     """Per params leaf, ``sum_n w_n (grad l_n)**2`` (float32) for one (micro-)batch."""
     kinds, config = _classify(params, graphdef)
@@ -208,12 +226,17 @@ def _fused_sums(params, examples, weight, *, graphdef, impl) -> list[jax.Array]:
     am, lm = examples["attention_mask"], examples["loss_mask"]
     B, T = ids.shape
     cd = config.compute_dtype
+    scan = config.scan_layers
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    scale_idx = [i for i, (kind, _) in enumerate(kinds) if kind == "scale"]
-    taps = {p: jnp.zeros((B, T, o), cd) for p, (_, o) in dense_shapes(config).items()}
+    scale_idx = [i for i, (kind, _, _) in enumerate(kinds) if kind == "scale"]
+    shapes = stacked_dense_shapes(config) if scan else dense_shapes(config)
+    lead = {p: (config.num_layers,) if scan and p.startswith("layers/") else () for p in shapes}
+    taps = {p: jnp.zeros(lead[p] + (B, T, o), cd) for p, (_, o) in shapes.items()}
     emb_tap = jnp.zeros((B, T, config.hidden_size), cd)
     logits_tap = jnp.zeros((B, T, config.vocab_size), cd) if config.tie_word_embeddings else None
-    scales = [jnp.broadcast_to(leaves[i][None, None], (B, 1, leaves[i].shape[0])) for i in scale_idx]
+    # per-example copies of each scale: (B, 1, d), stacked (L, B, 1, d) (the scan slices the layer axis)
+    scales = [jnp.broadcast_to(leaves[i][..., None, None, :], leaves[i].shape[:-1] + (B, 1, leaves[i].shape[-1]))
+              for i in scale_idx]
 
     def total_loss(taps, emb_tap, logits_tap, scales):
         new = list(leaves)
@@ -222,7 +245,7 @@ def _fused_sums(params, examples, weight, *, graphdef, impl) -> list[jax.Array]:
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new))
         hook = _EmbedTaps(model.embed, emb_tap, logits_tap)
         model.embed = hook
-        logits, inputs = model(ids, am, taps=taps, capture_inputs=True)
+        logits, inputs = model(ids, am, taps=taps, capture_inputs=True, **({"stacked": True} if scan else {}))
         nll = sequence_nll(logits, ids, lm)
         return jnp.sum(nll), (inputs, hook.head_input)
 
@@ -233,13 +256,15 @@ def _fused_sums(params, examples, weight, *, graphdef, impl) -> list[jax.Array]:
     sw = jnp.broadcast_to(jnp.sqrt(weight)[:, None], (B, T))
     scale_sums = dict(zip(scale_idx, g_scales))
     out = []
-    for i, (kind, name) in enumerate(kinds):
+    for i, (kind, name, stacked) in enumerate(kinds):
         if kind == "kernel":
-            out.append(kf.dense_fisher(*_kernel_operands(inputs[name], g_taps[name]), sw, impl=impl))
-        elif kind == "bias":
-            out.append(_weighted_sq_sum(jnp.sum(g_taps[name].astype(jnp.float32), axis=1), weight))
+            out.append(_kernel_fisher(inputs[name], g_taps[name], sw, stacked, impl))
+        elif kind == "bias":  # per-example bias gradients (B, out), stacked (L, B, out): sum over tokens
+            gb = jnp.sum(g_taps[name].astype(jnp.float32), axis=-2)
+            out.append(_weighted_sq_sum(jnp.swapaxes(gb, 0, 1) if stacked else gb, weight))
         elif kind == "scale":
-            out.append(_weighted_sq_sum(scale_sums[i][:, 0], weight))
+            gs = scale_sums[i][..., 0, :]  # (B, d), stacked (L, B, d)
+            out.append(_weighted_sq_sum(jnp.swapaxes(gs, 0, 1) if stacked else gs, weight))
         else:
             out.append(_embedding_fisher(ids, g_emb, weight, config.vocab_size, g_logits,
                                          head_in if config.tie_word_embeddings else None, impl=impl))

@@ -8,6 +8,9 @@
 - ``--remat none|full|dots_saveable``: activation rematerialisation of each decoder block under
   differentiation (:class:`jaxunlearn.models.ModelConfig` ``remat``): less memory, the same
   values and gradients.
+- ``--scan-layers``: the decoder blocks stacked along a leading layer axis and run by one
+  ``lax.scan`` (``ModelConfig.scan_layers``): the program's size stays flat in depth; values equal
+  the unrolled model's; the checkpoint is written per layer as before.
 """
 
 from __future__ import annotations
@@ -29,12 +32,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "the output is saved in it")
     p.add_argument("--remat", default="none", choices=REMAT_POLICIES,
                    help="recompute each block's activations in the backward pass (less memory, same values)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="stack the decoder blocks and run them under one lax.scan (program size and compile "
+                        "time flat in depth; same values; not with --adapter)")
 
 
 def load_kwargs(args: argparse.Namespace) -> dict:
     """The :func:`jaxunlearn.models.from_pretrained` keywords of ``args`` (compute float32, the chosen
     parameter dtype)."""
-    return {"dtype": "float32", "param_dtype": getattr(args, "param_dtype", "float32")}
+    return {"dtype": "float32", "param_dtype": getattr(args, "param_dtype", "float32"),
+            "scan_layers": bool(getattr(args, "scan_layers", False))}
 
 
 def apply_model_options(model, args: argparse.Namespace):

@@ -447,6 +447,9 @@ def plan(
     """
     t = parse_target(target)
     cfg = model_config(model, param_dtype).replace(remat=remat)
+    if cfg.scan_layers:
+        raise ValueError("plan: ModelConfig.scan_layers=True is not supported: XLA's cost analysis and "
+                         "the collective count see the layer scan's body once, not num_layers times")
     base, project = (method[:-5], True) if str(method).endswith("_proj") else (method, False)
     spec = _spec(cfg, t, mesh, batch=batch, seq=seq, method=base, retain_k=retain_k, passes=tuple(passes))
     spec["project"] = project

@@ -73,6 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxunlearn.models.scan import check_unrolled
 from jaxunlearn.tree import PyTree, check_finite, path_str
 
 __all__ = [
@@ -377,6 +378,8 @@ def quant_targets(
     {'embed': {'embedding': False}, 'layers': [{'attn': {'q_proj': {'kernel': True}}}]}
     """
     _check_choice("targets", targets, TARGETS, "quantisation targets")
+    if where is None:  # the per-layer kernel paths (stacked scan_layers leaves would fall back to "all")
+        check_unrolled(params, "quant_targets")
     if where is not None:
         return jax.tree_util.tree_map_with_path(lambda p, x: _is_float(x) and bool(where(path_str(p), x)), params)
     blocks = jax.tree_util.tree_map_with_path(
@@ -455,6 +458,7 @@ def fake_quantize(
     _check_args(scheme, block_size, layout)
     selected = quant_targets(params, targets, min_ndim=min_ndim, where=where)
     if layout == "bnb":
+        check_unrolled(params, "fake_quantize(layout='bnb')")
         leaves = jax.tree_util.tree_flatten_with_path(params)[0]
         for (path, x), sel in zip(leaves, jax.tree.leaves(selected)):
             name = path_str(path)

@@ -39,6 +39,7 @@ from jaxunlearn import validate as V
 from jaxunlearn.losses import activation_loss
 from jaxunlearn.method_configs import RMU_PROJECTIONS, RMUMethod
 from jaxunlearn.placement import replicate_unplaced
+from jaxunlearn.models.scan import check_unrolled
 from jaxunlearn.saliency import masked_updates
 from jaxunlearn.unlearn import UnlearnConfig
 from jaxunlearn.unlearn_step import Reference, Unlearner, unlearner
@@ -116,6 +117,7 @@ def rmu_trainable_mask(params: Any, layers: Sequence[int], projections: Sequence
     Raises:
       ValueError: a block or projection without a parameter in ``params`` (named).
     """
+    check_unrolled(params, "rmu_trainable_mask")
     projections = tuple(V.check_choice("rmu_trainable_mask", "projections", p, RMU_PROJECTIONS) for p in projections)
     prefixes = {f"layers/{int(l)}/mlp/{p}/": (l, p) for l in layers for p in projections}
     hit = set()

@@ -208,6 +208,10 @@ def partition_rules(*, fsdp_axis: str = "fsdp", tp_axis: str = "tp") -> list[tup
     everything else (norm scales, o/down biases)  replicated
     ==================================  ===================  =============================
 
+    Stacked blocks (``ModelConfig(scan_layers=True)``: ``layers/attn/q_proj/kernel`` is
+    ``(L, in, out)``, no layer index in the path) get the same spec behind a leading ``None``,
+    e.g. ``P(None, fsdp, tp)``: the layer axis is never sharded (the scan slices it).
+
     (1) The rows are split over tp and fsdp together and the hidden dimension is kept whole:
     with ``(tp, fsdp)`` the lookup's output came out hidden-sharded over fsdp while the
     batch is sharded over data and fsdp, and XLA re-sharded that activation by a full
@@ -230,14 +234,18 @@ def partition_rules(*, fsdp_axis: str = "fsdp", tp_axis: str = "tp") -> list[tup
       Toward Training Trillion Parameter Models", 2020.
     """
     f, t = fsdp_axis, tp_axis
+    block = [
+        (r"attn/(q|k|v)_proj/kernel$", P(f, t)),
+        (r"attn/(q|k|v)_proj/bias$", P(t)),
+        (r"attn/o_proj/kernel$", P(t, f)),
+        (r"mlp/(gate|up)_proj/kernel$", P(f, t)),
+        (r"mlp/(gate|up)_proj/bias$", P(t)),
+        (r"mlp/down_proj/kernel$", P(t, f)),
+    ]
     return [
         (r"(^|/)embed/embedding$", P((t, f), None)),
-        (r"(^|/)attn/(q|k|v)_proj/kernel$", P(f, t)),
-        (r"(^|/)attn/(q|k|v)_proj/bias$", P(t)),
-        (r"(^|/)attn/o_proj/kernel$", P(t, f)),
-        (r"(^|/)mlp/(gate|up)_proj/kernel$", P(f, t)),
-        (r"(^|/)mlp/(gate|up)_proj/bias$", P(t)),
-        (r"(^|/)mlp/down_proj/kernel$", P(t, f)),
+        *[(r"(^|/)layers/" + pat, P(None, *spec)) for pat, spec in block],  # stacked: layer axis first
+        *[(r"(^|/)" + pat, spec) for pat, spec in block],
         (r"(^|/)lm_head/kernel$", P(f, t)),
         (r".*", P()),
     ]

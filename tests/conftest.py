@@ -35,7 +35,7 @@ SLOW_MODULES = {
     "test_projection_kernel_integration.py", "eval/test_eval_runner.py", "kernels/test_fisher_kernel.py",
     "kernels/test_tpu_compile.py", "kernels/test_gpu_compile.py", "test_plan_compile.py", "test_plan_cli.py", "test_quant_bnb.py",
     "models/test_remat.py", "eval/test_muse.py", "test_optim.py", "test_sparsity.py", "test_train.py",
-    "test_cli_model_options.py",
+    "test_cli_model_options.py", "models/test_scan.py",
     "models/test_functional.py", "eval/test_relearn.py", "bad_inputs/test_numeric.py", "eval/test_durability.py",
 }
 SLOW_TESTS = {"test_methods.py::test_perta_fisher_on_a_decoder_runs_the_fused_fisher",

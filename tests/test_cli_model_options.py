@@ -56,6 +56,13 @@ def test_unlearn_in_bfloat16_with_remat_equals_the_library_run(demo_dir, tmp_pat
               for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(plain)))
     scale = max(float(np.max(np.abs(np.asarray(y)))) for y in jax.tree.leaves(plain))
     assert err <= 2 ** -7 * scale  # bfloat16 rounding of the stored values, nothing more
+    # --scan-layers: the blocks under one lax.scan; written per layer as before, the same values
+    scan_out = tmp_path / "scan"
+    assert main(["unlearn", "--model", str(target), "--data", str(data), "--forget", "forget10", "--retain",
+                 "retain90", "--method", "npo", "--config", str(path), "--out", str(scan_out), "--scan-layers"]) == 0
+    scanned = DecoderFn.of(from_pretrained(scan_out, load_tokenizer=False)[0])[1]
+    for x, y in zip(jax.tree.leaves(scanned), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6)
     with pytest.raises(SystemExit):  # argparse names the bad choice
         main(["unlearn", "--model", str(target), "--data", str(data), "--forget", "forget10", "--retain",
               "retain90", "--method", "npo", "--out", str(tmp_path / "x"), "--remat", "half"])

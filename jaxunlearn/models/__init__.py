@@ -6,6 +6,7 @@
 >>> from flax import nnx
 >>> import jax.numpy as jnp
 >>> model = Decoder(cfg, rngs=nnx.Rngs(0))               # or: model, tok = from_pretrained(dir)
+>>> scanned = to_scanned(model)                          # blocks stacked, run by one lax.scan (scan_layers=True)
 >>> fn, params = DecoderFn.of(model)                     # functional use: fn(params, ids, mask) -> logits
 >>> fn(params, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4))).shape
 (1, 4, 64)
@@ -31,6 +32,7 @@ from jaxunlearn.models.decoder import (
 from jaxunlearn.models.functional import DecoderFn, DecoderNLL, ExampleNLL, answer_loss, answer_nll, example_nll
 from jaxunlearn.models.generate import generate
 from jaxunlearn.models.hf import check_tokenizer, from_pretrained, hf_tensor_map, load_config, save_pretrained
+from jaxunlearn.models.scan import check_unrolled, stack_layer_params, to_scanned, to_unrolled, unstack_layer_params
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -63,4 +65,9 @@ __all__ = [
     "load_config",
     "hf_tensor_map",
     "check_tokenizer",
+    "to_scanned",
+    "to_unrolled",
+    "stack_layer_params",
+    "unstack_layer_params",
+    "check_unrolled",
 ]

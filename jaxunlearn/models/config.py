@@ -103,6 +103,15 @@ class ModelConfig:
         keeps the matmul outputs (``jax.checkpoint_policies.dots_saveable``). Values and
         gradients are unchanged; forwards with taps or captured inputs (the fused Fisher) and
         KV-cache decoding run without it.
+      scan_layers: keep the blocks' parameters stacked along a leading layer axis (one ``Block``
+        whose leaves are ``(num_layers, ...)``, paths ``layers/attn/q_proj/kernel``) and run them
+        with one ``jax.lax.scan`` (:mod:`jaxunlearn.models.scan`): the compiled program holds one
+        block, so compile time and HLO size stop growing with depth. Values, gradients, the taps,
+        KV-cache decoding, hidden states and Hugging Face IO are those of the unrolled model
+        (``False``, the default). Costs: building a fresh model stacks the per-layer
+        initialisations (the block parameters are briefly held twice); the layer loop is
+        sequential (XLA cannot fuse across blocks, tiny models may run slightly slower); and code
+        that walks ``layers/{i}/...`` paths sees stacked leaves instead.
     """
 
     vocab_size: int
@@ -128,6 +137,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     initializer_range: float = 0.02
     remat: str = "none"
+    scan_layers: bool = False
 
     # ------------------------------------------------------------------ validation
 
@@ -186,6 +196,9 @@ class ModelConfig:
             object.__setattr__(self, name, v)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if not isinstance(self.scan_layers, (bool, np.bool_)):
+            raise TypeError(f"ModelConfig.scan_layers must be a bool, got {self.scan_layers!r}")
+        object.__setattr__(self, "scan_layers", bool(self.scan_layers))
         object.__setattr__(self, "bos_token_id", _token_ids(self.bos_token_id, "bos_token_id"))
         object.__setattr__(self, "eos_token_id", _token_ids(self.eos_token_id, "eos_token_id"))
         object.__setattr__(self, "pad_token_id", _token_ids(self.pad_token_id, "pad_token_id"))

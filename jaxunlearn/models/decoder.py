@@ -21,7 +21,9 @@ Parameter paths (stable; the sharding rules of ``jaxunlearn.sharding`` match on 
     lm_head/kernel                       (hidden, vocab)   absent with tied embeddings
 
 (as keys of ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``; flattening the ``nnx.State`` itself
-appends a trailing ``value`` to each path).
+appends a trailing ``value`` to each path). With ``ModelConfig(scan_layers=True)`` the blocks are one
+stacked ``Block``: ``layers/attn/q_proj/kernel`` is ``(num_layers, in, out)`` (no ``{i}``), and the
+forward runs them under one ``jax.lax.scan`` (:mod:`jaxunlearn.models.scan`), with the same values.
 
 Taps. Every dense projection is a :class:`Dense`, and the forward accepts
 ``taps = {dense_path: array shaped like that layer's output}`` that is *added* to the layer's
@@ -29,7 +31,9 @@ output. With zero taps the forward is unchanged, and ``d loss / d taps[p]`` is t
 ``G`` of layer ``p``'s output. With ``capture_inputs=True`` the forward also returns the layer
 inputs ``A``; the per-example weight gradient is then ``A^T G`` (the fused Fisher of
 ``jaxunlearn.fisher_fused``). With tied embeddings the output projection is ``embed.T``, not a Dense:
-it has no tap and no captured input.
+it has no tap and no captured input. Tap and input keys are the per-layer :func:`dense_paths` for
+both layouts; a scanned model also takes ``stacked=True``: keys ``layers/attn/q_proj`` with a
+leading layer axis ``(L, B, T, .)``, the scan's own layout (no per-layer slices or copies).
 
 Hidden states. ``model.hidden_state(input_ids, attention_mask, layer=l)`` is the residual stream
 after block ``l`` (the input of block ``l + 1``), computed by the same forward stopped after that
@@ -52,6 +56,8 @@ import numpy as np
 from flax import nnx
 
 from jaxunlearn.models.config import ModelConfig, rope_inv_freq
+from jaxunlearn.models.scan import (block_dense_shapes, scan_modules, stack_modules, stack_taps,
+                                    stacked_dense_shapes, unstack_taps)
 from jaxunlearn.validate import check_int
 
 __all__ = [
@@ -71,7 +77,7 @@ __all__ = [
 ]
 
 Array = jax.Array
-KVCache = list  # list over layers of {"k": (B, S, K, d), "v": (B, S, K, d)}
+KVCache = list  # list over layers of {"k": (B, S, K, d), "v": (B, S, K, d)}; scanned: one such dict of (L, ...)
 
 _NEG = float(np.finfo(np.float32).min)
 
@@ -255,7 +261,11 @@ class Attention(nnx.Module):
         kt = kk.astype(self.dtype).transpose(0, 2, 3, 1)  # (b, k, d, s)
         vt = v.astype(self.dtype).transpose(0, 2, 1, 3)  # (b, k, s, d)
         scores = jnp.matmul(q, kt, preferred_element_type=jnp.float32).reshape(b, k, g, t, s) * (d ** -0.5)
-        scores = jnp.where(mask[:, None, None], scores, _NEG)
+        if mask.dtype == jnp.bool_:
+            scores = jnp.where(mask[:, None, None], scores, _NEG)
+        else:  # a 0/1 float mask (scanned blocks): the same values and gradients as the select
+            keep = mask[:, None, None]
+            scores = scores * keep + (1.0 - keep) * _NEG
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, k, g * t, s)
         out = jnp.matmul(probs, vt).reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
         return tape(self.o_proj, f"{prefix}/o_proj", out), new_cache
@@ -359,7 +369,8 @@ class Decoder(nnx.Module):
         self.config = c
         self.embed = Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
                            init_std=c.initializer_range, rngs=rngs)
-        self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+        blocks = [Block(c, rngs=rngs) for _ in range(c.num_layers)]  # same init for both layouts
+        self.layers = stack_modules(blocks) if c.scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=c.compute_dtype, param_dtype=c.weight_dtype)
         self.lm_head = (None if c.tie_word_embeddings else
                         Dense(c.hidden_size, c.vocab_size, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
@@ -374,7 +385,12 @@ class Decoder(nnx.Module):
         x = self.embed(input_ids)
         new_cache = []
         remat = c.remat != "none" and cache is None and not tape.taps and tape.inputs is None
-        for i, layer in enumerate(self.layers):
+        if c.scan_layers:
+            x, new_cache = self._scan(x, cos, sin, mask, tape, cache, cache_index,
+                                      c.num_layers if stop_after is None else stop_after + 1, remat)
+            if stop_after is not None:
+                return x
+        for i, layer in enumerate(() if c.scan_layers else self.layers):
             if remat:  # a pure block call (no taps, no capture): safe to recompute in the backward pass
                 x = _remat_block(layer, x, cos, sin, mask, policy=c.remat)
                 lc = None
@@ -391,9 +407,30 @@ class Decoder(nnx.Module):
             logits = tape(self.lm_head, "lm_head", x)
         return logits.astype(jnp.float32), (new_cache if cache is not None else None)
 
+    def _scan(self, x, cos, sin, mask, tape, cache, cache_index, n, remat):
+        """Blocks ``0 .. n-1`` of a scanned model under one ``lax.scan``: ``(x, new stacked cache)``;
+        the tape holds stacked taps, and stacked captured inputs are added to it."""
+        capture = tape.inputs is not None
+        taps = {k: v[:n] for k, v in tape.taps.items() if k != "lm_head"}
+
+        # the mask enters the loop as float32 0/1: a bool loop input is a standalone kernel that
+        # XLA:CPU takes over a second to compile
+        keep = mask.astype(jnp.float32)
+
+        def step(block, x, xs):
+            lt = _Tape(xs["taps"], capture)
+            x, lc = block(x, cos, sin, keep, lt, "layers", xs["cache"], cache_index)
+            return x, {"cache": lc, "inputs": lt.inputs}
+
+        x, ys = scan_modules(self.layers, step, x, {"taps": taps, "cache": cache}, length=n,
+                             remat=self.config.remat if remat else "none")
+        if capture:
+            tape.inputs.update(ys["inputs"])
+        return x, ys["cache"]
+
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
                  positions: Array | None = None, taps: Mapping[str, Array] | None = None,
-                 capture_inputs: bool = False):
+                 capture_inputs: bool = False, stacked: bool = False):
         """Next-token logits of a padded batch.
 
         Args:
@@ -404,21 +441,35 @@ class Decoder(nnx.Module):
           taps: optional ``{dense_path: array shaped like that Dense's output (B, T, out)}`` added to
             the outputs (see the module docstring); keys must come from :func:`dense_paths`.
           capture_inputs: also return ``{dense_path: input (B, T, in)}`` of every Dense.
+          stacked: (``scan_layers=True`` only) taps and captured inputs of the blocks keyed by
+            ``layers/attn/q_proj`` etc. with a leading layer axis, ``(L, B, T, .)``
+            (:func:`jaxunlearn.models.scan.stacked_dense_shapes`); ``lm_head`` as before.
 
         Returns:
           float32 logits (B, T, vocab), or ``(logits, inputs)`` with ``capture_inputs=True``.
         """
         input_ids, attention_mask, positions, mask = self._inputs(input_ids, attention_mask, positions)
+        c = self.config
+        if stacked and not c.scan_layers:
+            raise ValueError("Decoder(...)(stacked=True) needs a model with ModelConfig.scan_layers=True")
         if taps:
-            known = set(dense_paths(self.config))
+            known = set(stacked_dense_shapes(c) if stacked else dense_paths(c))
             unknown = sorted(set(taps) - known)
             if unknown:
                 extra = (" (lm_head is tied to embed/embedding and has no tap)"
-                         if "lm_head" in unknown and self.config.tie_word_embeddings else "")
-                raise ValueError(f"unknown tap paths {unknown}{extra}; valid paths come from dense_paths()")
+                         if "lm_head" in unknown and c.tie_word_embeddings else "")
+                where = "stacked_dense_shapes()" if stacked else "dense_paths()"
+                raise ValueError(f"unknown tap paths {unknown}{extra}; valid paths come from {where}")
+            bad = [k for k, v in taps.items() if stacked and k != "lm_head" and jnp.shape(v)[:1] != (c.num_layers,)]
+            if bad:
+                raise ValueError(f"stacked taps {bad} need a leading layer axis of {c.num_layers}")
+            if c.scan_layers and not stacked:
+                taps = stack_taps(taps, c)
         tape = _Tape(taps, capture_inputs)
         logits, _ = self._run(input_ids, positions, mask, tape)
-        return (logits, tape.inputs) if capture_inputs else logits
+        if not capture_inputs:
+            return logits
+        return logits, (unstack_taps(tape.inputs, c.num_layers) if c.scan_layers and not stacked else tape.inputs)
 
     def _inputs(self, input_ids, attention_mask, positions):
         """Checked ``(input_ids, attention_mask, positions, attention mask (B, T, T))`` of a forward."""
@@ -463,9 +514,12 @@ class Decoder(nnx.Module):
     # -- incremental decoding
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """Zero KV cache: a list over layers of ``{"k", "v"}`` arrays (B, max_length, num_kv_heads, head_dim)
-        in the compute dtype."""
+        in the compute dtype; with ``scan_layers`` one ``{"k", "v"}`` of ``(num_layers, B, ...)``."""
         c = self.config
         shape = (int(batch_size), int(max_length), c.num_kv_heads, c.head_dim)
+        if c.scan_layers:
+            shape = (c.num_layers,) + shape
+            return {"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
         return [{"k": jnp.zeros(shape, c.compute_dtype), "v": jnp.zeros(shape, c.compute_dtype)}
                 for _ in range(c.num_layers)]
 
@@ -488,8 +542,9 @@ class Decoder(nnx.Module):
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
         t = input_ids.shape[1]
-        if len(cache) != self.config.num_layers:
-            raise ValueError(f"cache has {len(cache)} layers, the model {self.config.num_layers}")
+        n = len(cache) if not self.config.scan_layers else jnp.shape(cache["k"])[0]
+        if n != self.config.num_layers:
+            raise ValueError(f"cache has {n} layers, the model {self.config.num_layers}")
         q_slots = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
         mask = _attention_mask(q_slots, kv_mask, self.config.sliding_window)
         return self._run(input_ids, jnp.asarray(positions, jnp.int32), mask, _Tape(None, False),
@@ -509,21 +564,13 @@ def _config_of(model_or_config: Union[Decoder, ModelConfig]) -> ModelConfig:
 
 
 def dense_shapes(model_or_config: Union[Decoder, ModelConfig]) -> dict[str, tuple[int, int]]:
-    """``{dense_path: (in_features, out_features)}`` in :func:`dense_paths` order."""
+    """``{dense_path: (in_features, out_features)}`` in :func:`dense_paths` order (per layer, also
+    for a scanned model: the logical layers, whose kernels are rows of the stacked leaves there)."""
     c = _config_of(model_or_config)
-    qd, kvd, d, f = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
-    out: dict[str, tuple[int, int]] = {}
-    for i in range(c.num_layers):
-        p = f"layers/{i}"
-        out[f"{p}/attn/q_proj"] = (d, qd)
-        out[f"{p}/attn/k_proj"] = (d, kvd)
-        out[f"{p}/attn/v_proj"] = (d, kvd)
-        out[f"{p}/attn/o_proj"] = (qd, d)
-        out[f"{p}/mlp/gate_proj"] = (d, f)
-        out[f"{p}/mlp/up_proj"] = (d, f)
-        out[f"{p}/mlp/down_proj"] = (f, d)
+    block = block_dense_shapes(c)
+    out = {f"layers/{i}/{sub}": shape for i in range(c.num_layers) for sub, shape in block.items()}
     if not c.tie_word_embeddings:
-        out["lm_head"] = (d, c.vocab_size)
+        out["lm_head"] = (c.hidden_size, c.vocab_size)
     return out
 
 

@@ -1,7 +1,8 @@
 """Greedy generation with a preallocated KV cache, compiled as one ``jax.jit`` program.
 
 The prompt batch is left-padded (``attention_mask`` rows are 0...0 1...1). The cache holds
-``S = prompt_len + max_new_tokens`` slots per layer; slot ``j < prompt_len`` holds prompt token
+``S = prompt_len + max_new_tokens`` slots per layer (one stacked ``(L, ...)`` cache of a
+``scan_layers`` model, updated inside its layer scan); slot ``j < prompt_len`` holds prompt token
 ``j`` (padding included, hidden by the mask), slot ``prompt_len + i - 1`` the token emitted at step
 ``i - 1``. RoPE positions count real tokens only (``cumsum(mask) - 1``), as Hugging Face
 ``generate`` does, so a row's output does not depend on how much padding it carries.

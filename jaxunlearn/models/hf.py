@@ -13,6 +13,10 @@ transposed both ways::
     model.norm.weight                                  norm/scale
     lm_head.weight                                     lm_head/kernel                          (T)
 
+With ``scan_layers=True`` (stacked blocks) the same per-layer tensors are read into and written
+from row ``i`` of the stacked leaves (``layers/{sub}`` of shape ``(L, ...)``): a checkpoint does not
+depend on the layout it was saved from or is loaded into.
+
 With tied embeddings a checkpoint may omit ``lm_head.weight`` or store a copy of the embedding.
 Rotary ``inv_freq`` buffers of old checkpoints are ignored (RoPE is recomputed from the config).
 
@@ -42,6 +46,7 @@ from jaxunlearn.errors import reason
 from jaxunlearn.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from jaxunlearn.models.decoder import Decoder
 from jaxunlearn.outputs import umask_mode
+from jaxunlearn.validate import check_bool
 
 __all__ = [
     "from_pretrained",
@@ -65,24 +70,32 @@ def hf_tensor_map(config: ModelConfig) -> dict[str, tuple[tuple[str | int, ...],
       config: the model's :class:`ModelConfig` (decides biases and the lm_head).
 
     Returns:
-      Ordered mapping; paths index ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``.
+      Ordered mapping; paths index ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``. With
+      ``config.scan_layers`` a block tensor's path ends with the layer index, which indexes the
+      leading axis of the stacked leaf (``("layers", "attn", "q_proj", "kernel", i)``); unrolled
+      it is ``("layers", i, "attn", "q_proj", "kernel")``. ``node = node[k]`` along the path
+      reaches the tensor in both.
     """
     out: dict[str, tuple[tuple[str | int, ...], bool]] = {
         "model.embed_tokens.weight": (("embed", "embedding"), False)
     }
     for i in range(config.num_layers):
-        hf, ours = f"model.layers.{i}", ("layers", i)
-        out[f"{hf}.input_layernorm.weight"] = (ours + ("attn_norm", "scale"), False)
+        hf = f"model.layers.{i}"
+
+        def ours(*p, i=i):
+            return ("layers",) + p + (i,) if config.scan_layers else ("layers", i) + p
+
+        out[f"{hf}.input_layernorm.weight"] = (ours("attn_norm", "scale"), False)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[f"{hf}.self_attn.{name}.weight"] = (ours + ("attn", name, "kernel"), True)
+            out[f"{hf}.self_attn.{name}.weight"] = (ours("attn", name, "kernel"), True)
             has_bias = config.o_bias if name == "o_proj" else config.qkv_bias
             if has_bias:
-                out[f"{hf}.self_attn.{name}.bias"] = (ours + ("attn", name, "bias"), False)
-        out[f"{hf}.post_attention_layernorm.weight"] = (ours + ("mlp_norm", "scale"), False)
+                out[f"{hf}.self_attn.{name}.bias"] = (ours("attn", name, "bias"), False)
+        out[f"{hf}.post_attention_layernorm.weight"] = (ours("mlp_norm", "scale"), False)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            out[f"{hf}.mlp.{name}.weight"] = (ours + ("mlp", name, "kernel"), True)
+            out[f"{hf}.mlp.{name}.weight"] = (ours("mlp", name, "kernel"), True)
             if config.mlp_bias:
-                out[f"{hf}.mlp.{name}.bias"] = (ours + ("mlp", name, "bias"), False)
+                out[f"{hf}.mlp.{name}.bias"] = (ours("mlp", name, "bias"), False)
     out["model.norm.weight"] = (("norm", "scale"), False)
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = (("lm_head", "kernel"), True)
@@ -140,7 +153,7 @@ def _is_remote_code_refusal(exc: BaseException) -> bool:
 
 
 def load_config(path: str | os.PathLike, *, dtype: str | None = None,
-                param_dtype: str | None = None) -> ModelConfig:
+                param_dtype: str | None = None, scan_layers: bool = False) -> ModelConfig:
     """Read ``path/config.json`` into a :class:`ModelConfig` (via ``transformers.AutoConfig``).
 
     ``AutoConfig`` runs with ``trust_remote_code=False``: an ``auto_map`` in ``config.json`` is
@@ -150,6 +163,7 @@ def load_config(path: str | os.PathLike, *, dtype: str | None = None,
       path: the checkpoint directory.
       dtype: compute dtype (default ``"float32"``).
       param_dtype: parameter dtype (default: ``dtype``).
+      scan_layers: :attr:`ModelConfig.scan_layers` of the result (not part of ``config.json``).
 
     Returns:
       The :class:`ModelConfig`.
@@ -160,6 +174,7 @@ def load_config(path: str | os.PathLike, *, dtype: str | None = None,
         ``config.json`` is not UTF-8 JSON, not an object, or has missing or invalid fields
         (the message names the file and the reason).
     """
+    scan_layers = check_bool("load_config", "scan_layers", scan_layers)
     path = _check_dir(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -185,10 +200,11 @@ def load_config(path: str | os.PathLike, *, dtype: str | None = None,
             ) from None
         raise ValueError(f"{cfg_file} is invalid ({reason(e)})") from None
     try:
-        return ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+        config = ModelConfig.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
     except (ValueError, TypeError, KeyError, ArithmeticError) as e:
         msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {reason(e)}"
         raise ValueError(f"{cfg_file}: {msg}") from None
+    return config.replace(scan_layers=True) if scan_layers else config
 
 
 def _tensor_files(path: Path) -> tuple[dict[str, Path], list[Path]]:
@@ -271,7 +287,7 @@ def _read_tensor(handle: Any, name: str, fp: Path) -> np.ndarray:
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
-                    load_tokenizer: bool = True) -> tuple[Decoder, Any]:
+                    load_tokenizer: bool = True, scan_layers: bool = False) -> tuple[Decoder, Any]:
     """Load a Llama / Qwen2 / Mistral checkpoint directory written by ``transformers``.
 
     Args:
@@ -280,6 +296,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
       dtype: compute dtype (default ``"float32"``).
       param_dtype: parameter dtype (default: ``dtype``); tensors are cast on load.
       load_tokenizer: load the tokenizer with ``transformers.AutoTokenizer`` when its files exist.
+      scan_layers: load into the stacked layout (:attr:`ModelConfig.scan_layers`): each
+        ``model.layers.{i}.*`` tensor fills row ``i`` of its stacked leaf (host buffers of the
+        stacked size, no second copy of the layers).
 
     Returns:
       ``(model, tokenizer or None)``.
@@ -292,11 +311,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
         tokenizer that asks for custom code (never run); a tokenizer larger than the vocabulary.
     """
     path = _check_dir(path)
-    config = load_config(path, dtype=dtype, param_dtype=param_dtype)
+    config = load_config(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
     tensor_map = hf_tensor_map(config)
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
+    if config.scan_layers:  # stacked leaves: host buffers whose rows the per-layer tensors fill
+        pure["layers"] = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), pure["layers"])
 
     def target(p):
         node = pure
@@ -339,10 +360,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None, param_
         arr = _read_tensor(handle, name, fp)
         if transpose:
             arr = arr.T
-        assign(p, jnp.asarray(arr.astype(wdt)))
+        value = arr.astype(wdt)
+        assign(p, value if isinstance(p[-1], int) else jnp.asarray(value))  # an int last: a stacked row
     missing = [n for n in tensor_map if n not in seen]
     if missing:
         raise ValueError(f"checkpoint {path} is missing tensors {missing}")
+    if config.scan_layers:
+        pure["layers"] = jax.tree.map(jnp.asarray, pure["layers"])
     if tied_copy is not None:
         emb = np.asarray(pure["embed"]["embedding"])               # already cast to param_dtype
         copy = tied_copy[0].astype(wdt)
@@ -369,12 +393,16 @@ def _hf_tensors(model: Decoder) -> dict[str, np.ndarray]:
     """HF-named numpy copies of the model's parameters (host memory); NaN/Inf raise ``ValueError``."""
     config = model.config
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if config.scan_layers:  # one host copy of each stacked leaf; rows are views
+        pure["layers"] = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), pure["layers"])
     used: set[tuple] = set()
     out: dict[str, np.ndarray] = {}
     for name, (p, transpose) in hf_tensor_map(config).items():
         node = pure
         for k in p:
             node = node[k]
+        if config.scan_layers and isinstance(p[-1], int):
+            p = p[:-1]  # a row of a stacked leaf: the leaf counts as used (all rows are in the map)
         arr = np.asarray(jax.device_get(node))
         bad = _first_nonfinite(arr)
         if bad is not None:
