@@ -75,8 +75,8 @@ __all__ = ["DEFAULT_METHODS", "load_method_configs", "summarize", "failed_row", 
            "seed_list", "seeded_config", "DEFAULT_SEEDS", "MUSE_EVAL"]
 
 DEFAULT_METHODS = ("task_vector", "perta_fisher", "ssd", "ga", "grad_diff", "grad_diff_proj", "npo", "npo_proj",
-                   "simnpo", "saf", "salun", "wga", "undial", "idk_nll", "idk_dpo", "rmu", "npo_pruned", "npo_lwf",
-                   "npo_fit")
+                   "simnpo", "saf", "salun", "wga", "undial", "idk_nll", "idk_dpo", "rmu", "npo_pruned", "npo_l1",
+                   "npo_lwf", "npo_fit")
 #: Configs shipped beside the defaults, run on request (``--methods``): variants close to a default
 #: (PerTA with gradient importances, GA and SimNPO with the projection), left out of ``make demo``'s budget.
 EXTRA_METHODS = ("perta_grad", "ga_proj", "simnpo_proj")
