@@ -59,7 +59,7 @@ def _cases(dtype):
     dt = jnp.dtype(dtype)
     f32 = jnp.dtype(jnp.float32)
     yield from fisher_kernel_cases(dtype)
-    for k in (4, 16, 32):
+    for k in (4, 32):  # the smallest and largest k; the odd P pads
         for P in (3 * 8192, 20001):
             n = _triton_k(k)
             yield (f"gram_and_dots k={k} P={P}", lambda R, g: kp.gram_and_dots(R, g), [((k, P), dt), ((P,), dt)], n)

@@ -37,7 +37,7 @@ def _cases(dtype):
     dt = jnp.dtype(dtype)
     f32 = jnp.dtype(jnp.float32)
     yield from fisher_kernel_cases(dtype)
-    for k in (1, 4, 16):
+    for k in (1, 16):  # the smallest and largest k; the odd P pads
         for P in (3 * 8192, 20001):
             yield (f"gram_and_dots k={k} P={P}", lambda R, g: kp.gram_and_dots(R, g), [((k, P), dt), ((P,), dt)], 1)
             yield (f"subtract k={k} P={P}", lambda g, R, c: kp.subtract(g, R, c), [((P,), dt), ((k, P), dt), ((k,), f32)], 1)
