@@ -52,9 +52,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -63,7 +61,8 @@ from jaxunlearn.eval.durability import DEFAULT_EPSILON, DEFAULT_PRECISIONS, FA_M
 from jaxunlearn.pipeline import DemoConfig
 from jaxunlearn.train import TrainConfig
 from jaxunlearn.results_table import plot_pareto  # noqa: F401 - re-exported
-from jaxunlearn.validate import check_bool, check_choice, check_float, check_int
+from jaxunlearn.targets import check_qa_demo, provide_target
+from jaxunlearn.validate import check_bool, check_choice, check_float, check_int, check_names
 
 __all__ = ["DurabilityConfig", "DEFAULT_METHODS", "QUICK_METHODS", "SWEEP_KNOBS", "TARGET_DEMO", "QUICK_DEMO",
            "full_config", "quick_config", "default_configs_dir", "load_durable_configs", "sweep_knob",
@@ -126,17 +125,8 @@ class DurabilityConfig:
 
     def __post_init__(self):
         o = "DurabilityConfig"
-        if not isinstance(self.demo, DemoConfig):
-            raise TypeError(f"{o}.demo must be a DemoConfig, got {type(self.demo).__name__}")
-        if self.demo.muse:
-            raise ValueError(f"{o}.demo.muse must be False: the durability run is QA-only")
-        if isinstance(self.methods, str) or not all(isinstance(m, str) for m in self.methods):
-            raise TypeError(f"{o}.methods must be a sequence of config names, got {self.methods!r}")
-        object.__setattr__(self, "methods", tuple(self.methods))
-        if not self.methods:
-            raise ValueError(f"{o}.methods is empty: name at least one method config")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"{o}.methods names a method twice: {list(self.methods)}")
+        check_qa_demo(o, self.demo, "the durability run is QA-only")
+        object.__setattr__(self, "methods", check_names(o, "methods", self.methods))
         check_int(o, "seeds", self.seeds, min=1)
         object.__setattr__(self, "epsilon", check_float(o, "epsilon", self.epsilon, min=0.0))
         for name in ("precisions", "extra_precisions"):
@@ -281,46 +271,6 @@ def _config_record(cfg: DurabilityConfig, configs: Mapping[str, Any]) -> dict[st
             "sweep_knobs": {m: sweep_knob(c) for m, c in configs.items()}}
 
 
-# =========================================================================== the target
-
-def _target_record(demo: DemoConfig) -> dict[str, Any]:
-    return {"format": "jaxunlearn-durability-target", "demo": _jsonable(dataclasses.asdict(demo))}
-
-
-def _load_cached_target(dirs: Sequence[Path], demo: DemoConfig, tokenizer):
-    """The first cached target under ``dirs`` trained with ``demo`` whose tokenizer has the same
-    vocabulary as ``tokenizer``: ``(model, path)``, else ``(None, None)``."""
-    from jaxunlearn.models import from_pretrained
-
-    want = _target_record(demo)
-    for d in dirs:
-        rec = d / TARGET_RECORD
-        if not rec.is_file():
-            continue
-        try:
-            if json.loads(rec.read_text()) != want:
-                continue
-            model, tok = from_pretrained(d)
-        except (OSError, ValueError):
-            continue
-        if tok is not None and tok.get_vocab() == tokenizer.get_vocab():
-            return model, d
-    return None, None
-
-
-def _train_target(demo: DemoConfig, data, progress: bool):
-    from flax import nnx
-
-    from jaxunlearn.models import Decoder
-    from jaxunlearn.pipeline import model_config_for, training_sets
-    from jaxunlearn.train import train
-
-    model = Decoder(model_config_for(demo, data.tokenizer, data.max_length), rngs=nnx.Rngs(demo.seed))
-    qa, _ = training_sets(data)["target"]
-    model, hist = train(model, qa, demo.train, progress=progress, desc="train target")
-    return model, hist
-
-
 # =========================================================================== the run
 
 def _log(progress: bool, msg: str) -> None:
@@ -404,7 +354,7 @@ def _run(tmp: Path, cfg: DurabilityConfig, configs: Mapping[str, Any], caches: S
     from jaxunlearn.eval.durability_table import durability_summary, format_durability_table
     from jaxunlearn.eval.splits import encode_eval_splits
     from jaxunlearn.methods import UnlearnContext, run_method
-    from jaxunlearn.models import DecoderFn, count_params, save_pretrained
+    from jaxunlearn.models import DecoderFn, count_params
     from jaxunlearn.outputs import write_json_atomic
     from jaxunlearn.pipeline import prepare_data, unlearning_sets
     from jaxunlearn.tree import check_finite
@@ -417,17 +367,9 @@ def _run(tmp: Path, cfg: DurabilityConfig, configs: Mapping[str, Any], caches: S
 
     # ---- the target: cached or trained, then its FA at every precision
     t0 = time.perf_counter()
-    model, cached = _load_cached_target(caches, cfg.demo, tok)
-    history = None
-    target_dir = tmp / "models" / "target"
-    if model is None:
-        _log(progress, f"training the target ({cfg.demo.train.steps} steps) ...")
-        model, history = _train_target(cfg.demo, data, progress)
-        save_pretrained(model, target_dir, tokenizer=tok)
-    else:
-        _log(progress, f"reusing the target in {cached}")
-        shutil.copytree(cached, target_dir)
-    write_json_atomic(target_dir / TARGET_RECORD, _target_record(cfg.demo))
+    model, cached, history = provide_target(tmp / "models" / "target", caches, data, cfg.demo, kind="durability",
+                                            record_file=TARGET_RECORD, log=lambda m: _log(progress, m),
+                                            progress=progress)
     seconds["target"] = time.perf_counter() - t0
 
     roles = {fs: "forget", rs: "retain", "holdout": "holdout"}

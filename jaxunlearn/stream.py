@@ -39,9 +39,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -51,7 +49,8 @@ import numpy as np
 from jaxunlearn.continual import ContinualConfig, finish_request, parse_continual, plan_request, start_state
 from jaxunlearn.pipeline import DemoConfig
 from jaxunlearn.train import TrainConfig
-from jaxunlearn.validate import check_bool, check_choice, check_float, check_int
+from jaxunlearn.targets import check_qa_demo, provide_target
+from jaxunlearn.validate import check_bool, check_choice, check_float, check_int, check_names
 
 __all__ = ["StreamConfig", "STREAM_SIZES", "DEFAULT_METHODS", "TARGET_RECORD", "split_requests", "parse_method_spec",
            "StreamRun", "run_requests", "summarize_split", "make_evaluator", "run_stream", "format_stream_table",
@@ -106,15 +105,8 @@ class StreamConfig:
 
     def __post_init__(self):
         o = "StreamConfig"
-        if not isinstance(self.demo, DemoConfig):
-            raise TypeError(f"{o}.demo must be a DemoConfig, got {type(self.demo).__name__}")
-        if self.demo.muse:
-            raise ValueError(f"{o}.demo.muse must be False: the stream splits the QA forget rows by person")
-        if isinstance(self.methods, str) or not all(isinstance(m, str) for m in self.methods):
-            raise TypeError(f"{o}.methods must be a sequence of method names, got {self.methods!r}")
-        object.__setattr__(self, "methods", tuple(self.methods))
-        if not self.methods or len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"{o}.methods must name at least one method, each once, got {list(self.methods)}")
+        check_qa_demo(o, self.demo, "the stream splits the QA forget rows by person")
+        object.__setattr__(self, "methods", check_names(o, "methods", self.methods))
         for m in self.methods:
             parse_method_spec(m)
         check_int(o, "requests", self.requests, min=2)
@@ -350,28 +342,6 @@ def _relearn(fn, params, target_params, r: int, spec: Mapping[str, Any], batch_s
 # =========================================================================== the benchmark
 
 
-def _target_record(demo: DemoConfig) -> dict[str, Any]:
-    return {"format": "jaxunlearn-stream-target", "demo": json.loads(json.dumps(dataclasses.asdict(demo)))}
-
-
-def _cached_target(dirs: Sequence[Path], demo: DemoConfig, tokenizer):
-    """The first checkpoint under ``dirs`` whose record says it was trained with ``demo`` and whose
-    tokenizer has ``tokenizer``'s vocabulary: ``(model, dir)``, else ``(None, None)``."""
-    from jaxunlearn.models import from_pretrained
-
-    for d in dirs:
-        rec = d / TARGET_RECORD
-        try:
-            if not rec.is_file() or json.loads(rec.read_text()) != _target_record(demo):
-                continue
-            model, tok = from_pretrained(d)
-        except (OSError, ValueError):
-            continue
-        if tok is not None and tok.get_vocab() == tokenizer.get_vocab():
-            return model, d
-    return None, None
-
-
 def run_stream(out_dir: str | os.PathLike, cfg: StreamConfig | None = None, *, overwrite: bool = False,
                progress: bool = True, reuse_from: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the stream benchmark (module docstring) and write ``out_dir``; returns the results.
@@ -414,16 +384,13 @@ def run_stream(out_dir: str | os.PathLike, cfg: StreamConfig | None = None, *, o
 
 
 def _run(tmp: Path, cfg: StreamConfig, specs, configs, caches, progress: bool) -> dict[str, Any]:
-    from flax import nnx
-
     from jaxunlearn.eval.runner import to_jsonable
     from jaxunlearn.eval.splits import encode_eval_splits
     from jaxunlearn.method_configs import method_config_to_dict
     from jaxunlearn.methods import UnlearnContext
-    from jaxunlearn.models import Decoder, DecoderFn, save_pretrained
+    from jaxunlearn.models import DecoderFn
     from jaxunlearn.outputs import write_json_atomic
-    from jaxunlearn.pipeline import model_config_for, prepare_data, training_sets, unlearning_sets
-    from jaxunlearn.train import train
+    from jaxunlearn.pipeline import prepare_data, unlearning_sets
 
     log = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
     t_start, seconds = time.perf_counter(), {}
@@ -435,17 +402,8 @@ def _run(tmp: Path, cfg: StreamConfig, specs, configs, caches, progress: bool) -
     seconds["data"] = time.perf_counter() - t_start
 
     t0 = time.perf_counter()
-    model, cached = _cached_target(caches, demo, tok)
-    target_dir = tmp / "models" / "target"
-    if model is None:
-        log(f"training the target ({demo.train.steps} steps) ...")
-        model = Decoder(model_config_for(demo, tok, data.max_length), rngs=nnx.Rngs(demo.seed))
-        model, _ = train(model, training_sets(data)["target"][0], demo.train, progress=progress, desc="train target")
-        save_pretrained(model, target_dir, tokenizer=tok)
-    else:
-        log(f"reusing the target in {cached}")
-        shutil.copytree(cached, target_dir)
-    write_json_atomic(target_dir / TARGET_RECORD, _target_record(demo))
+    model = provide_target(tmp / "models" / "target", caches, data, demo, kind="stream", record_file=TARGET_RECORD,
+                           log=log, progress=progress).model
     seconds["target"] = time.perf_counter() - t0
 
     n_ret = len(data.dataset[rs])

@@ -40,6 +40,7 @@ __all__ = [
     "check_float",
     "check_bool",
     "check_choice",
+    "check_names",
     "check_scalar",
     "is_concrete",
 ]
@@ -151,6 +152,30 @@ def check_bool(owner: str, name: str, value: Any) -> bool:
     if not _is_bool(value):
         raise TypeError(f"{_qual(owner, name)} must be a bool, got {value!r}")
     return bool(value)
+
+
+def check_names(owner: str, name: str, value: Any) -> tuple[str, ...]:
+    """Check that ``value`` is a non-empty sequence of distinct strings (not one string).
+
+    Returns:
+      ``tuple(value)``.
+
+    Raises:
+      TypeError: ``value`` is a string, not a sequence, or holds a non-string.
+      ValueError: ``value`` is empty or names something twice.
+    """
+    q = _qual(owner, name)
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError(f"{q} must be a sequence of names, got {value!r}")
+    names = tuple(value)
+    if not all(isinstance(v, str) for v in names):
+        raise TypeError(f"{q} must be a sequence of names (strings), got {value!r}")
+    if not names:
+        raise ValueError(f"{q} must name at least one, got {value!r}")
+    twice = sorted({v for v in names if names.count(v) > 1})
+    if twice:
+        raise ValueError(f"{q} must name each once; {twice} named twice or more in {list(names)}")
+    return names
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> Any:
