@@ -55,7 +55,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -475,13 +475,23 @@ def plan(
 
 
 def smallest_slice(model: str | os.PathLike | ModelConfig, chip: str, *, passes: Sequence[str] = ("unlearn",),
-                   batch: int = 32, tp: int = 1, **kwargs: Any) -> PlanResult | None:
-    """The first slice of :data:`TPU_TOPOLOGIES` ``[chip]`` whose plan fits the chip's HBM.
+                   batch: int = 32, tp: int = 1, on_plan: Callable[[PlanResult], None] | None = None,
+                   **kwargs: Any) -> PlanResult | None:
+    """The smallest slice of :data:`TPU_TOPOLOGIES` ``[chip]`` whose plan fits the chip's HBM.
 
-    Each slice is planned with mesh ``fsdp=min(n, batch) / tp, tp=...``: ``fsdp`` takes as many
-    devices as the batch allows, the rest go to ``tp`` (at least ``tp``). Slices are compiled
-    smallest first until one fits; a slice too small for the arguments alone (parameters,
-    reference and Adam moments spread evenly) is skipped without compiling.
+    Each slice of ``n`` chips is planned with mesh ``fsdp = max(1, min(n // tp, batch))``,
+    ``tp = n // fsdp``: ``fsdp`` takes as many devices as the batch allows, the rest go to
+    ``tp`` (at least ``tp``). A slice too small for the arguments alone (parameters, reference
+    and Adam moments spread evenly) is skipped without compiling. The remaining slices are
+    searched by bisection (a 7B compile takes minutes): this assumes that a plan which fits on
+    ``n`` chips also fits on every larger listed slice, which holds when each added chip only
+    takes a share of the parameters, state and batch.
+
+    Args:
+      model, passes, batch, **kwargs: as :func:`plan` (``target`` and ``mesh`` are chosen here).
+      chip: a key of :data:`TPU_TOPOLOGIES`.
+      tp: the least tensor-parallel size of every mesh.
+      on_plan: called with every compiled :class:`PlanResult` (fitting or not), e.g. to log it.
 
     Returns:
       The fitting slice's :class:`PlanResult`, or None when none of the listed slices fits.
@@ -500,13 +510,19 @@ def smallest_slice(model: str | os.PathLike | ModelConfig, chip: str, *, passes:
     # params and a float32 accumulator; params
     floor = max({"unlearn": 4 * weights, "fisher": weights * (1 + 4 // jax.numpy.dtype(cfg.param_dtype).itemsize),
                  "eval": weights}[p] for p in passes)
-    for shape in TPU_TOPOLOGIES[chip]:
-        n = parse_target(f"{chip}:{shape}").num_devices
-        if floor / n > CHIPS[chip].hbm_bytes:
-            continue  # the arguments alone cannot fit: no compile needed
+    shapes = [s for s in TPU_TOPOLOGIES[chip]
+              if floor / parse_target(f"{chip}:{s}").num_devices <= CHIPS[chip].hbm_bytes]
+    best, lo, hi = None, 0, len(shapes) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        n = parse_target(f"{chip}:{shapes[mid]}").num_devices
         fsdp = max(1, min(n // tp, batch))
         mesh = {"fsdp": fsdp, "tp": n // fsdp} if n // fsdp > 1 else {"fsdp": fsdp}
-        result = plan(model, target=f"{chip}:{shape}", mesh=mesh, batch=batch, passes=passes, **kwargs)
+        result = plan(model, target=f"{chip}:{shapes[mid]}", mesh=mesh, batch=batch, passes=passes, **kwargs)
+        if on_plan is not None:
+            on_plan(result)
         if result.fits[chip]:
-            return result
-    return None
+            best, hi = result, mid - 1
+        else:
+            lo = mid + 1
+    return best

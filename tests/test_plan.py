@@ -12,6 +12,7 @@ The compiled plans, against real allocations and on XLA:TPU, are in ``test_plan_
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -129,3 +130,52 @@ def test_idk_methods_plan_with_the_refusal_arrays_in_the_forget_batch():
         if alt:
             assert forget["alt_loss_mask"].shape == forget["loss_mask"].shape == (b, 8)
         step.lower(state, forget, retain, ref)  # traces: every key the loss reads is there
+
+
+# ---------------------------------------------------------------- smallest_slice
+
+
+def _fake_plan(needed_chips, compiled):
+    """A stand-in for :func:`plan` that fits when the target has at least ``needed_chips`` chips."""
+
+    def fake(model, *, target, mesh, batch, passes, **kwargs):
+        n = pl.parse_target(target).num_devices
+        compiled.append((target, dict(mesh)))
+        peak = 0 if n >= needed_chips else 10 * pl.GiB**2
+        passes = {p: pl.PassPlan(name=p, peak_bytes=peak) for p in passes}
+        return pl.PlanResult(model=model, num_params=0, target=target, platform="tpu", mesh=mesh, batch=batch,
+                             seq=512, method="npo", retain_k=0, param_dtype="bfloat16", kernels="auto",
+                             passes=passes, note="")
+
+    return fake
+
+
+# a 10-layer slice of Llama-3-70B: 10.7B parameters, enough that its arguments overflow a 4-chip v5e slice
+BIG = pl.model_config("llama-3-70b").replace(num_layers=10)
+
+
+def test_smallest_slice_bisects_to_the_first_fitting_slice(monkeypatch):
+    """Against a linear scan of the same list: the returned slice is the smallest that fits (None when none
+    does), slices the arguments alone overflow are never compiled, and bisection compiles at most
+    ceil(log2(n + 1)) of the n candidates."""
+    weights = 2 * (sum(i * o for i, o in dense_shapes(BIG).values()) + BIG.vocab_size * BIG.hidden_size)
+    least = math.ceil(4 * weights / pl.CHIPS["v5e"].hbm_bytes)  # params, reference, two Adam moments
+    sizes = [pl.parse_target(f"v5e:{s}").num_devices for s in pl.TPU_TOPOLOGIES["v5e"]]
+    candidates = [n for n in sizes if n >= least]
+    assert least == 5 and candidates == [8, 16, 32, 64, 128, 256]
+    for needed in (1, 16, 32, 128, 256, 1024):
+        compiled, tried = [], []
+        monkeypatch.setattr(pl, "plan", _fake_plan(needed, compiled))
+        got = pl.smallest_slice(BIG, "v5e", passes=("unlearn",), on_plan=tried.append)
+        expect = next((n for n in candidates if n >= needed), None)
+        assert (got and pl.parse_target(got.target).num_devices) == expect, needed
+        assert len(tried) == len(compiled) <= math.ceil(math.log2(len(candidates) + 1))
+        assert all(pl.parse_target(t).num_devices >= least for t, _ in compiled)
+        for t, mesh in compiled:  # fsdp takes the batch (32), tp the rest
+            n = pl.parse_target(t).num_devices
+            assert mesh == {"fsdp": min(n, 32), **({"tp": n // 32} if n > 32 else {})}
+
+
+def test_smallest_slice_refuses_an_unknown_chip():
+    with pytest.raises(ValueError, match="chip must be one of"):
+        pl.smallest_slice("llama-2-7b", "h100")
