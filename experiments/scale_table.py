@@ -42,7 +42,7 @@ def _chips(target: str) -> int:
     return n
 
 
-def search(model: str, chip: str, pass_: str, *, remat: str, out: Path) -> dict:
+def search(model: str, chip: str, pass_: str, *, remat: str, out: Path, timeout: float = 3600.0) -> dict:
     """One smallest-slice search; its answer (``{"found": None}`` when no listed slice fits) is saved."""
     path = out / f"{model}_{chip}_{pass_}_{remat}.json"
     if path.exists():
@@ -52,12 +52,14 @@ def search(model: str, chip: str, pass_: str, *, remat: str, out: Path) -> dict:
         row = {"model": model, "pass": pass_, "remat": remat, **_summary(result, chip)}
         with open(out / "tries.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"  {model} {pass_} on {row['target']} mesh {row['mesh']}: peak {row['peak_gib']:.1f} GiB "
-              f"({'fits' if row['fits'] else 'no'}), compiled in {row['compile_s']:.0f} s", flush=True)
+        what = (f"peak {row['peak_gib']:.1f} GiB ({'fits' if row['fits'] else 'no'})" if row["error"] is None
+                else f"refused: {row['error'].splitlines()[0][:200]}")
+        print(f"  {model} {pass_} on {row['target']} mesh {row['mesh']}: {what}, compiled in {row['compile_s']:.0f} s",
+              flush=True)
 
     t0 = time.perf_counter()
     found = smallest_slice(model, chip, passes=(pass_,), batch=32, seq=512, method="npo_proj", retain_k=4,
-                           param_dtype="bfloat16", remat=remat, on_plan=log)
+                           param_dtype="bfloat16", remat=remat, on_plan=log, timeout=timeout)
     answer = {"model": model, "chip": chip, "pass": pass_, "remat": remat, "seconds": time.perf_counter() - t0,
               "found": None if found is None else _summary(found, chip)}
     tmp = path.with_suffix(".tmp")
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--passes", default="unlearn,fisher")
     ap.add_argument("--remat", default="none", choices=("none", "full", "dots_saveable"))
     ap.add_argument("--out", default="results/scale")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per compile subprocess")
     ap.add_argument("--table-only", action="store_true", help="print the table of the searches already saved")
     args = ap.parse_args()
     out = Path(args.out)
@@ -103,7 +106,7 @@ def main() -> None:
                         answers.append(json.loads(path.read_text()))
                     continue
                 print(f"{model} {pass_} on {chip} (remat {args.remat})", flush=True)
-                answers.append(search(model, chip, pass_, remat=args.remat, out=out))
+                answers.append(search(model, chip, pass_, remat=args.remat, out=out, timeout=args.timeout))
     print(table(answers))
 
 

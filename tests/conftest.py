@@ -116,3 +116,23 @@ def tiny_pair(tmp_path_factory):
     for name, (model, _) in trained.items():
         save_pretrained(model, out / "models" / name, tokenizer=data.tokenizer)
     return types.SimpleNamespace(cfg=cfg, data=data, trained=trained, dir=out)
+
+
+def pytest_collection_finish(session):
+    """Start the worker subprocesses of the collected (selected) modules that declare ``BACKGROUND``
+    jobs, so they run beside the in-process tests (tests/suite_background.py)."""
+    import suite_background
+
+    started = set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ not in started:
+            started.add(module.__name__)
+            for name, launcher in getattr(module, "BACKGROUND", {}).items():
+                suite_background.start(name, launcher)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import suite_background
+
+    suite_background.stop_all()

@@ -16,14 +16,15 @@ import importlib.util
 import os
 import pathlib
 import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
 
+import suite_background as background
+
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
-TIMEOUT_S = 240  # per process, generous for a loaded 2-core machine; a normal run takes ~30-60 s
+TIMEOUT_S = 600  # from their start, generous: they start at collection beside the other tests; alone ~30-60 s
 
 
 def _free_port() -> int:
@@ -39,33 +40,25 @@ def _load_worker():
     return mod
 
 
-def test_two_processes_match_one(tmp_path):
-    out = tmp_path / "result.npz"
+def _launch(workdir):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    procs, logs = [], []
-    for i in range(2):
-        log = open(tmp_path / f"worker{i}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(i), "2", str(port), str(out)],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
+    return [([sys.executable, str(WORKER), str(i), "2", str(port), str(workdir / "result.npz")], env)
+            for i in range(2)]
+
+
+BACKGROUND = {"multihost": _launch}  # started at collection (tests/suite_background.py)
+
+
+def test_two_processes_match_one():
+    done = background.wait("multihost", _launch, timeout=TIMEOUT_S)
     tails = "\n".join(f"--- worker {i}:\n" + "\n".join(
-        line for line in (tmp_path / f"worker{i}.log").read_text().splitlines()
-        if not line.startswith(("[Gloo]", "W1", "I1")))[-3000:] for i in range(2))
-    assert codes is not None, f"workers did not finish within {TIMEOUT_S} s\n{tails}"
-    assert codes == [0, 0], f"worker exit codes {codes}\n{tails}"
+        line for line in log.splitlines() if not line.startswith(("[Gloo]", "W1", "I1")))[-3000:]
+        for i, log in enumerate(done.logs))
+    assert None not in done.codes, f"workers did not finish within {TIMEOUT_S} s of their start\n{tails}"
+    assert done.codes == [0, 0], f"worker exit codes {done.codes}\n{tails}"
+    out = done.workdir / "result.npz"
     got = dict(np.load(out))
 
     worker = _load_worker()

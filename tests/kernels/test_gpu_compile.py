@@ -21,11 +21,12 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import suite_background as background
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = Path(os.environ.get("JAXUNLEARN_CUDA_PLUGIN_DIR", ROOT / ".venv" / "cuda"))
@@ -33,18 +34,23 @@ WORKER = ROOT / "tests" / "gpu_compile_worker.py"
 TARGETS = ("h100", "a100")
 
 
+def _launch(workdir):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(CUDA_DIR), str(ROOT), str(ROOT / "tests")])}
+    return [([sys.executable, str(WORKER), str(workdir / "rows.json")], env)]
+
+
+BACKGROUND = {"gpu_compile": _launch}  # started at collection (tests/suite_background.py)
+
+
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def compiled():
     assert (CUDA_DIR / "jax_plugins").is_dir() and (CUDA_DIR / "nvidia" / "cuda_nvcc" / "bin" / "ptxas").is_file(), (
         f"the CUDA plugin and ptxas are not installed in {CUDA_DIR}: make test installs them there "
         "(or set JAXUNLEARN_CUDA_PLUGIN_DIR)")
-    out = tmp_path_factory.mktemp("gpu") / "rows.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(CUDA_DIR), str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, f"the GPU compile worker failed:\n{proc.stderr[-4000:]}"
-    return json.loads(out.read_text())
+    done = background.wait("gpu_compile", _launch, timeout=900)
+    assert done.codes == [0], f"the GPU compile worker failed ({done.codes}):\n{done.logs[0][-4000:]}"
+    return json.loads((done.workdir / "rows.json").read_text())
 
 
 def test_the_cuda_plugin_is_not_on_the_ordinary_path():

@@ -14,28 +14,34 @@ On an 8-chip v5e slice the sharded steps compile with the kernels per shard wher
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import suite_background as background
 
 ROOT = Path(__file__).resolve().parents[2]
 LIBTPU_DIR = Path(os.environ.get("JAXUNLEARN_LIBTPU_DIR", ROOT / ".venv" / "libtpu"))
 WORKER = ROOT / "tests" / "tpu_compile_worker.py"
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    assert (LIBTPU_DIR / "libtpu").is_dir(), (
-        f"libtpu is not installed in {LIBTPU_DIR}: make test installs it there (or set JAXUNLEARN_LIBTPU_DIR)")
-    out = tmp_path_factory.mktemp("tpu") / "rows.json"
+def _launch(workdir):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(LIBTPU_DIR), str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, f"the TPU compile worker failed:\n{proc.stderr[-4000:]}"
-    return json.loads(out.read_text())
+    return [([sys.executable, str(WORKER), str(workdir / "rows.json")], env)]
+
+
+BACKGROUND = {"tpu_compile": _launch}  # started at collection (tests/suite_background.py)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    assert (LIBTPU_DIR / "libtpu").is_dir(), (
+        f"libtpu is not installed in {LIBTPU_DIR}: make test installs it there (or set JAXUNLEARN_LIBTPU_DIR)")
+    done = background.wait("tpu_compile", _launch, timeout=900)
+    assert done.codes == [0], f"the TPU compile worker failed ({done.codes}):\n{done.logs[0][-4000:]}"
+    return json.loads((done.workdir / "rows.json").read_text())
 
 
 def test_libtpu_is_not_on_the_ordinary_path():
