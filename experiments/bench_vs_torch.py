@@ -26,6 +26,16 @@ alike):
   PyTorch eager step (two forwards with grad, one reference forward, backward, clip, AdamW). The
   first step's forget and retain losses must agree (reported).
 
+* ``dense_dots``: where the gradient's time goes. Each matmul of the gradient's dense layers
+  (per layer q, k, v, o, gate, up, down and the LM head; forward ``x W``, input gradient
+  ``dy W^T``, weight gradient ``x^T dy``, all at ``M = B T`` rows) timed alone in both frameworks
+  (``jax.jit`` of the same ``jnp.dot`` vs ``torch`` ``@`` on the same threads): per shape GFLOP/s,
+  and the sum over the gradient's matmuls, ``jax_s`` / ``torch_s``: the time the dense matmuls
+  alone take at each library's own GEMM rate. Their ratio against the whole gradient's ratio says
+  how much of the gap is the GEMM kernels themselves (XLA:CPU's dot emitter vs PyTorch's oneDNN /
+  MKL), not the model around them. The attention's batched matmuls (about 4% of the FLOPs here)
+  are left out.
+
 PyTorch runs with ``torch.set_num_threads(os.cpu_count())``; XLA:CPU uses every core by default.
 Compile time is excluded (reported separately for jaxunlearn); PyTorch is eager (no
 ``torch.compile``), as open-unlearning runs it.
@@ -41,7 +51,6 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +165,47 @@ def _matmul_rate() -> float:
     return 2 * n ** 3 / _best(lambda: jax.block_until_ready(mm(a)), 10)
 
 
+def dense_dots(c: dict, M: int, repeats: int) -> dict:
+    """The gradient's dense matmuls, each timed alone in JAX and PyTorch (see the module docstring)."""
+    h, hd, kv, inter, V, L = (c["hidden_size"], c["hidden_size"], c["num_key_value_heads"] * c["hidden_size"]
+                              // c["num_attention_heads"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"])
+    dense = {"q": (h, hd, L), "k": (h, kv, L), "v": (h, kv, L), "o": (hd, h, L), "gate": (h, inter, L),
+             "up": (h, inter, L), "down": (inter, h, L), "lm_head": (h, V, 1)}
+    rng = np.random.default_rng(0)
+    mm = jax.jit(jnp.dot)
+    # operands per kind: forward x (M,K) W (K,N); input gradient dy (M,N) W^T; weight gradient x^T (K,M) dy
+    forms = {"fwd": lambda K, N: ((M, K), (K, N), False), "dx": lambda K, N: ((M, N), (K, N), True),
+             "dw": lambda K, N: ((M, K), (M, N), "left")}
+    rows, total = [], {"jax": 0.0, "torch": 0.0}
+    seen: dict = {}
+    for name, (K, N, count) in dense.items():
+        for kind, form in forms.items():
+            sa, sb, tr = form(K, N)
+            key = (kind, sa, sb)
+            if key not in seen:
+                a = rng.standard_normal(sa).astype(np.float32)
+                b = rng.standard_normal(sb).astype(np.float32)
+                ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+                if tr is True:
+                    fns = {"jax": lambda ja=ja, jb=jb: jax.block_until_ready(mm(ja, jb.T)),
+                           "torch": lambda ta=ta, tb=tb: ta @ tb.T}
+                elif tr == "left":
+                    fns = {"jax": lambda ja=ja, jb=jb: jax.block_until_ready(mm(ja.T, jb)),
+                           "torch": lambda ta=ta, tb=tb: ta.T @ tb}
+                else:
+                    fns = {"jax": lambda ja=ja, jb=jb: jax.block_until_ready(mm(ja, jb)),
+                           "torch": lambda ta=ta, tb=tb: ta @ tb}
+                seen[key] = _interleaved(fns, repeats)
+            t = seen[key]
+            flops = 2.0 * M * K * N
+            rows.append({"layer": name, "kind": kind, "m_k_n": [M, K, N], "count": count,
+                         "jax_gflops": flops / t["jax"] / 1e9, "torch_gflops": flops / t["torch"] / 1e9})
+            total["jax"] += count * t["jax"]
+            total["torch"] += count * t["torch"]
+    return {"jax_s": total["jax"], "torch_s": total["torch"], "torch_over_jax": total["torch"] / total["jax"],
+            "shapes": rows}
+
+
 def _rel_diff(ours, theirs) -> float:
     """max over leaves of ``max |a - b| / max |b|``."""
     worst = 0.0
@@ -212,6 +262,10 @@ def main(argv=None) -> dict:
     results["grad"] = {"jax_s": t["jax"], "torch_s": t["torch"], "torch_over_jax": t["torch"] / t["jax"],
                        "flops": flops, "matmul_flops_per_s": rate, "fraction_of_matmul_rate": flops / t["jax"] / rate,
                        "jax_compile_s": grad_compile}
+
+    # -- the gradient's dense matmuls alone, at each library's GEMM rate
+    results["dense_dots"] = dense_dots(CONFIG, B * T, 2 * args.repeats)
+    results["dense_dots"]["share_of_jax_grad"] = results["dense_dots"]["jax_s"] / results["grad"]["jax_s"]
 
     # -- diagonal Fisher
     # fisher_diagonal jits its per-batch step itself (cached across calls)
@@ -274,6 +328,12 @@ def main(argv=None) -> dict:
     print(f"model {n_params / 1e6:.1f}M params, batch {B} x {T}, {threads} threads; matmul {rate / 1e9:.0f} GFLOP/s")
     print(f"gradient: jax {g['jax_s'] * 1e3:.0f} ms ({g['fraction_of_matmul_rate']:.2f} of the matmul rate), "
           f"torch {g['torch_s'] * 1e3:.0f} ms: torch/jax {g['torch_over_jax']:.2f}")
+    dd = results["dense_dots"]
+    print(f"dense matmuls of the gradient alone: jax {dd['jax_s'] * 1e3:.0f} ms ({dd['share_of_jax_grad']:.2f} of its "
+          f"gradient), torch {dd['torch_s'] * 1e3:.0f} ms: torch/jax {dd['torch_over_jax']:.2f}")
+    for r in dd["shapes"]:
+        print(f"  {r['layer']:7} {r['kind']:3} M,K,N={r['m_k_n']} x{r['count']}: jax {r['jax_gflops']:.0f} GFLOP/s, "
+              f"torch {r['torch_gflops']:.0f} GFLOP/s")
     print(f"Fisher: fused {f['jax_fused_s'] * 1e3:.0f} ms, vmap {f['jax_vmap_s'] * 1e3:.0f} ms, torch.func "
           f"{f['torch_func_s'] * 1e3:.0f} ms: torch/fused {f['torch_over_fused']:.2f}, torch/vmap "
           f"{f['torch_over_vmap']:.2f}; max rel diff vs torch {f['max_rel_diff_vs_torch']:.1e}")
