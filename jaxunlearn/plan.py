@@ -308,6 +308,16 @@ class PlanResult:
         d["fits"] = self.fits
         return d
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PlanResult":
+        """The inverse of :meth:`to_dict` (e.g. a ``plan --json`` file read back); ``fits`` is recomputed."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields - {"fits"}
+        if unknown or not fields <= set(d):
+            raise ValueError(f"PlanResult.from_dict: unknown keys {sorted(unknown)}, missing {sorted(fields - set(d))}")
+        passes = {name: PassPlan(**p) for name, p in d["passes"].items()}
+        return cls(**{k: v for k, v in d.items() if k in fields and k != "passes"}, passes=passes)
+
     def format(self) -> str:
         """A plain-text table: one row per pass, GiB per device, GFLOP, collective MiB, fits."""
         lines = [f"{self.model} ({self.num_params / 1e9:.2f}B params, {self.param_dtype}) on {self.target}, "

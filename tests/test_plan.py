@@ -179,3 +179,8 @@ def test_smallest_slice_bisects_to_the_first_fitting_slice(monkeypatch):
 def test_smallest_slice_refuses_an_unknown_chip():
     with pytest.raises(ValueError, match="chip must be one of"):
         pl.smallest_slice("llama-2-7b", "h100")
+
+
+def test_plan_result_from_dict_names_bad_keys():
+    with pytest.raises(ValueError, match=r"unknown keys \['x'\], missing \[.*'passes'"):
+        pl.PlanResult.from_dict({"x": 1})

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import suite_background
 from jaxunlearn import plan as pl
 from jaxunlearn import sharding as sh
 from jaxunlearn.models import Decoder, DecoderFn, ModelConfig
@@ -30,9 +31,59 @@ CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_lay
 MESH, B, T = "fsdp=4,tp=2", 8, 16
 
 
+TINY = dict(hidden_size=128, intermediate_size=256)
+# the plans this module checks, compiled in one background job started at collection
+# (tests/suite_background.py): (name, config overrides, plan keyword arguments)
+PLANS = [
+    ("planned", {}, dict(target="cpu:8", mesh=MESH, batch=B, seq=T, method="npo_proj", retain_k=4)),
+    ("v5e", TINY, dict(target="v5e:2x2", mesh="fsdp=2,tp=2", batch=4, seq=32, passes=("eval", "unlearn"),
+                       kernels="xla")),
+    ("h100", TINY, dict(target="h100:8", mesh="fsdp=4,tp=2", batch=8, seq=32, passes=("eval", "unlearn"))),
+    ("cpu_tiny", TINY, dict(target="cpu:8", mesh="fsdp=4,tp=2", batch=8, seq=32, passes=("eval", "unlearn"))),
+]
+_JOB = """
+import dataclasses, json, sys
+from jaxunlearn import plan as pl
+from jaxunlearn.models import ModelConfig
+cfg, plans, out = ModelConfig(**json.loads(sys.argv[1])), json.loads(sys.argv[2]), sys.argv[3]
+res = {}
+for name, over, kw in plans:
+    try:
+        res[name] = pl.plan(cfg.replace(**over), **kw).to_dict()
+    except Exception as e:  # a missing libtpu / CUDA plugin: the test names it
+        res[name] = {"exception": f"{type(e).__name__}: {e}"}
+json.dump(res, open(out, "w"))
+"""
+
+
+def _launch(workdir):
+    import dataclasses
+    import os
+    import sys
+
+    return [([sys.executable, "-c", _JOB, json.dumps(dataclasses.asdict(CFG)), json.dumps(PLANS),
+              str(workdir / "plans.json")], dict(os.environ))]
+
+
+BACKGROUND = {"plan_compile": _launch}
+
+
 @pytest.fixture(scope="module")
-def planned():
-    return pl.plan(CFG, target="cpu:8", mesh=MESH, batch=B, seq=T, method="npo_proj", retain_k=4)
+def plans():
+    done = suite_background.wait("plan_compile", _launch, timeout=900)
+    assert done.codes == [0], f"the planning job failed ({done.codes}):\n{done.logs[0][-4000:]}"
+    return json.loads((done.workdir / "plans.json").read_text())
+
+
+def _plan(plans, name):
+    d = plans[name]
+    assert "exception" not in d, d.get("exception")
+    return pl.PlanResult.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def planned(plans):
+    return _plan(plans, "planned")
 
 
 def _device_bytes(*trees) -> int:
@@ -83,17 +134,15 @@ def test_plan_reports_the_collectives_of_a_sharded_step(planned):
             lambda: Decoder(CFG, rngs=nnx.Rngs(0))), nnx.Param)))
     text = planned.format()
     assert "unlearn" in text and "estimate" in text
-    json.dumps(planned.to_dict())
+    assert pl.PlanResult.from_dict(json.loads(json.dumps(planned.to_dict()))) == planned  # a --json file read back
 
 
 # ---------------------------------------------------------------- XLA:TPU
 
 
-def test_a_tiny_model_plans_on_a_v5e_slice_with_xla_tpu():
+def test_a_tiny_model_plans_on_a_v5e_slice_with_xla_tpu(plans):
     pl.libtpu_dir()  # make installs libtpu into .venv/libtpu; missing, this names how to install it
-    tiny = CFG.replace(hidden_size=128, intermediate_size=256)
-    r = pl.plan(tiny, target="v5e:2x2", mesh="fsdp=2,tp=2", batch=4, seq=32, passes=("eval", "unlearn"),
-                kernels="xla")
+    r = _plan(plans, "v5e")
     for p in r.passes.values():
         assert p.error is None, p.error
         assert p.roofline_seconds > 0 and p.flops > 0
@@ -113,11 +162,9 @@ def test_gpu_targets_parse():
             pl.parse_target(bad)
 
 
-def test_a_tiny_model_plans_on_eight_h100s_with_xla_gpu():
+def test_a_tiny_model_plans_on_eight_h100s_with_xla_gpu(plans):
     pl.cuda_dir()  # make installs the CUDA plugin into .venv/cuda; missing, this names how to install it
-    tiny = CFG.replace(hidden_size=128, intermediate_size=256)
-    r = pl.plan(tiny, target="h100:8", mesh="fsdp=4,tp=2", batch=8, seq=32, passes=("eval", "unlearn"))
-    cpu = pl.plan(tiny, target="cpu:8", mesh="fsdp=4,tp=2", batch=8, seq=32, passes=("eval", "unlearn"))
+    r, cpu = _plan(plans, "h100"), _plan(plans, "cpu_tiny")
     for name, p in r.passes.items():
         assert p.error is None, p.error
         assert p.collectives  # a sharded program communicates
