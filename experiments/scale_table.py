@@ -11,13 +11,14 @@ not) is appended to ``<out>/tries.jsonl``, each search's answer written to
 and the table printed as markdown. Compiles take minutes each on a 2-core machine: run it alone.
 
 Usage: ``python experiments/scale_table.py [--models llama-2-7b,llama-3-8b] [--chips v5e,v5p]
-[--passes unlearn,fisher] [--remat none] [--out results/scale] [--table-only]``
+[--passes unlearn,fisher] [--remat none] [--tp 1] [--out results/scale] [--table-only]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def _summary(result, chip: str) -> dict:
             "fits": d["fits"][chip], "error": p["error"]}
 
 
+def _name(model: str, chip: str, pass_: str, remat: str, tp: int) -> str:
+    return f"{model}_{chip}_{pass_}_{remat}" + (f"_tp{tp}" if tp != 1 else "") + ".json"
+
+
 def _chips(target: str) -> int:
     n = 1
     for s in target.split(":")[1].split("x"):
@@ -42,9 +47,10 @@ def _chips(target: str) -> int:
     return n
 
 
-def search(model: str, chip: str, pass_: str, *, remat: str, out: Path, timeout: float = 3600.0) -> dict:
+def search(model: str, chip: str, pass_: str, *, remat: str, out: Path, tp: int = 1,
+           timeout: float = 3600.0) -> dict:
     """One smallest-slice search; its answer (``{"found": None}`` when no listed slice fits) is saved."""
-    path = out / f"{model}_{chip}_{pass_}_{remat}.json"
+    path = out / _name(model, chip, pass_, remat, tp)
     if path.exists():
         return json.loads(path.read_text())
 
@@ -59,8 +65,8 @@ def search(model: str, chip: str, pass_: str, *, remat: str, out: Path, timeout:
 
     t0 = time.perf_counter()
     found = smallest_slice(model, chip, passes=(pass_,), batch=32, seq=512, method="npo_proj", retain_k=4,
-                           param_dtype="bfloat16", remat=remat, on_plan=log, timeout=timeout)
-    answer = {"model": model, "chip": chip, "pass": pass_, "remat": remat, "seconds": time.perf_counter() - t0,
+                           param_dtype="bfloat16", remat=remat, tp=tp, on_plan=log, timeout=timeout)
+    answer = {"model": model, "chip": chip, "pass": pass_, "remat": remat, "min_tp": tp, "seconds": time.perf_counter() - t0,
               "found": None if found is None else _summary(found, chip)}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(answer, indent=1))
@@ -68,19 +74,41 @@ def search(model: str, chip: str, pass_: str, *, remat: str, out: Path, timeout:
     return answer
 
 
-def table(answers: list[dict]) -> str:
-    rows = ["| model | pass | remat | chip (HBM) | smallest slice | mesh | peak GiB per chip | TFLOP per chip "
-            "| collectives GiB sent | roofline bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+def _mesh(m: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in m.items())
+
+
+def _below(a: dict, tries: list[dict]) -> str:
+    """The largest compiled slice under the answer that did not fit, and why."""
+    n = a["found"]["chips"] if a["found"] else float("inf")
+    tp = a.get("min_tp", 1)
+    over = [t for t in tries if t["model"] == a["model"] and t["pass"] == a["pass"] and t["remat"] == a["remat"]
+            and t["target"].startswith(a["chip"] + ":") and not t["fits"] and t["chips"] < n
+            and t["mesh"].get("tp", 1) >= tp]
+    if not over:
+        return "-"
+    t = max(over, key=lambda t: t["chips"])
+    m = re.search(r"required for ([\w ]+?) \((\S+)\) exceeds available HBM \((\S+)\)", t["error"] or "")
+    why = (f"peak {t['peak_gib']:.1f} GiB" if t["error"] is None else
+           f"XLA: {m.group(1).replace('HLO ', '')} {m.group(2)} > HBM {m.group(3)}" if m else
+           "refused by XLA: " + t["error"].splitlines()[0][:90])
+    return f"{t['target']} ({_mesh(t['mesh'])}): {why}"
+
+
+def table(answers: list[dict], tries: list[dict]) -> str:
+    rows = ["| model | pass | chip (HBM) | smallest slice that fits | mesh | peak GiB per chip | TFLOP per chip "
+            "| collectives GiB sent | roofline bound | next smaller slice compiled |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for a in answers:
         f, chip = a["found"], a["chip"]
-        head = f"| {a['model']} | {a['pass']} | {a['remat']} | {chip} ({CHIPS[chip].hbm_bytes / GiB:.0f} GiB) |"
+        name = a["pass"] + ("" if a["remat"] == "none" else f", remat {a['remat']}")
+        head = f"| {a['model']} | {name} | {chip} ({CHIPS[chip].hbm_bytes / GiB:.0f} GiB) |"
         if f is None:
-            rows.append(head + " none listed fits | | | | | |")
+            rows.append(head + f" none listed fits | | | | | | {_below(a, tries)} |")
             continue
-        mesh = ",".join(f"{k}={v}" for k, v in f["mesh"].items())
         bound = "-" if f["roofline_s"] is None else f">= {f['roofline_s']:.2f} s"
-        rows.append(head + f" {f['target']} ({f['chips']} chips) | {mesh} | {f['peak_gib']:.1f} | {f['tflop']:.1f} "
-                           f"| {f['collective_gib']:.0f} | {bound} |")
+        rows.append(head + f" {f['target']} ({f['chips']} chips) | {_mesh(f['mesh'])} | {f['peak_gib']:.1f} "
+                           f"| {f['tflop']:.1f} | {f['collective_gib']:.0f} | {bound} | {_below(a, tries)} |")
     return "\n".join(rows)
 
 
@@ -91,6 +119,7 @@ def main() -> None:
     ap.add_argument("--passes", default="unlearn,fisher")
     ap.add_argument("--remat", default="none", choices=("none", "full", "dots_saveable"))
     ap.add_argument("--out", default="results/scale")
+    ap.add_argument("--tp", type=int, default=1, help="the least tensor-parallel size of each mesh")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per compile subprocess")
     ap.add_argument("--table-only", action="store_true", help="print the table of the searches already saved")
     args = ap.parse_args()
@@ -100,14 +129,16 @@ def main() -> None:
     for model in args.models.split(","):
         for chip in args.chips.split(","):
             for pass_ in args.passes.split(","):
-                path = out / f"{model}_{chip}_{pass_}_{args.remat}.json"
+                path = out / _name(model, chip, pass_, args.remat, args.tp)
                 if args.table_only:
                     if path.exists():
                         answers.append(json.loads(path.read_text()))
                     continue
                 print(f"{model} {pass_} on {chip} (remat {args.remat})", flush=True)
-                answers.append(search(model, chip, pass_, remat=args.remat, out=out, timeout=args.timeout))
-    print(table(answers))
+                answers.append(search(model, chip, pass_, remat=args.remat, out=out, tp=args.tp, timeout=args.timeout))
+    log = out / "tries.jsonl"
+    tries = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    print(table(answers, tries))
 
 
 if __name__ == "__main__":
