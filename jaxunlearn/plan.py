@@ -469,6 +469,8 @@ def plan(
         cuda_dir()
     if kernels not in ("auto", "xla", "pallas"):
         raise ValueError(f"plan: kernels must be 'auto', 'xla' or 'pallas', got {kernels!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"plan: timeout must be a number of seconds > 0, got {timeout!r}")
     raw = _run_worker(spec, t, libtpu, timeout, kernels)
     chip = CHIPS.get(t.chip) if t.chip else None
     out = {}

@@ -39,6 +39,8 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--remat", default="none", choices=["none", "full", "dots_saveable"])
     p.add_argument("--libtpu", default=None, help="directory holding libtpu (default: .venv/libtpu)")
     p.add_argument("--json", default=None, help="also write the plan as JSON to this file")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds before the compile subprocess is stopped (a 70B model compiles for tens of minutes)")
     return p
 
 
@@ -51,7 +53,7 @@ def run_plan(args) -> int:
     result = plan(args.model, target=args.target, mesh=args.mesh, batch=args.batch, seq=args.seq,
                   method=args.method, retain_k=args.retain_k, param_dtype=args.param_dtype,
                   passes=tuple(x.strip() for x in args.passes.split(",") if x.strip()), kernels=args.kernels,
-                  remat=args.remat, libtpu=args.libtpu)
+                  remat=args.remat, libtpu=args.libtpu, timeout=args.timeout)
     print(result.format())
     if args.json:
         write_json_atomic(args.json, result.to_dict())

@@ -97,6 +97,7 @@ def no_subprocess(monkeypatch):
     (dict(method="dpo"), "unknown method 'dpo'"),
     (dict(passes=("train",)), "unknown passes"),
     (dict(kernels="triton"), "kernels must be"),
+    (dict(timeout=0), "timeout must be a number of seconds > 0"),
 ])
 def test_bad_inputs_are_named_before_any_compile(no_subprocess, kwargs, match):
     kwargs = {"model": "llama-2-7b", "target": "cpu:64", **kwargs}
