@@ -47,6 +47,8 @@ SLOW_MODULES = {
     "models/test_remat.py", "eval/test_muse.py", "test_optim.py", "test_sparsity.py", "test_train.py",
     "test_cli_model_options.py", "models/test_scan.py",
     "models/test_functional.py", "eval/test_relearn.py", "bad_inputs/test_numeric.py", "eval/test_durability.py",
+    # method families whose tests run short unlearning runs on a decoder (RMU, IdkNLL/IdkDPO, continual)
+    "test_rmu.py", "test_idk.py", "test_continual.py",
 }
 SLOW_TESTS = {"test_methods.py::test_perta_fisher_on_a_decoder_runs_the_fused_fisher",
               # adapter-space runs end to end (the step, merge and NF4 base stay in the fast tier)
@@ -60,7 +62,10 @@ SLOW_TESTS = {"test_methods.py::test_perta_fisher_on_a_decoder_runs_the_fused_fi
               "test_adapters.py::test_task_vector_in_adapter_space_negates_the_adapter_update",
               # own QA data end to end: init + train, demo --data --quick (the split choice stays fast)
               "test_own_data.py::test_init_writes_a_base_model_that_train_loads",
-              "test_own_data.py::test_demo_on_own_data_end_to_end"}
+              "test_own_data.py::test_demo_on_own_data_end_to_end",
+              # composed unlearners against the presets, every variant (one compile each)
+              "test_unlearn.py::test_composed_unlearner_equals_the_preset",
+              "test_unlearn.py::test_custom_forget_loss_retain_loss_estimator_and_transform"}
 
 
 def pytest_collection_modifyitems(config, items):
