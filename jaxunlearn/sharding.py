@@ -173,15 +173,24 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = Non
       The mesh, axes in the order ``data, fsdp, tp``.
 
     Raises:
-      ValueError: as :func:`parse_mesh_spec` (a product that is not the device count).
+      ValueError: as :func:`parse_mesh_spec` (a product that is not the device count); or the
+        axis sizes cannot be laid onto the devices' physical torus (TPU: each axis must be a
+        product of some of the slice's physical dimensions, e.g. ``fsdp=16,tp=4`` on a
+        ``4x4x4`` v5p slice, not ``fsdp=32,tp=2``).
     """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("make_mesh: no devices")
     sizes = parse_mesh_spec(spec, len(devices))
     names = tuple(sizes)
-    return jax.make_mesh(tuple(sizes.values()), names, axis_types=(AxisType.Auto,) * len(names),
-                         devices=devices)
+    try:
+        return jax.make_mesh(tuple(sizes.values()), names, axis_types=(AxisType.Auto,) * len(names),
+                             devices=devices)
+    except NotImplementedError as e:  # jax's mesh_utils: no assignment of the axes to the physical torus
+        raise ValueError(f"make_mesh: the mesh {sizes} cannot be laid onto the physical topology of these "
+                         f"{len(devices)} {devices[0].platform} devices: each axis size must be a product of "
+                         f"some of the physical dimensions (e.g. on a 4x4x4 slice fsdp=16,tp=4, not "
+                         f"fsdp=32,tp=2). JAX said: {e}") from e
 
 
 # ---------------------------------------------------------------- partition rules

@@ -410,3 +410,15 @@ def test_sharded_projection_survives_tiny_and_huge_retain_gradients(setup, scale
         want = np.split(reference(g_l, r_l), np.cumsum([np.size(x) for x in g_l])[:-1])
     for w, o, x in zip(want, o_l, g_l):
         np.testing.assert_allclose(np.ravel(np.asarray(o)), w, atol=2e-5 * np.linalg.norm(np.ravel(x)), rtol=1e-4)
+
+
+def test_a_mesh_the_torus_cannot_hold_is_named(monkeypatch):
+    """jax.make_mesh cannot lay (32, 2) onto a 4x4x4 TPU torus (NotImplementedError from mesh_utils, seen
+    planning v5p:4x4x4): make_mesh turns it into a ValueError naming the mesh and the rule."""
+    def refuse(*a, **k):
+        raise NotImplementedError("Failed to find assignment for logical_axis_index 1 of size 2")
+
+    monkeypatch.setattr(jax, "make_mesh", refuse)
+    with pytest.raises(ValueError, match=r"mesh \{'fsdp': 4, 'tp': 2\} cannot be laid onto the physical "
+                                         r"topology of these 8 cpu devices.*Failed to find assignment"):
+        sh.make_mesh("fsdp=4,tp=2")
