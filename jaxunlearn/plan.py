@@ -48,6 +48,7 @@ Example (8 CPU devices; a TPU slice the same way with ``target="v5e:8x8"``):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -486,6 +487,18 @@ def plan(
                       note={"tpu": TPU_NOTE, "cuda": GPU_NOTE}.get(t.platform, CPU_NOTE))
 
 
+def _fsdp_size(shape: str, n: int, tp: int, batch: int) -> int:
+    """``min(n // tp, batch)``; on a 3-D slice the largest product of some of its physical dimensions
+    within that bound, as ``jax.make_mesh`` lays each axis onto whole torus dimensions there (a
+    ``4x4x4`` v5p slice holds ``fsdp=16,tp=4`` but not ``fsdp=32,tp=2``)."""
+    bound = max(1, min(n // tp, batch))
+    dims = [int(d) for d in shape.split("x")]
+    if len(dims) < 3:
+        return bound
+    products = {math.prod(c) for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)}
+    return max(p for p in products if p <= bound)
+
+
 def smallest_slice(model: str | os.PathLike | ModelConfig, chip: str, *, passes: Sequence[str] = ("unlearn",),
                    batch: int = 32, tp: int = 1, on_plan: Callable[[PlanResult], None] | None = None,
                    **kwargs: Any) -> PlanResult | None:
@@ -493,7 +506,8 @@ def smallest_slice(model: str | os.PathLike | ModelConfig, chip: str, *, passes:
 
     Each slice of ``n`` chips is planned with mesh ``fsdp = max(1, min(n // tp, batch))``,
     ``tp = n // fsdp``: ``fsdp`` takes as many devices as the batch allows, the rest go to
-    ``tp`` (at least ``tp``). A slice too small for the arguments alone (parameters, reference
+    ``tp`` (at least ``tp``); on a 3-D slice (v5p) ``fsdp`` is the largest product of its
+    physical dimensions within that bound (``jax.make_mesh`` cannot split a torus dimension). A slice too small for the arguments alone (parameters, reference
     and Adam moments spread evenly) is skipped without compiling. The remaining slices are
     searched by bisection (a 7B compile takes minutes): this assumes that a plan which fits on
     ``n`` chips also fits on every larger listed slice, which holds when each added chip only
@@ -528,7 +542,7 @@ def smallest_slice(model: str | os.PathLike | ModelConfig, chip: str, *, passes:
     while lo <= hi:
         mid = (lo + hi) // 2
         n = parse_target(f"{chip}:{shapes[mid]}").num_devices
-        fsdp = max(1, min(n // tp, batch))
+        fsdp = _fsdp_size(shapes[mid], n, tp, batch)
         mesh = {"fsdp": fsdp, "tp": n // fsdp} if n // fsdp > 1 else {"fsdp": fsdp}
         result = plan(model, target=f"{chip}:{shapes[mid]}", mesh=mesh, batch=batch, passes=passes, **kwargs)
         if on_plan is not None:

@@ -177,6 +177,22 @@ def test_smallest_slice_bisects_to_the_first_fitting_slice(monkeypatch):
             assert mesh == {"fsdp": min(n, 32), **({"tp": n // 32} if n > 32 else {})}
 
 
+def test_smallest_slice_lays_meshes_onto_whole_v5p_torus_dimensions(monkeypatch):
+    """A 3-D v5p slice gets fsdp = a product of its physical dimensions (4x4x4: 16 x tp 4; jax.make_mesh
+    cannot lay fsdp=32,tp=2 onto it); 2-D v5e slices keep fsdp = min(chips, batch)."""
+    expect = {"2x2x1": {"fsdp": 4}, "2x2x2": {"fsdp": 8}, "2x2x4": {"fsdp": 16}, "2x4x4": {"fsdp": 32},
+              "4x4x4": {"fsdp": 16, "tp": 4}, "4x4x8": {"fsdp": 32, "tp": 4}, "4x8x8": {"fsdp": 32, "tp": 8},
+              "8x8x8": {"fsdp": 8, "tp": 64}}
+    assert set(expect) == set(pl.TPU_TOPOLOGIES["v5p"])
+    for needed in (1, 64, 10**9):  # bisection visits different slices
+        compiled = []
+        monkeypatch.setattr(pl, "plan", _fake_plan(needed, compiled))
+        pl.smallest_slice(BIG, "v5p", passes=("unlearn",))
+        for t, mesh in compiled:
+            assert mesh == expect[t.split(":")[1]], t
+    assert pl._fsdp_size("8x16", 128, 1, 32) == 32 and pl._fsdp_size("4x4x4", 64, 8, 32) == 4
+
+
 def test_smallest_slice_refuses_an_unknown_chip():
     with pytest.raises(ValueError, match="chip must be one of"):
         pl.smallest_slice("llama-2-7b", "h100")
