@@ -401,7 +401,11 @@ def _run_worker(spec: dict[str, Any], target: Target, libtpu: str | os.PathLike 
         proc = subprocess.run([sys.executable, "-m", "jaxunlearn.plan_worker", str(spec_file), str(out_file)],
                               env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out_file.is_file():
-            raise RuntimeError(f"plan: compiling for {target.name} failed:\n{proc.stderr[-4000:]}")
+            how = (f"the compile process was killed by signal {-proc.returncode}"
+                   + (" (SIGKILL: most often the host ran out of memory; a 70B compile needs more than 24 GB)"
+                      if proc.returncode == -9 else "") if proc.returncode < 0
+                   else f"the compile process exited with status {proc.returncode}")
+            raise RuntimeError(f"plan: compiling for {target.name} failed: {how}:\n{proc.stderr[-4000:]}")
         return json.loads(out_file.read_text())
 
 

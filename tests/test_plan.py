@@ -201,3 +201,16 @@ def test_smallest_slice_refuses_an_unknown_chip():
 def test_plan_result_from_dict_names_bad_keys():
     with pytest.raises(ValueError, match=r"unknown keys \['x'\], missing \[.*'passes'"):
         pl.PlanResult.from_dict({"x": 1})
+
+
+@pytest.mark.parametrize("code, match", [(-9, r"killed by signal 9 \(SIGKILL: most often the host ran out of memory"),
+                                         (1, "exited with status 1")])
+def test_a_failed_compile_process_says_how_it_ended(monkeypatch, code, match):
+    import subprocess
+
+    def ended(argv, **kwargs):
+        return subprocess.CompletedProcess(argv, code, stdout="", stderr="libtpu warnings")
+
+    monkeypatch.setattr(pl.subprocess, "run", ended)
+    with pytest.raises(RuntimeError, match=rf"compiling for cpu:8 failed: .*{match}.*\n.*libtpu warnings"):
+        pl.plan("llama-2-7b", target="cpu:8", mesh="fsdp=8", passes=("eval",))
