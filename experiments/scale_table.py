@@ -22,7 +22,7 @@ import re
 import time
 from pathlib import Path
 
-from jaxunlearn.plan import CHIPS, GiB, smallest_slice
+from jaxunlearn.plan import CHIPS, GiB, parse_target, smallest_slice
 
 
 def _summary(result, chip: str) -> dict:
@@ -41,10 +41,7 @@ def _name(model: str, chip: str, pass_: str, remat: str, tp: int) -> str:
 
 
 def _chips(target: str) -> int:
-    n = 1
-    for s in target.split(":")[1].split("x"):
-        n *= int(s)
-    return n
+    return parse_target(target).num_devices
 
 
 def search(model: str, chip: str, pass_: str, *, remat: str, out: Path, tp: int = 1,
